@@ -1,0 +1,37 @@
+# fuseflow: `make demo`, `make test`, `make bench` work on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install native demo test test-all bench fuzz lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) native
+
+native: $(STAMP)
+	$(PY) -m fuseflow.native.build
+
+demo: install
+	$(PY) -m bench.demo
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m bench.run
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .build build *.egg-info fuseflow/native/_fuseflow_op*.so

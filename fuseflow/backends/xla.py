@@ -1,0 +1,136 @@
+"""XLA backend: a segment becomes a TF function called with _XlaMustCompile=true.
+
+Pure TensorFlow, no native code: stock TF Serving loads the result (on CPU
+it needs --xla_cpu_compilation_enabled=true). The attribute must sit on the
+call node; on the FunctionDef alone TF silently runs the function unjitted.
+The ahead-of-time check lowers each segment to optimized HLO, which is kept
+in the workdir; XLA compiles it again for the device when the model loads.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from fuseflow.backends.base import Artifact, Backend, SegmentGraph
+from fuseflow.options import CompilerOptions
+from fuseflow.reasons import Reason
+from fuseflow.shapes import TensorInfo
+from fuseflow.tf_compat import tf
+
+# XLA:CPU is ~65x slower than TF on depthwise convolutions (measured).
+_SLOW_ON_CPU = frozenset({"DepthwiseConv2dNative"})
+# Ops XLA has kernels for but that make no sense inside a compiled segment.
+_NEVER = frozenset({"Placeholder", "Const", "NoOp", "_Arg", "_Retval", "VarHandleOp",
+                    "ReadVariableOp", "AssignVariableOp", "PartitionedCall",
+                    "StatefulPartitionedCall", "If", "While", "StatelessIf",
+                    "StatelessWhile", "Assert", "PrintV2"})
+
+
+def has_gpu() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+@functools.cache
+def xla_kernels(device_type: str) -> dict[str, list[dict[str, set[int]]]]:
+    """Op type -> type constraints of each XLA kernel, from TF's own registry."""
+    from tensorflow.python.framework import kernels
+
+    tf.constant(1.0) + 1.0  # the XLA registry is empty until one eager op has run
+    table: dict[str, list[dict[str, set[int]]]] = {}
+    for k in kernels.get_all_registered_kernels().kernel:
+        if k.device_type == device_type:
+            table.setdefault(k.op, []).append(
+                {c.name: set(c.allowed_values.list.type) for c in k.constraint})
+    return table
+
+
+def _dtypes_ok(node, constraints_list) -> bool:
+    for constraints in constraints_list:
+        ok = True
+        for attr, allowed in constraints.items():
+            value = node.attr.get(attr)
+            if value is None:
+                continue
+            types = [value.type] if value.type else list(value.list.type)
+            if any(t not in allowed for t in types):
+                ok = False
+                break
+        if ok:
+            return True
+    return False
+
+
+def node_shapes_known(node, infos: dict[str, TensorInfo]) -> bool:
+    """All data inputs and outputs of node have fully known shapes."""
+    from fuseflow.graph_util import is_control, tensor_name
+
+    tensors = [tensor_name(i) for i in node.input if not is_control(i)]
+    k = 0
+    while f"{node.name}:{k}" in infos:
+        tensors.append(f"{node.name}:{k}")
+        k += 1
+    return all(t in infos and infos[t].fully_defined for t in tensors)
+
+
+class XlaBackend(Backend):
+    name = "xla"
+
+    def __init__(self):
+        self.gpu = has_gpu()
+        self.device_type = "XLA_GPU_JIT" if self.gpu else "XLA_CPU_JIT"
+
+    def support(self, graph_def, tensor_infos, options: CompilerOptions
+                ) -> dict[str, Reason | None]:
+        table = xla_kernels(self.device_type)
+        result: dict[str, Reason | None] = {}
+        for node in graph_def.node:
+            if node.op in _NEVER or node.op not in table:
+                result[node.name] = Reason.UNSUPPORTED_OP
+            elif not self.gpu and node.op in _SLOW_ON_CPU:
+                result[node.name] = Reason.SLOW_ON_BACKEND
+            elif not _dtypes_ok(node, table[node.op]):
+                result[node.name] = Reason.DTYPE
+            elif not node_shapes_known(node, tensor_infos):
+                result[node.name] = Reason.UNKNOWN_SHAPE
+            else:
+                result[node.name] = None
+        return result
+
+    def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path
+                ) -> Artifact:
+        graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+        specs = [tf.TensorSpec(p.shape, tf.dtypes.as_dtype(p.dtype), name=p.name)
+                 for p in segment.inputs]
+        outputs = [p.name for p in segment.outputs]
+
+        imported = tf.compat.v1.wrap_function(
+            lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
+        pruned = imported.prune(
+            feeds=[imported.graph.get_tensor_by_name(f"{p.name}:0") for p in segment.inputs],
+            fetches=[imported.graph.get_tensor_by_name(t) for t in outputs])
+        fn = tf.function(lambda *args: pruned(*args), jit_compile=True, input_signature=specs,
+                         autograph=False)
+        hlo = fn.experimental_get_compiler_ir(*specs)(stage="optimized_hlo")
+        device = "GPU" if self.gpu else "CPU"
+        return Artifact(executable=hlo.encode(),
+                        log=f"XLA ({device}) lowered {segment.name}: {len(hlo)} chars of "
+                            "optimized HLO\n",
+                        files={"optimized_hlo.txt": hlo.encode()})
+
+    def fused_node(self, segment: SegmentGraph, function_name: str, artifact: Artifact,
+                   options: CompilerOptions):
+        node = tf.compat.v1.NodeDef(name=segment.name, op="PartitionedCall")
+        node.attr["Tin"].list.type.extend([p.dtype for p in segment.inputs])
+        node.attr["Tout"].list.type.extend([p.dtype for p in segment.outputs])
+        node.attr["f"].func.name = function_name
+        node.attr["_XlaMustCompile"].b = True
+        node.attr["config"].s = b""
+        node.attr["config_proto"].s = b""
+        node.attr["executor_type"].s = b""
+        return node
+
+    def runtime_info(self) -> dict[str, str]:
+        return {"backend": self.name, "tensorflow": tf.__version__,
+                "device": "GPU" if self.gpu else "CPU",
+                "needs": "TF Serving on CPU: --xla_cpu_compilation_enabled=true"}

@@ -1,0 +1,149 @@
+"""Stage 5: segments -> artifacts, in parallel worker processes, with a timeout.
+
+Each segment compiles in a separate (spawned) process so that a compiler
+that crashes or hangs costs only its segment: the worker is killed and the
+segment goes back to TensorFlow (unless --must-compile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from fuseflow.backends.base import Artifact, SegmentGraph
+from fuseflow.options import CompilerOptions
+
+log = logging.getLogger("fuseflow")
+
+_MEMORY_PER_WORKER = 4 << 30  # the reference's rule: one worker per 4 GB available
+
+
+@dataclass(frozen=True)
+class CompiledSegment:
+    segment: SegmentGraph
+    artifact: Artifact | None  # None: failed, the segment stays in TF
+    error: str | None
+    seconds: float
+
+
+def worker_count(options: CompilerOptions, jobs: int) -> int:
+    if options.workers:
+        return max(1, min(options.workers, jobs))
+    try:
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        pages = _MEMORY_PER_WORKER
+    return max(1, min(os.cpu_count() or 1, pages // _MEMORY_PER_WORKER, jobs))
+
+
+class _Worker:
+    """A compiler process: `python -m fuseflow.compile_worker`, spoken to over a pipe.
+
+    A fresh interpreter (not multiprocessing's spawn) so that the user's
+    __main__ is never re-imported and TF/OpenVINO state is never forked.
+    """
+
+    def __init__(self, backend_name: str):
+        parent_r, child_w = os.pipe()
+        child_r, parent_w = os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fuseflow.compile_worker", backend_name,
+             str(child_r), str(child_w)],
+            pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
+        os.close(child_r)
+        os.close(child_w)
+        self.reader = Connection(parent_r, writable=False)
+        self.writer = Connection(parent_w, readable=False)
+        self.job: tuple[int, float] | None = None  # (segment index, start time)
+
+    def stop(self, kill: bool = False) -> None:
+        if kill and self.process.poll() is None:
+            self.process.kill()
+        self.writer.close()
+        self.reader.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def compile_segments(backend_name: str, segments: list[SegmentGraph],
+                     options: CompilerOptions, workdir: Path) -> list[CompiledSegment]:
+    """Compile every segment; failures and timeouts come back as errors, not raises."""
+    if not segments:
+        return []
+    pending = list(range(len(segments)))
+    results: dict[int, CompiledSegment] = {}
+    workers = [_Worker(backend_name) for _ in range(worker_count(options, len(segments)))]
+    try:
+        while len(results) < len(segments):
+            for w in workers:
+                if w.job is None and pending:
+                    i = pending.pop(0)
+                    seg_dir = workdir / segments[i].name
+                    seg_dir.mkdir(parents=True, exist_ok=True)
+                    (seg_dir / "graph.pb").write_bytes(segments[i].graph_def_bytes)
+                    w.writer.send((segments[i], options, str(seg_dir)))
+                    w.job = (i, time.monotonic())
+            _wait_step(workers, segments, results, options, backend_name, workdir,
+                       more=bool(pending))
+    finally:
+        for w in workers:
+            w.stop(kill=w.job is not None)
+    return [results[i] for i in range(len(segments))]
+
+
+def _wait_step(workers, segments, results, options, backend_name, workdir, more: bool
+               ) -> None:
+    busy = [w for w in workers if w.job is not None]
+    ready = wait([w.reader for w in busy], timeout=1.0)
+    now = time.monotonic()
+    for k, w in enumerate(workers):
+        if w.job is None:
+            continue
+        i, start = w.job
+        outcome = None
+        if w.reader in ready:
+            try:
+                outcome = w.reader.recv()
+            except (EOFError, OSError):
+                outcome = ("error", (f"compiler process died (exit code "
+                                     f"{w.process.wait()})", ""))
+        elif now - start > options.timeout_s:
+            outcome = ("error", (f"compile timed out after {options.timeout_s:g} s", ""))
+        if outcome is None:
+            continue
+        seconds = now - start
+        seg_dir = workdir / segments[i].name
+        if outcome[0] == "ok":
+            artifact: Artifact = outcome[1]
+            _write_artifact(seg_dir, artifact)
+            results[i] = CompiledSegment(segments[i], artifact, None, seconds)
+            log.info("compiled %s (%d ops) in %.1f s [%d/%d]", segments[i].name,
+                     segments[i].node_count, seconds, len(results), len(segments))
+            w.job = None
+        else:
+            first, detail = outcome[1]
+            (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
+            results[i] = CompiledSegment(segments[i], None, first, seconds)
+            log.warning("segment %s failed to compile: %s [%d/%d]", segments[i].name, first,
+                        len(results), len(segments))
+            if w.process.poll() is None and "timed out" not in first:
+                w.job = None
+            else:
+                w.stop(kill=True)
+                workers[k] = _Worker(backend_name) if more else w
+
+
+def _write_artifact(seg_dir: Path, artifact: Artifact) -> None:
+    (seg_dir / "executable.bin").write_bytes(artifact.executable)
+    (seg_dir / "compile.log").write_text(artifact.log)
+    for name, data in artifact.files.items():
+        (seg_dir / name).write_bytes(data)

@@ -1,0 +1,117 @@
+"""Stage 7: graph -> new SavedModel, written atomically.
+
+The model is written into a hidden sibling of new_model_dir and renamed at
+the very end, so a failure at any stage leaves nothing at new_model_dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fuseflow import errors
+from fuseflow.graph_util import node_name
+from fuseflow.load import LoadedModel
+from fuseflow.shapes import TensorInfo
+from fuseflow.tf_compat import tf
+
+REPORT_DIR = "assets.extra"
+
+
+def check_output_dir(model_dir: str, new_model_dir) -> Path:
+    """Refuse, before any work, an output that exists, can't be written or nests in the input."""
+    if not isinstance(new_model_dir, (str, os.PathLike)) or not os.fspath(new_model_dir):
+        raise errors.OptionError(f"new_model_dir must be a path, got {new_model_dir!r}")
+    out = Path(os.fspath(new_model_dir)).absolute()
+    if out.is_file():
+        raise errors.OutputDirError(f"new_model_dir {str(out)!r} is an existing file: "
+                                    "choose a path that does not exist yet")
+    if out.exists():
+        raise errors.OutputDirError(
+            f"new_model_dir {str(out)!r} already exists: fuseflow never overwrites; remove "
+            "it or choose another path")
+    src = Path(model_dir).resolve()
+    if out.resolve() == src or src in out.resolve().parents:
+        raise errors.OutputDirError(
+            f"new_model_dir {str(out)!r} is inside the input model {str(src)!r}: write the "
+            "compiled model somewhere else")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise errors.OutputDirError(
+            f"cannot create {str(out)!r}: {str(parent)!r} is not a writable directory")
+    return out
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A temp dir beside out, renamed to out on success and removed on any failure."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fuseflow-", dir=out.parent))
+    try:
+        yield tmp / "model"
+        if out.exists():
+            raise errors.OutputDirError(f"{str(out)!r} appeared while compiling: not "
+                                        "overwriting it")
+        os.rename(tmp / "model", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensor_info(name: str, info: TensorInfo, shape):
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    proto = meta_graph_pb2.TensorInfo(name=name, dtype=info.dtype.as_datatype_enum)
+    proto.tensor_shape.CopyFrom(tf.TensorShape(shape).as_proto())
+    return proto
+
+
+def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tuple],
+                      infos: dict[str, TensorInfo], path: Path) -> None:
+    """One MetaGraphDef, one signature (same key and tensor names), tables kept."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    signature = meta_graph_pb2.SignatureDef(method_name=model.method_name)
+    for spec in model.inputs:
+        signature.inputs[spec.key].CopyFrom(_tensor_info(
+            spec.tensor_name, infos.get(spec.tensor_name, TensorInfo(spec.dtype, None)),
+            input_shapes[spec.key]))
+    for spec in model.outputs:
+        info = infos.get(spec.tensor_name, TensorInfo(spec.dtype, spec.shape))
+        signature.outputs[spec.key].CopyFrom(_tensor_info(spec.tensor_name, info, info.shape))
+    graph = tf.Graph()
+    with graph.as_default():
+        try:
+            tf.graph_util.import_graph_def(graph_def, name="")
+        except Exception as e:
+            raise errors.ExportError(f"the compiled graph does not import: {e}") from None
+        main_op = None
+        if model.init_nodes:
+            main_op = tf.group(*[graph.get_operation_by_name(n) for n in model.init_nodes],
+                               name="fuseflow_main_op")
+        assets = _asset_tensors(graph, model)
+        with tf.compat.v1.Session(graph=graph) as sess:
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            builder.add_meta_graph_and_variables(
+                sess, model.tags, signature_def_map={model.signature_key: signature},
+                main_op=main_op, assets_collection=assets or None, strip_default_attrs=True,
+                clear_devices=True)
+            builder.save()
+
+
+def _asset_tensors(graph, model: LoadedModel) -> list:
+    """Asset path constants, pointed at the input model's files so Builder copies them."""
+    tensors = []
+    for name, source in model.assets.items():
+        if node_name(name) not in {op.name for op in graph.get_operations()}:
+            continue
+        tensor = graph.get_tensor_by_name(name)
+        tensor.op._set_attr("value", tf.compat.v1.AttrValue(
+            tensor=tf.make_tensor_proto(source.encode())))
+        tensors.append(tensor)
+    return tensors

@@ -1,0 +1,201 @@
+"""Cut a proposed segment out of the graph as a GraphDef that stands alone.
+
+Constants a segment reads are copied into it (never passed in as inputs:
+backends drop constant-only ports and fold constants best themselves).
+Every node of the segment that is read from outside keeps its name in the
+main graph through an IdentityN, so no consumer needs rewiring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fuseflow.backends.base import Port, SegmentGraph
+from fuseflow.graph_util import called_functions, is_control, node_name, output_index
+from fuseflow.partition import Segment
+from fuseflow.shapes import TensorInfo
+from fuseflow.tf_compat import tf
+
+INPUT_PREFIX = "fuseflow_input_"
+
+# Ops after which dim 0 is still the batch (per-sample computation).
+_BATCH_UNARY = frozenset({
+    "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign",
+    "Exp", "Log", "Log1p", "Neg", "Abs", "Sqrt", "Rsqrt", "Square", "Reciprocal", "Erf",
+    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Cast", "Identity", "Snapshot",
+    "StopGradient", "Conv2D", "Conv3D", "DepthwiseConv2dNative", "MaxPool", "AvgPool",
+    "MaxPool3D", "AvgPool3D", "Softmax", "LogSoftmax", "FusedBatchNorm", "FusedBatchNormV3",
+    "LRN", "Gelu", "Swish", "IsNan", "IsFinite", "LogicalNot",
+})
+_BATCH_BINARY = frozenset({
+    "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum", "Pow",
+    "SquaredDifference", "BiasAdd", "FloorDiv", "FloorMod", "Greater", "GreaterEqual",
+    "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr", "Select",
+    "SelectV2", "MatMul",
+})
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Which tensors carry the batch in dim 0, and which depend on the inputs at all."""
+
+    batch: set[str]
+    dependent: set[str]
+
+
+def batch_tensors(graph_def, order: list[int], infos: dict[str, TensorInfo],
+                  input_tensors: list[str], batch_size: int) -> BatchInfo:
+    """Propagate 'dim 0 is the batch' from the signature inputs through per-sample ops."""
+    batch = {t for t in input_tensors
+             if infos.get(t) and infos[t].shape and infos[t].shape[0] == batch_size}
+    dependent = set(input_tensors)
+    nodes = graph_def.node
+    for i in order:
+        node = nodes[i]
+        data_in = [f"{node_name(x)}:{output_index(x)}" for x in node.input if not is_control(x)]
+        if not any(t in dependent for t in data_in):
+            continue
+        outs = [f"{node.name}:{k}" for k in range(_num_outputs(node, infos))]
+        dependent.update(outs)
+        if _keeps_batch(node, data_in, infos, batch, dependent):
+            batch.add(outs[0])
+    return BatchInfo(batch, dependent)
+
+
+def _num_outputs(node, infos) -> int:
+    k = 0
+    while f"{node.name}:{k}" in infos:
+        k += 1
+    return k
+
+
+def _keeps_batch(node, data_in, infos, batch, dependent) -> bool:
+    if node.op in _BATCH_UNARY:
+        return bool(data_in) and data_in[0] in batch and all(
+            t not in dependent for t in data_in[1:])
+    if node.op in _BATCH_BINARY:
+        if node.op == "MatMul":
+            return (data_in[0] in batch and data_in[1] not in dependent
+                    and not node.attr["transpose_a"].b)
+        out = infos.get(f"{node.name}:0")
+        if out is None or not out.shape:
+            return False
+        for t in data_in:
+            if t in batch:
+                if len(infos[t].shape or ()) != len(out.shape):
+                    return False
+            elif t in dependent:
+                return False
+            else:
+                shape = infos[t].shape
+                if shape is None or (len(shape) == len(out.shape) and shape[0] != 1):
+                    return False
+        return any(t in batch for t in data_in)
+    return False
+
+
+def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
+                    consumers: dict[str, set[str]], fetch_tensors: set[str],
+                    batch_info: BatchInfo | None) -> SegmentGraph:
+    """A standalone GraphDef for the segment, with its ports at their compiled shapes."""
+    nodes = {n.name: n for n in graph_def.node}
+    members = set(segment.nodes)
+    out = tf.compat.v1.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    placeholders: dict[str, str] = {}  # outside tensor -> placeholder name
+    copied_consts: set[str] = set()
+    body = []
+    for name in segment.nodes:
+        node = tf.compat.v1.NodeDef()
+        node.CopyFrom(nodes[name])
+        node.ClearField("device")
+        del node.input[:]
+        for inp in nodes[name].input:
+            src = node_name(inp)
+            if src in members:
+                node.input.append(inp)
+            elif nodes[src].op == "Const":
+                if src not in copied_consts:
+                    copied_consts.add(src)
+                    const = tf.compat.v1.NodeDef()
+                    const.CopyFrom(nodes[src])
+                    const.ClearField("device")
+                    const.ClearField("input")  # control inputs of consts are not needed
+                    body.append(const)
+                node.input.append(inp)
+            else:
+                t = f"{src}:{output_index(inp)}"
+                if t not in placeholders:
+                    placeholders[t] = f"{INPUT_PREFIX}{len(placeholders)}"
+                node.input.append(placeholders[t])
+        body.append(node)
+    inputs = []
+    for t, ph_name in placeholders.items():
+        info = infos[t]
+        ph = out.node.add(name=ph_name, op="Placeholder")
+        ph.attr["dtype"].type = info.dtype.as_datatype_enum
+        ph.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
+        inputs.append(Port(ph_name, info.dtype.as_datatype_enum, tuple(info.shape),
+                           _axis(t, batch_info)))
+    out.node.extend(body)
+    outputs = []
+    for name in segment.nodes:
+        used = consumers.get(name, set())
+        if not used and not any(node_name(t) == name for t in fetch_tensors):
+            continue
+        last = max([output_index(t) for t in used if not is_control(t)]
+                   + [output_index(t) for t in fetch_tensors if node_name(t) == name] + [0])
+        for k in range(last + 1):
+            t = f"{name}:{k}"
+            info = infos[t]
+            outputs.append(Port(t, info.dtype.as_datatype_enum, tuple(info.shape),
+                                _axis(t, batch_info)))
+    _copy_functions(graph_def, body, out)
+    inputs_t, outputs_t = tuple(inputs), tuple(outputs)
+    splittable = all(p.batch_axis == 0 for p in outputs_t) and all(
+        p.batch_axis == 0 or t not in batch_info.dependent
+        for p, t in zip(inputs_t, placeholders)) if batch_info else False
+    if not splittable:
+        outputs_t = tuple(Port(p.name, p.dtype, p.shape, -1) for p in outputs_t)
+        inputs_t = tuple(Port(p.name, p.dtype, p.shape, -1) for p in inputs_t)
+    return SegmentGraph(
+        name=segment.name, graph_def_bytes=out.SerializeToString(), inputs=inputs_t,
+        outputs=outputs_t, op_types=tuple(sorted({nodes[n].op for n in segment.nodes})),
+        node_count=len(segment.nodes),
+        node_names=tuple(segment.nodes), input_sources=tuple(placeholders))
+
+
+def _axis(tensor: str, batch_info: BatchInfo | None) -> int:
+    if batch_info is None:
+        return -1
+    if tensor in batch_info.batch:
+        return 0
+    return -1
+
+
+def _copy_functions(graph_def, body, out) -> None:
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    stack = [f for n in body for f in called_functions(n.attr.values())]
+    seen = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        out.library.function.add().CopyFrom(functions[name])
+        for n in functions[name].node_def:
+            stack += called_functions(n.attr.values())
+
+
+def consumers_outside(graph_def, members_of: dict[str, str]) -> dict[str, set[str]]:
+    """For each segment node, the inputs ('x:1', '^x') by which nodes outside read it."""
+    result: dict[str, set[str]] = {}
+    for node in graph_def.node:
+        own = members_of.get(node.name)
+        for inp in node.input:
+            src = node_name(inp)
+            seg = members_of.get(src)
+            if seg is not None and seg != own:
+                ref = inp if is_control(inp) else f"{src}:{output_index(inp)}"
+                result.setdefault(src, set()).add(ref)
+    return result

@@ -1,0 +1,239 @@
+"""Stage 1: SavedModel -> one frozen GraphDef, its signature, tags and init op.
+
+TF1 (Builder) and TF2 (tf.saved_model.save / Keras export) models are both
+read through TF's v1 loader into one graph: TF2 function calls and resource
+variables come out as StatefulPartitionedCall nodes that freezing turns into
+constants, and the optimize stage inlines them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from fuseflow import errors
+from fuseflow.graph_util import count_ops, node_name
+from fuseflow.tf_compat import tf
+
+log = logging.getLogger("fuseflow")
+
+_TABLE_INIT_OPS = frozenset({
+    "InitializeTable", "InitializeTableV2", "InitializeTableFromTextFile",
+    "InitializeTableFromTextFileV2", "LookupTableImport", "LookupTableImportV2",
+    "InitializeTableFromDataset",
+})
+_CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+_INIT_COLLECTIONS = ("saved_model_main_op", "legacy_init_op", "table_initializer")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One signature input or output: its key, graph tensor name, dtype and shape."""
+
+    key: str
+    tensor_name: str
+    dtype: tf.DType
+    shape: tuple[int | None, ...] | None  # None: unknown rank
+
+
+@dataclass
+class LoadedModel:
+    """A SavedModel frozen into one graph, with what is needed to save it again."""
+
+    model_dir: str
+    tags: list[str]
+    signature_key: str
+    method_name: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    graph_def: tf.compat.v1.GraphDef
+    init_nodes: list[str] = field(default_factory=list)  # table initializers to keep
+    assets: dict[str, str] = field(default_factory=dict)  # asset tensor name -> file path
+    num_ops: int = 0  # ops in the TF session before anything was done
+
+    @property
+    def fetch_nodes(self) -> list[str]:
+        """Nodes every graph rewrite must keep alive."""
+        return sorted({node_name(t.tensor_name) for t in self.inputs + self.outputs}
+                      | set(self.init_nodes))
+
+
+def read_saved_model_proto(model_dir: str):
+    """Parse saved_model.pb, turning every way it can be wrong into ModelLoadError."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    if not os.path.exists(model_dir):
+        raise errors.ModelLoadError(
+            f"model_dir {model_dir!r} does not exist: pass the directory of a SavedModel "
+            "(the folder that holds saved_model.pb)")
+    if not os.path.isdir(model_dir):
+        raise errors.ModelLoadError(
+            f"model_dir {model_dir!r} is a file, not a directory: pass the SavedModel's folder")
+    pb = os.path.join(model_dir, "saved_model.pb")
+    if not os.path.isfile(pb):
+        if os.path.isfile(os.path.join(model_dir, "saved_model.pbtxt")):
+            raise errors.ModelLoadError(
+                f"{model_dir!r} holds saved_model.pbtxt (text format), which fuseflow does "
+                "not read: re-save the model in binary form (tf.saved_model.save)")
+        raise errors.ModelLoadError(
+            f"{model_dir!r} has no saved_model.pb: it is not a SavedModel directory")
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(pb, "rb") as f:
+            proto.ParseFromString(f.read())
+    except Exception as e:  # protobuf raises DecodeError, RuntimeWarning, ...
+        raise errors.ModelLoadError(
+            f"{pb} is corrupt or truncated ({type(e).__name__}: {e}): re-export the model"
+        ) from None
+    if not proto.meta_graphs:
+        raise errors.ModelLoadError(f"{pb} holds no MetaGraphDef: re-export the model")
+    return proto
+
+
+def select_meta_graph(proto, tags) -> tuple[list[str], object]:
+    """The reference's rule: {serve} if present, else the first tag set (warn if several)."""
+    available = [list(mg.meta_info_def.tags) for mg in proto.meta_graphs]
+    if tags is None:
+        for mg, t in zip(proto.meta_graphs, available):
+            if set(t) == {"serve"}:
+                return t, mg
+        if len(available) > 1:
+            log.warning("tags not given and no tag set is exactly {'serve'}: using the first "
+                        "one, %s, of %s", available[0], available)
+        return available[0], proto.meta_graphs[0]
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    try:
+        wanted = set(tags)
+    except TypeError:
+        raise errors.OptionError(
+            f"tags must be an iterable of strings or a comma-separated string, got {tags!r}"
+        ) from None
+    if not all(isinstance(t, str) for t in wanted):
+        raise errors.OptionError(f"tags must be strings, got {sorted(map(repr, wanted))}")
+    for mg, t in zip(proto.meta_graphs, available):
+        if set(t) == wanted:
+            return t, mg
+    raise errors.TagError(
+        f"no MetaGraphDef with tags {sorted(wanted)}; the model has tag sets {available}: "
+        "pass one of them as tags=")
+
+
+def select_signature(meta_graph, key: str | None) -> str:
+    """The reference's rule: serving_default, else the first key (warn)."""
+    sigs = [k for k in meta_graph.signature_def if not k.startswith("__")]
+    if key is None:
+        if "serving_default" in sigs:
+            return "serving_default"
+        if not sigs:
+            raise errors.SignatureError(
+                "the selected MetaGraphDef has no signature: export the model with a "
+                "signature (signatures= in tf.saved_model.save, or signature_def_map)")
+        log.warning("signature_def_key not given and there is no 'serving_default': using "
+                    "%r of %s", sigs[0], sorted(sigs))
+        return sigs[0]
+    if not isinstance(key, str):
+        raise errors.OptionError(f"signature_def_key must be a string, got {key!r}")
+    if key not in sigs:
+        raise errors.SignatureError(
+            f"signature {key!r} not found; the model has {sorted(sigs)}: pass one of them "
+            "as signature_def_key=")
+    return key
+
+
+def _specs(tensor_infos) -> list[TensorSpec]:
+    specs = []
+    for key in sorted(tensor_infos):
+        info = tensor_infos[key]
+        if not info.name:
+            raise errors.SignatureError(
+                f"signature tensor {key!r} is not a dense tensor (composite/sparse tensors "
+                "are not supported): export a signature with dense inputs and outputs")
+        shape = None
+        if not info.tensor_shape.unknown_rank:
+            shape = tuple(d.size if d.size >= 0 else None for d in info.tensor_shape.dim)
+        specs.append(TensorSpec(key, info.name, tf.dtypes.as_dtype(info.dtype), shape))
+    return specs
+
+
+def _init_targets(graph_def, meta_graph) -> list[str]:
+    """Table initializers reachable from the model's init ops.
+
+    Variable initializers in a TF1 main_op would assign to frozen constants,
+    so only table initializers (and TF2 init functions, which hold nothing
+    else) are kept.
+    """
+    roots = []
+    for name in _INIT_COLLECTIONS:
+        if name in meta_graph.collection_def:
+            roots += [node_name(n) for n in meta_graph.collection_def[name].node_list.value]
+    init_sig = meta_graph.signature_def.get("__saved_model_init_op")
+    if init_sig is not None:
+        roots += [node_name(t.name) for t in init_sig.outputs.values()]
+    nodes = {n.name: n for n in graph_def.node}
+    targets, seen, stack = [], set(), [r for r in roots if r in nodes]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        node = nodes[name]
+        if node.op in _TABLE_INIT_OPS or node.op in _CALL_OPS:
+            targets.append(name)
+            continue
+        stack += [node_name(i) for i in node.input if node_name(i) in nodes]
+    return sorted(targets)
+
+
+def _asset_files(meta_graph, model_dir: str) -> dict[str, str]:
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    assets = {}
+    for any_value in meta_graph.collection_def.get(
+            "saved_model_assets", meta_graph_pb2.CollectionDef()).any_list.value:
+        asset = meta_graph_pb2.AssetFileDef()
+        any_value.Unpack(asset)
+        assets[asset.tensor_info.name] = os.path.join(model_dir, "assets", asset.filename)
+    for asset in meta_graph.asset_file_def:
+        assets[asset.tensor_info.name] = os.path.join(model_dir, "assets", asset.filename)
+    return assets
+
+
+def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = None
+                     ) -> LoadedModel:
+    """Load, select tags and signature, and freeze variables into constants."""
+    from tensorflow.python.framework import convert_to_constants
+
+    model_dir = os.fspath(model_dir)
+    proto = read_saved_model_proto(model_dir)
+    tag_list, meta_graph = select_meta_graph(proto, tags)
+    key = select_signature(meta_graph, signature_def_key)
+    sig = meta_graph.signature_def[key]
+    inputs, outputs = _specs(sig.inputs), _specs(sig.outputs)
+    if not outputs:
+        raise errors.SignatureError(f"signature {key!r} has no outputs: nothing to compile")
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        try:
+            tf.compat.v1.saved_model.loader.load(sess, tag_list, model_dir)
+        except Exception as e:  # TF raises a dozen types here; all mean "unloadable"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise errors.ModelLoadError(
+                f"TensorFlow could not load the SavedModel at {model_dir!r} with tags "
+                f"{tag_list}: {first}. Check that the folder is complete (saved_model.pb and "
+                "variables/) and was written by a compatible TensorFlow") from None
+        full = graph.as_graph_def()
+        init_nodes = _init_targets(full, meta_graph)
+        keep = sorted({node_name(t.tensor_name) for t in outputs} | set(init_nodes))
+        try:
+            frozen = convert_to_constants.convert_variables_to_constants_from_session_graph(
+                sess, full, keep)
+        except Exception as e:
+            raise errors.ModelLoadError(
+                f"could not freeze the variables of {model_dir!r}: {e}") from None
+    return LoadedModel(
+        model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
+        inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
+        assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(frozen))

@@ -1,0 +1,378 @@
+#include "openvino_model.h"
+
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "openvino/core/model.hpp"
+#include "tensorflow/core/framework/graph.pb.h"
+#include "tensorflow/core/framework/node_def.pb.h"
+#include "tensorflow/core/platform/fingerprint.h"
+#include "tensorflow/core/platform/logging.h"
+#include "tensorflow/core/public/version.h"
+
+namespace fuseflow {
+namespace {
+
+using tensorflow::DataType;
+using tensorflow::PartialTensorShape;
+
+constexpr char kDevice[] = "CPU";
+constexpr char kCallNode[] = "__fuseflow_call";
+
+ov::Core& SharedCore() {
+  // Never destroyed: OpenVINO's plugin threads must not be torn down by static
+  // destructors racing interpreter shutdown.
+  static ov::Core* core = new ov::Core();
+  return *core;
+}
+
+std::string ShapeString(const ov::PartialShape& shape) { return shape.to_string(); }
+
+// True if `shape` (static) fits the attribute's partial shape.
+bool Fits(const ov::Shape& shape, const PartialTensorShape& attr) {
+  if (attr.unknown_rank()) return true;
+  if (attr.dims() != static_cast<int>(shape.size())) return false;
+  for (int d = 0; d < attr.dims(); ++d) {
+    if (attr.dim_size(d) >= 0 && attr.dim_size(d) != static_cast<int64_t>(shape[d])) return false;
+  }
+  return true;
+}
+
+// Checks one port against the op's dtype and shape attributes; returns its static shape.
+absl::StatusOr<ov::Shape> CheckPort(const ov::Output<const ov::Node>& port, const std::string& what,
+                                    DataType dtype, const PartialTensorShape& attr_shape) {
+  auto type = ToOpenVinoType(dtype);
+  if (!type.ok()) return type.status();
+  if (port.get_element_type() != *type) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has element type ",
+                                                   port.get_element_type().get_type_name(),
+                                                   ", the op says ", tensorflow::DataTypeString(dtype)));
+  }
+  if (!port.get_partial_shape().is_static()) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has dynamic shape ",
+                                                   ShapeString(port.get_partial_shape())));
+  }
+  ov::Shape shape = port.get_shape();
+  if (!Fits(shape, attr_shape)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, " has shape ", ShapeString(shape),
+                                                   ", the op says ", attr_shape.DebugString()));
+  }
+  return shape;
+}
+
+// Binds the compiled model's ports to the op's inputs and outputs: by name for an
+// imported blob, by position for a model recompiled here (whose order we chose).
+absl::Status BindPorts(const SegmentSpec& spec, bool by_position, CompiledSegment* segment) {
+  const ov::CompiledModel& model = segment->compiled;
+  const bool in_count_ok = model.inputs().size() == spec.input_names.size();
+  const bool out_count_ok = model.outputs().size() == spec.output_names.size();
+  if (by_position && (!in_count_ok || !out_count_ok)) {
+    return absl::InternalError(absl::StrCat("the recompiled model has ", model.inputs().size(),
+                                            " inputs and ", model.outputs().size(),
+                                            " outputs, the op has ", spec.input_names.size(),
+                                            " and ", spec.output_names.size()));
+  }
+  try {
+    for (size_t i = 0; i < spec.input_names.size(); ++i) {
+      const std::string& name = spec.input_names[i];
+      ov::Output<const ov::Node> port = by_position ? model.input(i) : model.input(name);
+      auto shape = CheckPort(port, absl::StrCat("input port '", name, "'"), spec.input_types[i],
+                             spec.input_shapes[i]);
+      if (!shape.ok()) return shape.status();
+      segment->inputs.push_back(port);
+      segment->input_types.push_back(port.get_element_type());
+      segment->input_shapes.push_back(*shape);
+    }
+    for (size_t o = 0; o < spec.output_names.size(); ++o) {
+      const std::string& name = spec.output_names[o];
+      ov::Output<const ov::Node> port = by_position ? model.output(o) : model.output(name);
+      auto shape = CheckPort(port, absl::StrCat("output port '", name, "'"), spec.output_types[o],
+                             spec.output_shapes[o]);
+      if (!shape.ok()) return shape.status();
+      segment->outputs.push_back(port);
+      segment->output_types.push_back(port.get_element_type());
+      segment->output_shapes.push_back(*shape);
+    }
+  } catch (const std::exception& e) {  // model.input(name) throws for an unknown name
+    return absl::InvalidArgumentError(e.what());
+  }
+  return absl::OkStatus();
+}
+
+// A Placeholder name for input `i`: the port name minus ":0", as OpenVINO's
+// TensorFlow frontend names a Placeholder's port "<node>:0".
+std::string PlaceholderName(const std::string& port_name, size_t i) {
+  std::string name = port_name;
+  if (name.size() > 2 && name.compare(name.size() - 2, 2, ":0") == 0) name.resize(name.size() - 2);
+  if (name.empty() || name.find(':') != std::string::npos || name.rfind("__fuseflow_", 0) == 0) {
+    name = absl::StrCat("__fuseflow_arg_", i);
+  }
+  return name;
+}
+
+std::string RetName(size_t o) { return absl::StrCat("__fuseflow_ret_", o); }
+
+// A GraphDef that calls the segment function on Placeholders: the form OpenVINO's
+// TensorFlow frontend reads (it inlines PartitionedCall bodies from the library).
+tensorflow::GraphDef SegmentGraph(const tensorflow::FunctionLibraryDefinition& flib,
+                                  const SegmentSpec& spec) {
+  tensorflow::GraphDef graph;
+  graph.mutable_versions()->set_producer(TF_GRAPH_DEF_VERSION);
+  tensorflow::NodeDef call;
+  call.set_name(kCallNode);
+  call.set_op("PartitionedCall");
+  for (size_t i = 0; i < spec.input_names.size(); ++i) {
+    tensorflow::NodeDef* arg = graph.add_node();
+    arg->set_name(PlaceholderName(spec.input_names[i], i));
+    arg->set_op("Placeholder");
+    (*arg->mutable_attr())["dtype"].set_type(spec.input_types[i]);
+    spec.input_shapes[i].AsProto((*arg->mutable_attr())["shape"].mutable_shape());
+    call.add_input(arg->name());
+    (*call.mutable_attr())["Tin"].mutable_list()->add_type(spec.input_types[i]);
+  }
+  for (DataType dtype : spec.output_types) {
+    (*call.mutable_attr())["Tout"].mutable_list()->add_type(dtype);
+  }
+  // Present even when empty: PartitionedCall requires both lists.
+  (*call.mutable_attr())["Tin"].mutable_list();
+  (*call.mutable_attr())["f"].mutable_func()->set_name(spec.function_name);
+  *graph.add_node() = call;
+  for (size_t o = 0; o < spec.output_types.size(); ++o) {
+    tensorflow::NodeDef* ret = graph.add_node();
+    ret->set_name(RetName(o));
+    ret->set_op("Identity");
+    ret->add_input(absl::StrCat(kCallNode, ":", o));
+    (*ret->mutable_attr())["T"].set_type(spec.output_types[o]);
+  }
+  *graph.mutable_library() = flib.ReachableDefinitions(graph).ToProto();
+  return graph;
+}
+
+// Reads the segment through OpenVINO's TensorFlow frontend (which takes a file),
+// with parameters and results in op order and inputs reshaped to input_shapes.
+std::shared_ptr<ov::Model> ReadSegment(const tensorflow::FunctionLibraryDefinition& flib,
+                                       const SegmentSpec& spec) {
+  if (flib.Find(spec.function_name) == nullptr) {
+    throw std::runtime_error(absl::StrCat("function '", spec.function_name,
+                                          "' is not in the graph's function library"));
+  }
+  std::string path =
+      (std::filesystem::temp_directory_path() / "fuseflow_segment_XXXXXX.pb").string();
+  int fd = mkstemps(path.data(), 3);
+  if (fd < 0) throw std::runtime_error("cannot create a temporary file for the segment graph");
+  close(fd);
+  std::shared_ptr<ov::Model> model;
+  try {
+    {
+      std::ofstream file(path, std::ios::binary);
+      if (!SegmentGraph(flib, spec).SerializeToOstream(&file)) {
+        throw std::runtime_error(absl::StrCat("cannot write ", path));
+      }
+    }
+    model = SharedCore().read_model(path);
+  } catch (...) {
+    std::remove(path.c_str());
+    throw;
+  }
+  std::remove(path.c_str());
+
+  auto find = [](const auto& nodes, const std::string& tensor_name) {
+    for (const auto& node : nodes) {
+      if (node->output(0).get_names().count(tensor_name)) return node;
+    }
+    throw std::runtime_error(absl::StrCat("the frontend produced no port '", tensor_name, "'"));
+  };
+  ov::ParameterVector parameters;
+  std::map<ov::Output<ov::Node>, ov::PartialShape> shapes;
+  for (size_t i = 0; i < spec.input_names.size(); ++i) {
+    auto parameter =
+        find(model->get_parameters(), PlaceholderName(spec.input_names[i], i) + ":0");
+    parameters.push_back(parameter);
+    const PartialTensorShape& attr = spec.input_shapes[i];
+    if (!attr.unknown_rank()) {
+      std::vector<ov::Dimension> dims;
+      for (int64_t d : attr.dim_sizes()) dims.push_back(d < 0 ? ov::Dimension() : ov::Dimension(d));
+      shapes[parameter->output(0)] = ov::PartialShape(dims);
+    }
+  }
+  ov::ResultVector results;
+  for (size_t o = 0; o < spec.output_names.size(); ++o) {
+    results.push_back(find(model->get_results(), RetName(o) + ":0"));
+  }
+  auto ordered = std::make_shared<ov::Model>(results, parameters, spec.function_name);
+  ordered->reshape(shapes);
+  return ordered;
+}
+
+std::string CacheKey(const std::string& blob, const SegmentSpec& spec) {
+  std::vector<std::string> shapes;
+  for (const auto& s : spec.input_shapes) shapes.push_back(s.DebugString());
+  return absl::StrCat(tensorflow::Fingerprint64(blob), "/", blob.size(), "|",
+                      absl::StrJoin(spec.properties, ","), "|", absl::StrJoin(spec.input_names, ","),
+                      "|", absl::StrJoin(spec.output_names, ","), "|", absl::StrJoin(shapes, ","));
+}
+
+}  // namespace
+
+absl::StatusOr<ov::AnyMap> ParseProperties(const std::vector<std::string>& properties) {
+  ov::AnyMap map;
+  for (const std::string& property : properties) {
+    size_t eq = property.find('=');
+    if (eq == 0 || eq == std::string::npos) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("property '", property, "' is not of the form KEY=VALUE"));
+    }
+    map[property.substr(0, eq)] = property.substr(eq + 1);
+  }
+  return map;
+}
+
+absl::StatusOr<ov::element::Type> ToOpenVinoType(DataType dtype) {
+  switch (dtype) {
+    case tensorflow::DT_FLOAT: return ov::element::f32;
+    case tensorflow::DT_HALF: return ov::element::f16;
+    case tensorflow::DT_BFLOAT16: return ov::element::bf16;
+    case tensorflow::DT_DOUBLE: return ov::element::f64;
+    case tensorflow::DT_INT8: return ov::element::i8;
+    case tensorflow::DT_INT16: return ov::element::i16;
+    case tensorflow::DT_INT32: return ov::element::i32;
+    case tensorflow::DT_INT64: return ov::element::i64;
+    case tensorflow::DT_UINT8: return ov::element::u8;
+    case tensorflow::DT_UINT16: return ov::element::u16;
+    case tensorflow::DT_UINT32: return ov::element::u32;
+    case tensorflow::DT_UINT64: return ov::element::u64;
+    case tensorflow::DT_BOOL: return ov::element::boolean;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("dtype ", tensorflow::DataTypeString(dtype), " has no OpenVINO equivalent"));
+  }
+}
+
+InferRequestPool::Lease& InferRequestPool::Lease::operator=(Lease&& other) noexcept {
+  if (this != &other) {
+    if (pool_ != nullptr) pool_->Release(std::move(request_));
+    pool_ = other.pool_;
+    request_ = std::move(other.request_);
+    other.pool_ = nullptr;
+  }
+  return *this;
+}
+
+InferRequestPool::Lease::~Lease() {
+  if (pool_ != nullptr) pool_->Release(std::move(request_));
+}
+
+InferRequestPool::Lease InferRequestPool::TakeLocked() {
+  if (!idle_.empty()) {
+    ov::InferRequest request = std::move(idle_.back());
+    idle_.pop_back();
+    return Lease(this, std::move(request));
+  }
+  ++created_;
+  return Lease(this, model_.create_infer_request());
+}
+
+InferRequestPool::Lease InferRequestPool::Acquire() {
+  std::unique_lock<std::mutex> lock(mu_);
+  released_.wait(lock, [this] { return !idle_.empty() || created_ < limit_; });
+  return TakeLocked();
+}
+
+bool InferRequestPool::TryAcquire(Lease* lease) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (idle_.empty() && created_ >= limit_) return false;
+  *lease = TakeLocked();
+  return true;
+}
+
+void InferRequestPool::RaiseLimit(int limit) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (limit > limit_) {
+    limit_ = limit;
+    released_.notify_all();
+  }
+}
+
+int InferRequestPool::limit() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return limit_;
+}
+
+void InferRequestPool::Release(ov::InferRequest request) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_.push_back(std::move(request));
+  }
+  released_.notify_one();
+}
+
+absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
+    std::shared_ptr<const std::string> blob, const SegmentSpec& spec, int max_requests,
+    const tensorflow::FunctionLibraryDefinition* flib, const std::string& node_name) {
+  auto properties = ParseProperties(spec.properties);
+  if (!properties.ok()) return properties.status();
+
+  // Weak entries: a model lives while some op instance uses it. Loading under
+  // the one lock keeps two sessions from importing the same blob twice.
+  static std::mutex mu;
+  static auto* cache = new std::map<std::string, std::weak_ptr<CompiledSegment>>();
+  const std::string key = CacheKey(*blob, spec);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache->find(key); it != cache->end()) {
+    if (auto cached = it->second.lock()) {
+      cached->pool.RaiseLimit(max_requests);
+      return cached;
+    }
+  }
+
+  std::shared_ptr<CompiledSegment> segment;
+  try {
+    ov::Tensor bytes(ov::element::u8, {blob->size()}, const_cast<char*>(blob->data()));
+    segment = std::make_shared<CompiledSegment>(
+        blob, SharedCore().import_model(bytes, kDevice, *properties), max_requests);
+    GlobalCounters().imports++;
+  } catch (const std::exception& import_error) {
+    if (flib == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("import failed and there is no function library to recompile from: ",
+                       import_error.what()));
+    }
+    LOG(WARNING) << "FuseflowOp " << node_name
+                 << ": the compiled OpenVINO executable can't be imported here (built by another "
+                    "OpenVINO version or for another CPU?); recompiling it from the embedded "
+                    "segment, which takes a while. Import error: "
+                 << import_error.what();
+    try {
+      ov::CompiledModel compiled = SharedCore().compile_model(ReadSegment(*flib, spec), kDevice,
+                                                              *properties);
+      segment = std::make_shared<CompiledSegment>(nullptr, compiled, max_requests);
+      segment->recompiled = true;
+      GlobalCounters().recompiles++;
+    } catch (const std::exception& compile_error) {
+      return absl::InternalError(absl::StrCat("import failed (", import_error.what(),
+                                              ") and recompiling failed (", compile_error.what(),
+                                              ")"));
+    }
+  }
+  absl::Status bound = BindPorts(spec, segment->recompiled, segment.get());
+  if (!bound.ok()) return bound;
+  for (auto it = cache->begin(); it != cache->end();) {
+    it = it->second.expired() ? cache->erase(it) : std::next(it);
+  }
+  (*cache)[key] = segment;
+  return segment;
+}
+
+Counters& GlobalCounters() {
+  static Counters* counters = new Counters();
+  return *counters;
+}
+
+}  // namespace fuseflow

@@ -1,0 +1,119 @@
+// The OpenVINO side of FuseflowOp: one ov::Core per process, a process-wide
+// cache of compiled models shared by every op instance and session, and a pool
+// of infer requests per compiled model.
+#ifndef FUSEFLOW_NATIVE_OPENVINO_MODEL_H_
+#define FUSEFLOW_NATIVE_OPENVINO_MODEL_H_
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "openvino/runtime/core.hpp"
+#include "tensorflow/core/framework/function.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tensorflow/core/framework/types.h"
+
+namespace fuseflow {
+
+// What the op's attributes say about its compiled segment.
+struct SegmentSpec {
+  std::string function_name;                 // native_segment
+  std::vector<std::string> input_names;      // OpenVINO port names, op input order
+  std::vector<std::string> output_names;     // OpenVINO port names, op output order
+  tensorflow::DataTypeVector input_types;    // Tin
+  tensorflow::DataTypeVector output_types;   // Tout
+  std::vector<tensorflow::PartialTensorShape> input_shapes;
+  std::vector<tensorflow::PartialTensorShape> output_shapes;
+  std::vector<std::string> properties;       // "KEY=VALUE"
+};
+
+// Parses "KEY=VALUE" strings; OpenVINO converts string values to the typed ones.
+absl::StatusOr<ov::AnyMap> ParseProperties(const std::vector<std::string>& properties);
+
+// The OpenVINO element type holding the same bytes as `dtype`, if there is one.
+absl::StatusOr<ov::element::Type> ToOpenVinoType(tensorflow::DataType dtype);
+
+// Hands out infer requests, creating them on demand up to a limit, so that
+// concurrent Compute calls each get a request of their own.
+class InferRequestPool {
+ public:
+  // Returns its request to the pool when destroyed.
+  class Lease {
+   public:
+    Lease() = default;
+    Lease(InferRequestPool* pool, ov::InferRequest request)
+        : pool_(pool), request_(std::move(request)) {}
+    Lease(Lease&& other) noexcept { *this = std::move(other); }
+    Lease& operator=(Lease&& other) noexcept;
+    ~Lease();
+    ov::InferRequest& operator*() { return request_; }
+    ov::InferRequest* operator->() { return &request_; }
+
+   private:
+    InferRequestPool* pool_ = nullptr;
+    ov::InferRequest request_;
+  };
+
+  InferRequestPool(ov::CompiledModel model, int limit) : model_(std::move(model)), limit_(limit) {}
+
+  // Blocks while `limit` requests are out.
+  Lease Acquire();
+  // Never blocks: a caller holding a lease may ask for more without deadlock.
+  bool TryAcquire(Lease* lease);
+  // Op instances sharing a model may ask for different limits: the largest wins.
+  void RaiseLimit(int limit);
+  int limit();
+
+ private:
+  Lease TakeLocked();  // requires mu_ held and a request available or creatable
+  void Release(ov::InferRequest request);
+
+  ov::CompiledModel model_;
+  std::mutex mu_;
+  std::condition_variable released_;
+  std::vector<ov::InferRequest> idle_;
+  int created_ = 0;
+  int limit_;
+};
+
+// A compiled segment with its ports bound to the op's inputs and outputs.
+struct CompiledSegment {
+  CompiledSegment(std::shared_ptr<const std::string> blob_bytes, ov::CompiledModel model,
+                  int max_requests)
+      : blob(std::move(blob_bytes)), compiled(model), pool(model, max_requests) {}
+
+  // Declared first so it is destroyed last: an imported model reads it in place.
+  std::shared_ptr<const std::string> blob;
+  ov::CompiledModel compiled;
+  bool recompiled = false;
+  std::vector<ov::Output<const ov::Node>> inputs;   // op input order
+  std::vector<ov::Output<const ov::Node>> outputs;  // op output order
+  std::vector<ov::element::Type> input_types, output_types;
+  std::vector<ov::Shape> input_shapes, output_shapes;  // always static
+  InferRequestPool pool;
+};
+
+// Returns the compiled model for `blob` (the bytes of CompiledModel::export_model),
+// importing it at most once per process while someone holds the result. If the
+// blob can't be imported (other OpenVINO version or CPU), the segment function
+// is read from `flib` through OpenVINO's TensorFlow frontend and compiled.
+absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
+    std::shared_ptr<const std::string> blob, const SegmentSpec& spec, int max_requests,
+    const tensorflow::FunctionLibraryDefinition* flib, const std::string& node_name);
+
+// Process-wide counters, read by the FuseflowOpStats op.
+struct Counters {
+  std::atomic<int64_t> openvino_runs{0};
+  std::atomic<int64_t> native_runs{0};
+  std::atomic<int64_t> imports{0};
+  std::atomic<int64_t> recompiles{0};
+};
+Counters& GlobalCounters();
+
+}  // namespace fuseflow
+
+#endif  // FUSEFLOW_NATIVE_OPENVINO_MODEL_H_

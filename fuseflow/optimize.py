@@ -1,0 +1,104 @@
+"""Stage 3: inline functions, fold constants, drop dead ops (Grappler).
+
+Grappler runs only optimizers whose output every backend still reads as
+plain TF ops: no layout changes and no remapper (its _Fused* ops have no
+XLA kernel and are opaque to a partitioner).
+"""
+
+from __future__ import annotations
+
+import math
+
+from fuseflow import errors
+from fuseflow.tf_compat import tf
+
+_OPTIMIZERS = ("function", "common_subgraph_elimination", "constfold", "arithmetic",
+               "dependency", "pruning", "debug_stripper")
+
+
+def optimize_graph(graph_def, keep_nodes: list[str]):
+    """Grappler, then fold shapes the fixed inputs made static, then Grappler again.
+
+    Grappler treats Placeholders as feeds of any shape, so it never folds
+    Shape(x) of an input-dependent x; with the input shapes now fixed those
+    are constants, and folding them removes whole shape-computing subgraphs.
+    """
+    graph_def = _grappler(graph_def, keep_nodes)
+    if _materialize_shapes(graph_def, set(keep_nodes)):
+        graph_def = _grappler(graph_def, keep_nodes)
+    return graph_def
+
+
+def _materialize_shapes(graph_def, keep: set[str]) -> bool:
+    """Replace Shape/Size/Rank of statically known tensors with constants, in place."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    changed = False
+    for node in graph_def.node:
+        if node.op not in ("Shape", "Size", "Rank") or node.name in keep:
+            continue
+        source = graph.get_operation_by_name(node.name).inputs[0]
+        if not source.shape.is_fully_defined():
+            continue
+        dims = source.shape.as_list()
+        value = {"Shape": dims, "Size": math.prod(dims), "Rank": len(dims)}[node.op]
+        dtype = tf.dtypes.as_dtype(node.attr["out_type"].type) if node.op != "Rank" else tf.int32
+        tensor = tf.make_tensor_proto(value, dtype=dtype)
+        node.op = "Const"
+        del node.input[:]
+        node.attr.clear()
+        node.attr["dtype"].type = dtype.as_datatype_enum
+        node.attr["value"].tensor.CopyFrom(tensor)
+        changed = True
+    return changed
+
+
+def _grappler(graph_def, keep_nodes: list[str]):
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    graph = tf.Graph()
+    with graph.as_default():
+        try:
+            tf.graph_util.import_graph_def(graph_def, name="")
+        except Exception as e:
+            first = str(e).strip().splitlines()[0]
+            raise errors.GraphError(f"the model's graph is invalid: {first}") from None
+        meta = tf.compat.v1.train.export_meta_graph(graph_def=graph.as_graph_def(),
+                                                    clear_devices=True)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(keep_nodes)
+    meta.collection_def["train_op"].CopyFrom(fetch)
+    config = config_pb2.ConfigProto()
+    rewrite = config.graph_options.rewrite_options
+    rewrite.optimizers.extend(_OPTIMIZERS)
+    rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.TWO
+    rewrite.min_graph_nodes = -1
+    rewrite.fail_on_optimizer_errors = False
+    optimized = tf_optimizer.OptimizeGraph(config, meta)
+    _drop_unused_functions(optimized)
+    return optimized
+
+
+def _drop_unused_functions(graph_def) -> None:
+    """Inlining leaves the old bodies in the library; keep only reachable ones."""
+    from fuseflow.graph_util import called_functions
+
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    reachable, stack = set(), []
+    for node in graph_def.node:
+        stack += called_functions(node.attr.values())
+    while stack:
+        name = stack.pop()
+        if name in reachable or name not in functions:
+            continue
+        reachable.add(name)
+        for node in functions[name].node_def:
+            stack += called_functions(node.attr.values())
+    kept = [functions[n] for n in functions if n in reachable]
+    gradients = [g for g in graph_def.library.gradient if g.function_name in reachable]
+    del graph_def.library.function[:]
+    graph_def.library.function.extend(kept)
+    del graph_def.library.gradient[:]
+    graph_def.library.gradient.extend(gradients)

@@ -1,0 +1,115 @@
+"""All compile options in one typed place, parsed from compiler_args and env flags.
+
+compiler_args keep the reference's neuron-cc spelling so tensorflow-neuron
+scripts run unchanged; each flag is mapped onto the chosen backend.
+FUSEFLOW_CC_FLAGS (or the reference's NEURON_CC_FLAGS) adds flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from dataclasses import dataclass
+
+from fuseflow import errors
+
+FP32_CAST_CHOICES = ("all", "matmult", "matmult-bf16", "matmult-fp16", "all-fp16",
+                     "none")
+FAST_MATH_CHOICES = ("all", "none", "fp32-cast-all", "fp32-cast-matmult", "no-fp32-cast",
+                     "fast-relayout", "no-fast-relayout")
+ENV_FLAGS = ("FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS")
+DEFAULT_TIMEOUT_S = 18000.0
+
+
+@dataclass(frozen=True)
+class CompilerOptions:
+    """What the backends and the compile driver need to know."""
+
+    backend: str | None = None  # None: pick by hardware (see saved_model.compile)
+    must_compile: bool = False
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    workers: int | None = None
+    workdir: str | None = None
+    verbose: int = 0
+    cores: int | None = None  # --neuroncore-pipeline-cores: threads per segment
+    fp32_cast: str = "none"
+    fast_math: tuple[str, ...] = ()
+    max_segments: int | None = None
+    dynamic_batch: bool = True
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print and exit
+        raise errors.CompilerArgsError(f"bad compiler flag: {message}")
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="compiler_args", add_help=False, allow_abbrev=False)
+    p.add_argument("--backend", choices=("openvino", "xla"))
+    p.add_argument("--must-compile", action="store_true")
+    p.add_argument("--timeout", type=float)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--workdir")
+    p.add_argument("--verbose", type=int, nargs="?", const=1)
+    p.add_argument("--neuroncore-pipeline-cores", type=int, dest="cores")
+    p.add_argument("--fp32-cast", choices=FP32_CAST_CHOICES)
+    p.add_argument("--fast-math", nargs="+", choices=FAST_MATH_CHOICES)
+    p.add_argument("--max-segments", type=int)
+    p.add_argument("--no-dynamic-batch", action="store_true")
+    return p
+
+
+def _as_list(compiler_args) -> list[str]:
+    if compiler_args is None:
+        return []
+    if isinstance(compiler_args, str):
+        return shlex.split(compiler_args)
+    try:
+        args = list(compiler_args)
+    except TypeError:
+        raise errors.CompilerArgsError(
+            f"compiler_args must be a list of strings, got {compiler_args!r}") from None
+    bad = [a for a in args if not isinstance(a, (str, int, float))]
+    if bad:
+        raise errors.CompilerArgsError(f"compiler_args must be strings, got {bad!r}")
+    return [str(a) for a in args]
+
+
+def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
+                        environ=None) -> CompilerOptions:
+    """compiler_args + env flags + keywords -> CompilerOptions, or CompilerArgsError."""
+    environ = os.environ if environ is None else environ
+    args = []
+    for var in ENV_FLAGS:
+        if environ.get(var):
+            args += shlex.split(environ[var])
+    args += _as_list(compiler_args)
+    ns, unknown = _parser().parse_known_args(args)
+    if unknown:
+        raise errors.CompilerArgsError(
+            f"unknown compiler flag(s) {unknown}: fuseflow understands --backend, "
+            "--must-compile, --timeout, --workers, --workdir, --verbose, "
+            "--neuroncore-pipeline-cores, --fp32-cast, --fast-math, --max-segments, "
+            "--no-dynamic-batch")
+    for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
+                        ("--neuroncore-pipeline-cores", ns.cores),
+                        ("--max-segments", ns.max_segments)):
+        if value is not None and not value > 0:
+            raise errors.CompilerArgsError(f"{name} must be positive, got {value}")
+    if backend is not None and ns.backend is not None and backend != ns.backend:
+        raise errors.CompilerArgsError(
+            f"backend={backend!r} contradicts --backend {ns.backend}: give one of them")
+    return CompilerOptions(
+        backend=backend or ns.backend,
+        must_compile=ns.must_compile,
+        timeout_s=ns.timeout if ns.timeout is not None else DEFAULT_TIMEOUT_S,
+        workers=ns.workers,
+        workdir=compiler_workdir if compiler_workdir is not None else ns.workdir,
+        verbose=ns.verbose or 0,
+        cores=ns.cores,
+        fp32_cast=ns.fp32_cast or "none",
+        fast_math=tuple(ns.fast_math or ()),
+        max_segments=ns.max_segments,
+        dynamic_batch=not ns.no_dynamic_batch,
+    )

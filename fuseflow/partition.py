@@ -1,0 +1,276 @@
+"""Stage 4: graph + a backend's capability -> segments, cycle-safe.
+
+Union-find clustering along data edges (the TF-TRT segmenter's idea) over a
+contracted graph that keeps a topological order incrementally
+(Pearce-Kelly, as TF's GraphCycles does): a merge only searches the window of
+ranks between the two clusters, so cost stays near-linear in graph size.
+The partitioner knows nothing of backends: it gets a {node: reason|None} map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from fuseflow import errors
+from fuseflow.graph_util import NON_COMPUTE_OPS, is_control, node_name
+from fuseflow.reasons import Reason
+
+# Ops that never count toward a segment's size (the reference's rule).
+PASS_THROUGH_OPS = frozenset({"Identity", "IdentityN", "Snapshot", "StopGradient", "NoOp"})
+_V1_CONTROL_FLOW = frozenset({"Enter", "Exit", "Switch", "Merge", "NextIteration",
+                              "LoopCond", "RefEnter", "RefExit", "RefSwitch", "RefMerge",
+                              "RefNextIteration"})
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    minimum_segment_size: int
+    no_fuse_ops: frozenset[str] = frozenset()
+    force_fuse_ops: frozenset[str] = frozenset()
+    max_segments: int | None = None
+
+
+@dataclass
+class Segment:
+    """A proposed segment: the nodes to fuse, in topological order."""
+
+    name: str
+    nodes: list[str]
+    size: int  # nodes that count (pass-through ops excluded)
+
+
+@dataclass
+class Partition:
+    segments: list[Segment]
+    excluded: dict[str, Reason] = field(default_factory=dict)  # node -> why it stays in TF
+
+
+def default_minimum_segment_size(graph_def) -> int:
+    """The reference's default: min(2, max(1, non-Placeholder ops))."""
+    ops = sum(1 for n in graph_def.node if n.op != "Placeholder")
+    return min(2, max(1, ops))
+
+
+class _ClusterGraph:
+    """A DAG of clusters with an incrementally maintained topological order."""
+
+    def __init__(self, n: int, edges: Iterable[tuple[int, int]]):
+        self.out: list[set[int]] = [set() for _ in range(n)]
+        self.inn: list[set[int]] = [set() for _ in range(n)]
+        for a, b in edges:
+            if a != b:
+                self.out[a].add(b)
+                self.inn[b].add(a)
+        self.rank = list(range(n))  # callers number nodes in topological order
+        self.parent = list(range(n))
+
+    def find(self, x: int) -> int:
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def _reachable(self, src: int, dst: int) -> bool:
+        """Is dst reachable from src? Only ranks up to rank[dst] can lie on a path."""
+        limit, seen, stack = self.rank[dst], {src}, [src]
+        while stack:
+            for nxt in self.out[stack.pop()]:
+                if nxt == dst:
+                    return True
+                if nxt not in seen and self.rank[nxt] < limit:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    def contract(self, a: int, b: int) -> bool:
+        """Merge cluster b into a along edge a->b, unless another path a~>b exists."""
+        self.out[a].discard(b)
+        self.inn[b].discard(a)
+        if self._reachable(a, b):
+            self.out[a].add(b)
+            self.inn[b].add(a)
+            return False
+        self.parent[b] = a
+        preds, succs = self.inn[b], self.out[b]
+        self.inn[b], self.out[b] = set(), set()
+        for p in preds:
+            self.out[p].discard(b)
+            self._add_edge(p, a)
+        for s in succs:
+            self.inn[s].discard(b)
+            self._add_edge(a, s)
+        return True
+
+    def _add_edge(self, x: int, y: int) -> None:
+        if x == y or y in self.out[x]:
+            return
+        self.out[x].add(y)
+        self.inn[y].add(x)
+        if self.rank[x] > self.rank[y]:
+            self._reorder(x, y)
+
+    def _reorder(self, x: int, y: int) -> None:
+        """Pearce-Kelly: fix the order after adding x->y with rank[x] > rank[y]."""
+        hi, lo = self.rank[x], self.rank[y]
+        forward = self._collect(y, self.out, lambda r: r < hi)
+        if x in forward:  # cannot happen when contract() checked reachability
+            raise AssertionError("partitioner created a cycle")
+        backward = self._collect(x, self.inn, lambda r: r > lo)
+        members = sorted(backward, key=self.rank.__getitem__) + sorted(
+            forward, key=self.rank.__getitem__)
+        for node, r in zip(members, sorted(self.rank[m] for m in members)):
+            self.rank[node] = r
+
+    def _collect(self, start: int, adj: list[set[int]], in_window) -> list[int]:
+        seen, stack = {start}, [start]
+        while stack:
+            for nxt in adj[stack.pop()]:
+                if nxt not in seen and in_window(self.rank[nxt]):
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return list(seen)
+
+
+def topological_order(graph_def) -> list[int]:
+    """Node indices in topological order; NextIteration back edges are ignored."""
+    nodes = graph_def.node
+    index = {n.name: i for i, n in enumerate(nodes)}
+    if len(index) != len(nodes):
+        seen, dups = set(), set()
+        for n in nodes:
+            (dups if n.name in seen else seen).add(n.name)
+        raise errors.GraphError(f"the graph has duplicate node names {sorted(dups)[:5]}: "
+                                "every node needs a unique name")
+    indegree = [0] * len(nodes)
+    consumers: list[list[int]] = [[] for _ in nodes]
+    for i, n in enumerate(nodes):
+        for inp in n.input:
+            src = index.get(node_name(inp))
+            if src is None:
+                raise errors.GraphError(
+                    f"node {n.name!r} reads {inp!r}, which no node produces: the graph is "
+                    "broken (re-export the model)")
+            if nodes[src].op in ("NextIteration", "RefNextIteration"):
+                continue
+            indegree[i] += 1
+            consumers[src].append(i)
+    order = [i for i, d in enumerate(indegree) if d == 0]
+    for i in order:  # grows while iterating
+        for c in consumers[i]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                order.append(c)
+    if len(order) != len(nodes):
+        stuck = sorted(nodes[i].name for i, d in enumerate(indegree) if d > 0)
+        raise errors.GraphError(f"the graph has a cycle through {stuck[:5]}: fuseflow needs "
+                                "an acyclic graph (functional control flow)")
+    return order
+
+
+def _upstream(graph_def, roots: Iterable[str]) -> set[str]:
+    nodes = {n.name: n for n in graph_def.node}
+    seen, stack = set(), [r for r in roots if r in nodes]
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack += [node_name(i) for i in nodes[name].input]
+    return seen
+
+
+def _in_v1_control_flow(graph_def, order: list[int]) -> set[str]:
+    """Nodes inside TF1 while/cond frames, which must not be fused."""
+    nodes = graph_def.node
+    if not any(n.op in _V1_CONTROL_FLOW for n in nodes):
+        return set()
+    inside: set[str] = set()
+    for i in order:
+        n = nodes[i]
+        if n.op in _V1_CONTROL_FLOW and n.op not in ("Exit", "RefExit"):
+            inside.add(n.name)
+        elif n.op not in ("Exit", "RefExit") and any(
+                node_name(x) in inside for x in n.input):
+            inside.add(n.name)
+    return inside
+
+
+def _fixed_exclusions(graph_def, order, support, tensor_is_string, input_nodes, options
+                      ) -> dict[str, Reason]:
+    """Why each node can't be clustered, before any clustering."""
+    upstream = _upstream(graph_def, input_nodes)
+    control_flow = _in_v1_control_flow(graph_def, order)
+    excluded: dict[str, Reason] = {}
+    for n in graph_def.node:
+        if n.op in NON_COMPUTE_OPS:  # constants are copied into segments instead
+            excluded[n.name] = Reason.STRUCTURAL
+        elif n.name in upstream:
+            excluded[n.name] = Reason.UPSTREAM_OF_INPUT
+        elif n.name in options.no_fuse_ops:
+            excluded[n.name] = Reason.NO_FUSE_OPS
+        elif n.name in control_flow:
+            excluded[n.name] = Reason.CONTROL_FLOW
+        elif any(is_control(i) for i in n.input):
+            excluded[n.name] = Reason.CONTROL_INPUT
+        elif tensor_is_string(n):
+            excluded[n.name] = Reason.STRING
+        elif support.get(n.name) is not None and n.name not in options.force_fuse_ops:
+            excluded[n.name] = support[n.name]
+    return excluded
+
+
+def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: Iterable[str],
+                    options: PartitionOptions, tensor_is_string=lambda node: False
+                    ) -> Partition:
+    """Propose segments: maximal cycle-free clusters of nodes the backend takes."""
+    nodes = graph_def.node
+    order = topological_order(graph_def)
+    excluded = _fixed_exclusions(graph_def, order, support, tensor_is_string,
+                                 set(input_nodes), options)
+    position = {i: p for p, i in enumerate(order)}
+    index = {n.name: position[i] for i, n in enumerate(nodes)}
+    names = [nodes[i].name for i in order]
+    edges = []
+    for i in order:
+        for inp in nodes[i].input:
+            src = nodes[order[index[node_name(inp)]]]
+            if src.op not in ("NextIteration", "RefNextIteration"):
+                edges.append((index[src.name], index[nodes[i].name]))
+    graph = _ClusterGraph(len(order), edges)
+    candidate = [name not in excluded for name in names]
+    for pos, name in enumerate(names):
+        if not candidate[pos]:
+            continue
+        for inp in nodes[order[pos]].input:
+            src = index[node_name(inp)]
+            if not candidate[src]:
+                continue
+            a, b = graph.find(src), graph.find(pos)
+            if a != b:
+                graph.contract(a, b)
+    return _collect_segments(names, candidate, graph, nodes, order, excluded, options)
+
+
+def _collect_segments(names, candidate, graph, nodes, order, excluded, options) -> Partition:
+    members: dict[int, list[int]] = {}
+    for pos in range(len(names)):
+        if candidate[pos]:
+            members.setdefault(graph.find(pos), []).append(pos)
+    clusters = []
+    for root, positions in members.items():
+        size = sum(1 for p in positions if nodes[order[p]].op not in PASS_THROUGH_OPS)
+        clusters.append((size, root, sorted(positions)))
+    keep = [c for c in clusters if c[0] >= options.minimum_segment_size and c[0] > 0]
+    if options.max_segments is not None:
+        keep = sorted(keep, key=lambda c: -c[0])[:options.max_segments]
+    kept_roots = {c[1] for c in keep}
+    for _size, root, positions in clusters:
+        if root not in kept_roots:
+            for p in positions:
+                excluded[names[p]] = Reason.SMALL_SEGMENT
+    keep.sort(key=lambda c: c[2][0])
+    segments = [Segment(f"fuseflow_segment_{k}", [names[p] for p in positions], size)
+                for k, (size, _root, positions) in enumerate(keep)]
+    return Partition(segments, excluded)

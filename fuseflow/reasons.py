@@ -1,0 +1,18 @@
+"""Why an op stayed in TensorFlow: the fixed set of reasons the report uses."""
+
+from enum import Enum
+
+
+class Reason(str, Enum):
+    UNSUPPORTED_OP = "not supported by the backend"
+    DTYPE = "dtype not supported by the backend"
+    UNKNOWN_SHAPE = "unknown shape"
+    STRING = "operates on strings"
+    CONTROL_INPUT = "has control inputs"
+    CONTROL_FLOW = "inside a TF1 control-flow loop/cond"
+    NO_FUSE_OPS = "in no_fuse_ops"
+    UPSTREAM_OF_INPUT = "upstream of a signature input"
+    SMALL_SEGMENT = "segment smaller than minimum_segment_size"
+    SLOW_ON_BACKEND = "slower on this backend than in TensorFlow"
+    COMPILE_FAILED = "compile failed"
+    STRUCTURAL = "graph plumbing (placeholder, constant, no-op)"

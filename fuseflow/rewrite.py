@@ -1,0 +1,87 @@
+"""Stage 6: graph + compiled segments -> graph with one fused node per segment.
+
+The fused node reads the segment's outside inputs; every segment node that
+was read from outside becomes an IdentityN of the same name over the fused
+node's outputs, so consumers, signature tensor names and control edges all
+keep working unchanged. The segment's original subgraph goes into the
+function library: it is the XLA call's body, and the native op's fallback.
+"""
+
+from __future__ import annotations
+
+from fuseflow.backends.base import Backend, SegmentGraph
+from fuseflow.compile import CompiledSegment
+from fuseflow.graph_util import node_name
+from fuseflow.options import CompilerOptions
+from fuseflow.tf_compat import tf
+
+
+def segment_function(segment: SegmentGraph, function_name: str):
+    """The segment's GraphDef as a FunctionDef: Placeholders become arguments."""
+    from tensorflow.python.framework import graph_to_function_def
+
+    graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    inputs = [graph.get_tensor_by_name(f"{p.name}:0") for p in segment.inputs]
+    placeholders = {p.name for p in segment.inputs}
+    operations = [op for op in graph.get_operations() if op.name not in placeholders]
+    outputs = [graph.get_tensor_by_name(p.name) for p in segment.outputs]
+    out_names = [f"output_{k}" for k in range(len(outputs))]
+    fdef = graph_to_function_def.graph_to_function_def(graph, operations, inputs, outputs,
+                                                       out_names)
+    fdef.signature.name = function_name
+    return fdef
+
+
+def rewrite_graph(graph_def, compiled: list[CompiledSegment], backend: Backend,
+                  options: CompilerOptions, keep_nodes: set[str]):
+    """A new GraphDef with every successfully compiled segment fused."""
+    out = tf.compat.v1.GraphDef()
+    out.CopyFrom(graph_def)
+    taken = {n.name for n in out.node} | {f.signature.name for f in out.library.function}
+    removed: set[str] = set()
+    new_nodes = []
+    for item in compiled:
+        if item.artifact is None:
+            continue
+        seg = item.segment
+        function_name = _unique(f"{seg.name}_native", taken)
+        out.library.function.add().CopyFrom(segment_function(seg, function_name))
+        fused = backend.fused_node(seg, function_name, item.artifact, options)
+        fused.name = _unique(seg.name, taken)
+        fused.input.extend(seg.input_sources)
+        new_nodes.append(fused)
+        removed.update(seg.node_names)
+        by_node: dict[str, list[int]] = {}
+        for k, port in enumerate(seg.outputs):
+            by_node.setdefault(node_name(port.name), []).append(k)
+        for name, ks in by_node.items():
+            ident = tf.compat.v1.NodeDef(name=name, op="IdentityN")
+            ident.input.extend(f"{fused.name}:{k}" for k in ks)
+            ident.attr["T"].list.type.extend(seg.outputs[k].dtype for k in ks)
+            new_nodes.append(ident)
+    kept = [n for n in out.node if n.name not in removed]
+    del out.node[:]
+    out.node.extend(kept + new_nodes)
+    _prune_dead_constants(out, keep_nodes)
+    return out
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, k = name, 1
+    while candidate in taken:
+        candidate, k = f"{name}_{k}", k + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _prune_dead_constants(graph_def, keep_nodes: set[str]) -> None:
+    """Constants copied into segments and no longer read elsewhere."""
+    used = {node_name(i) for n in graph_def.node for i in n.input}
+    kept = [n for n in graph_def.node
+            if n.op != "Const" or n.name in used or n.name in keep_nodes]
+    if len(kept) != len(graph_def.node):
+        del graph_def.node[:]
+        graph_def.node.extend(kept)

@@ -1,0 +1,178 @@
+"""compile(): the reference API. Runs the pipeline stages, nothing else."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fuseflow import errors
+from fuseflow.backends import get_backend
+from fuseflow.compile import compile_segments
+from fuseflow.export import REPORT_DIR, check_output_dir, staging_dir, write_saved_model
+from fuseflow.extract import batch_tensors, consumers_outside, extract_segment
+from fuseflow.graph_util import node_name, tensor_name
+from fuseflow.load import load_saved_model
+from fuseflow.optimize import optimize_graph
+from fuseflow.options import CompilerOptions, parse_compiler_args
+from fuseflow.partition import (
+    PartitionOptions,
+    default_minimum_segment_size,
+    partition_graph,
+    topological_order,
+)
+from fuseflow.report import CompileReport, build_report, log_report
+from fuseflow.rewrite import rewrite_graph
+from fuseflow.shapes import apply_input_shapes, infer_tensor_shapes, resolve_input_shapes
+from fuseflow.tf_compat import tf
+
+log = logging.getLogger("fuseflow")
+
+
+def _names(value, what: str) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if isinstance(value, str):
+        value = [value]
+    try:
+        names = frozenset(value)
+    except TypeError:
+        raise errors.OptionError(f"{what} must be an iterable of node names, got {value!r}") \
+            from None
+    if not all(isinstance(n, str) for n in names):
+        raise errors.OptionError(f"{what} must hold node names (strings), got {sorted(map(repr, names))}")
+    return names
+
+
+def default_backend() -> str:
+    """OpenVINO is the fast CPU backend; XLA is the one for GPUs."""
+    from fuseflow.backends.xla import has_gpu
+
+    return "xla" if has_gpu() else "openvino"
+
+
+def _check_workdir(workdir) -> Path | None:
+    if workdir is None:
+        return None
+    path = Path(os.fspath(workdir))
+    if path.exists() and not path.is_dir():
+        raise errors.OutputDirError(f"compiler_workdir {str(path)!r} is a file: give a "
+                                    "directory (it is created if missing)")
+    return path
+
+
+def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
+            model_feed_dict=None, tags=None, signature_def_key=None, minimum_segment_size=None,
+            no_fuse_ops=None, compiler_args=None, compiler_workdir=None, *, backend=None,
+            force_fuse_ops=None) -> dict:
+    """Compile a SavedModel into a new one whose supported segments run on a backend.
+
+    Returns {'OnNeuronRatio': ..., and the counts behind it}.
+    """
+    options = parse_compiler_args(compiler_args, compiler_workdir, backend)
+    model_dir = os.fspath(model_dir)
+    out = check_output_dir(model_dir, new_model_dir)
+    workdir = _check_workdir(options.workdir)
+    no_fuse = _names(no_fuse_ops, "no_fuse_ops")
+    force_fuse = _names(force_fuse_ops, "force_fuse_ops")
+    if minimum_segment_size is not None and (
+            isinstance(minimum_segment_size, bool) or not isinstance(minimum_segment_size, int)
+            or minimum_segment_size < 1):
+        raise errors.OptionError(
+            f"minimum_segment_size must be a positive integer, got {minimum_segment_size!r}")
+    backend_name = options.backend or default_backend()
+    chosen = get_backend(backend_name)
+
+    model = load_saved_model(model_dir, tags, signature_def_key)
+    inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
+    graph_def = apply_input_shapes(model.graph_def, model, inputs)
+    graph_def = optimize_graph(graph_def, model.fetch_nodes)
+    _check_names(graph_def, no_fuse | force_fuse)
+    infos = infer_tensor_shapes(graph_def, inputs.feeds)
+
+    partition = partition_graph(
+        graph_def, chosen.support(graph_def, infos, options),
+        [node_name(s.tensor_name) for s in model.inputs],
+        PartitionOptions(
+            minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
+            no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
+        tensor_is_string=lambda node: _touches_string(node, infos))
+    members_of = {n: s.name for s in partition.segments for n in s.nodes}
+    consumers = consumers_outside(graph_def, members_of)
+    fetches = {tensor_name(s.tensor_name) for s in model.outputs}
+    batch_info = None
+    if options.dynamic_batch:
+        batch_info = batch_tensors(
+            graph_def, topological_order(graph_def), infos,
+            [tensor_name(s.tensor_name) for s in model.inputs],
+            _batch_dim(inputs.shapes))
+    segments = [extract_segment(graph_def, s, infos, consumers, fetches, batch_info)
+                for s in partition.segments]
+
+    with _workdir(workdir) as work:
+        compiled = compile_segments(backend_name, segments, options, work)
+    failed = [c.segment.name for c in compiled if c.artifact is None]
+    if failed and options.must_compile:
+        raise errors.SegmentCompileError(
+            f"The following subgraphs failed to compile: {failed} "
+            f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
+            "let them run in TensorFlow instead")
+    final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
+    report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled)
+    log_report(report)
+    with staging_dir(out) as path:
+        write_saved_model(final, model, inputs.shapes, infos, path)
+        _write_report(path, report, chosen.runtime_info())
+    return report.result()
+
+
+def _batch_dim(shapes: dict[str, tuple]) -> int:
+    dims = [s[0] for s in shapes.values() if s]
+    return dims[0] if dims and all(d == dims[0] for d in dims) else -1
+
+
+def _touches_string(node, infos) -> bool:
+    k = 0
+    while f"{node.name}:{k}" in infos:
+        if infos[f"{node.name}:{k}"].dtype == tf.string:
+            return True
+        k += 1
+    return any(infos.get(tensor_name(i)) is not None and infos[tensor_name(i)].dtype == tf.string
+               for i in node.input if not i.startswith("^"))
+
+
+def _check_names(graph_def, names: frozenset[str]) -> None:
+    present = {n.name for n in graph_def.node}
+    unknown = sorted(names - present)
+    if unknown:
+        raise errors.OptionError(
+            f"no_fuse_ops/force_fuse_ops name nodes that are not in the optimized graph: "
+            f"{unknown[:10]}; use node names (not op types) from the model's graph")
+
+
+class _workdir:
+    """compiler_workdir when given (kept), else a temp dir (removed)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> Path:
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            return self.path
+        self.tmp = tempfile.TemporaryDirectory(prefix="fuseflow-work-")
+        return Path(self.tmp.name)
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def _write_report(path: Path, report: CompileReport, runtime: dict) -> None:
+    extra = path / REPORT_DIR
+    extra.mkdir(exist_ok=True)
+    data = {**report.to_json(), "runtime": runtime}
+    (extra / "fuseflow_report.json").write_text(json.dumps(data, indent=2))

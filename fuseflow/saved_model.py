@@ -25,7 +25,12 @@ from fuseflow.partition import (
 )
 from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
-from fuseflow.shapes import apply_input_shapes, infer_tensor_shapes, resolve_input_shapes
+from fuseflow.shapes import (
+    apply_input_shapes,
+    infer_tensor_shapes,
+    resolve_input_shapes,
+    serving_shapes,
+)
 from fuseflow.tf_compat import tf
 
 log = logging.getLogger("fuseflow")
@@ -87,10 +92,10 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
 
     model = load_saved_model(model_dir, tags, signature_def_key)
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
-    graph_def = apply_input_shapes(model.graph_def, model, inputs)
+    graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
     graph_def = optimize_graph(graph_def, model.fetch_nodes)
     _check_names(graph_def, no_fuse | force_fuse)
-    infos = infer_tensor_shapes(graph_def, inputs.feeds)
+    infos = infer_tensor_shapes(graph_def, model, inputs)
 
     partition = partition_graph(
         graph_def, chosen.support(graph_def, infos, options),
@@ -120,10 +125,12 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
             "let them run in TensorFlow instead")
     final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
+    serving = serving_shapes(model, inputs, options.dynamic_batch)
+    final = apply_input_shapes(final, model, serving)
     report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled)
     log_report(report)
     with staging_dir(out) as path:
-        write_saved_model(final, model, inputs.shapes, infos, path)
+        write_saved_model(final, model, serving, infos, path)
         _write_report(path, report, chosen.runtime_info())
     return report.result()
 

@@ -153,11 +153,24 @@ def resolve_input_shapes(model: LoadedModel, batch_size=1, model_shape_feed_dict
     return InputShapes(shapes, None)
 
 
-def apply_input_shapes(graph_def, model: LoadedModel, inputs: InputShapes):
-    """A copy of graph_def whose input Placeholders carry the fixed shapes."""
+def serving_shapes(model: LoadedModel, inputs: InputShapes, dynamic_batch: bool
+                   ) -> dict[str, tuple[int | None, ...]]:
+    """What the compiled signature accepts: the compiled shapes, with dim 0 left free
+    where the model had it free (the fused ops split or fall back at run time)."""
+    shapes = {}
+    for spec in model.inputs:
+        shape = inputs.shapes[spec.key]
+        if dynamic_batch and shape and (spec.shape is None or spec.shape[0] is None):
+            shape = (None, *shape[1:])
+        shapes[spec.key] = shape
+    return shapes
+
+
+def apply_input_shapes(graph_def, model: LoadedModel, shapes: dict[str, tuple]):
+    """A copy of graph_def whose input Placeholders carry the given shapes."""
     fixed = graph_def.__class__()
     fixed.CopyFrom(graph_def)
-    by_node = {node_name(s.tensor_name): inputs.shapes[s.key] for s in model.inputs}
+    by_node = {node_name(s.tensor_name): shapes[s.key] for s in model.inputs}
     for node in fixed.node:
         if node.op == "Placeholder" and node.name in by_node:
             node.attr["shape"].shape.CopyFrom(
@@ -165,34 +178,49 @@ def apply_input_shapes(graph_def, model: LoadedModel, inputs: InputShapes):
     return fixed
 
 
-def infer_tensor_shapes(graph_def, feeds: dict[str, np.ndarray] | None = None
+def infer_tensor_shapes(graph_def, model: LoadedModel, inputs: InputShapes
                         ) -> dict[str, TensorInfo]:
-    """Static shape and dtype of every tensor; with feeds, unknown ones are measured."""
+    """Static shape and dtype of every tensor; with feeds, unknown ones are measured.
+
+    Signature inputs in the middle of the graph (not Placeholders) are mapped
+    to fixed-shape placeholders so their consumers' shapes become known too.
+    """
     graph = tf.Graph()
     with graph.as_default():
-        tf.graph_util.import_graph_def(graph_def, name="")
+        input_map = {
+            tensor_name(s.tensor_name): tf.compat.v1.placeholder(
+                s.dtype, inputs.shapes[s.key], name=f"{_FEED_PREFIX}{k}")
+            for k, s in enumerate(model.inputs)}
+        tf.graph_util.import_graph_def(graph_def, input_map=input_map, name="")
     infos: dict[str, TensorInfo] = {}
     for op in graph.get_operations():
+        if op.name.startswith(_FEED_PREFIX):
+            continue
         for t in op.outputs:
             shape = None if t.shape.rank is None else tuple(t.shape.as_list())
             infos[t.name] = TensorInfo(t.dtype, shape)
-    if feeds:
-        _measure_unknown(graph, infos, feeds)
+    for name, placeholder in input_map.items():
+        infos[name] = TensorInfo(placeholder.dtype, tuple(placeholder.shape.as_list()))
+    if inputs.feeds:
+        feed_dict = {input_map[tensor_name(k)]: v for k, v in inputs.feeds.items()}
+        _measure_unknown(graph, infos, feed_dict, set(input_map))
     return infos
 
 
-def _measure_unknown(graph, infos: dict[str, TensorInfo], feeds) -> None:
+_FEED_PREFIX = "fuseflow_shape_feed_"
+
+
+def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[str]) -> None:
     """Run the graph once with the user's feeds to learn data-dependent shapes."""
-    feed_nodes = {node_name(t) for t in feeds}
     wanted = [name for name, info in infos.items()
-              if not info.fully_defined and node_name(name) not in feed_nodes
+              if not info.fully_defined and name not in fed
               and info.dtype != tf.resource and info.dtype != tf.variant
               and not _in_control_flow(graph, name)]
     if not wanted:
         return
     try:
         with tf.compat.v1.Session(graph=graph) as sess:
-            values = sess.run(wanted, feed_dict={tensor_name(k): v for k, v in feeds.items()})
+            values = sess.run(wanted, feed_dict=feed_dict)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.ShapeError(

@@ -6,14 +6,15 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "openvino/core/model.hpp"
 #include "tensorflow/core/framework/graph.pb.h"
 #include "tensorflow/core/framework/node_def.pb.h"
-#include "tensorflow/core/platform/fingerprint.h"
 #include "tensorflow/core/platform/logging.h"
 #include "tensorflow/core/public/version.h"
 
@@ -214,7 +215,7 @@ std::shared_ptr<ov::Model> ReadSegment(const tensorflow::FunctionLibraryDefiniti
 std::string CacheKey(const std::string& blob, const SegmentSpec& spec) {
   std::vector<std::string> shapes;
   for (const auto& s : spec.input_shapes) shapes.push_back(s.DebugString());
-  return absl::StrCat(tensorflow::Fingerprint64(blob), "/", blob.size(), "|",
+  return absl::StrCat(std::hash<std::string_view>()(blob), "/", blob.size(), "|",
                       absl::StrJoin(spec.properties, ","), "|", absl::StrJoin(spec.input_names, ","),
                       "|", absl::StrJoin(spec.output_names, ","), "|", absl::StrJoin(shapes, ","));
 }
@@ -344,8 +345,8 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
           absl::StrCat("import failed and there is no function library to recompile from: ",
                        import_error.what()));
     }
-    LOG(WARNING) << "FuseflowOp " << node_name
-                 << ": the compiled OpenVINO executable can't be imported here (built by another "
+    LOG(WARNING) << "FuseflowOp '" << node_name
+                 << "': the compiled OpenVINO executable can't be imported here (built by another "
                     "OpenVINO version or for another CPU?); recompiling it from the embedded "
                     "segment, which takes a while. Import error: "
                  << import_error.what();

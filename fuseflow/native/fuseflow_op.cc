@@ -1,0 +1,456 @@
+// FuseflowOp runs one graph segment that fuseflow compiled ahead of time into
+// an OpenVINO executable. It always produces the segment's results: when the
+// executable can't be used it recompiles the segment, and failing that (or for
+// input shapes it can't take) runs the original TensorFlow function, the way
+// TF-TRT's TRTEngineOp runs its native segment.
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "openvino_model.h"
+#include "tensorflow/core/framework/function.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/platform/logging.h"
+
+namespace fuseflow {
+namespace {
+
+using tensorflow::AsyncOpKernel;
+using tensorflow::FunctionLibraryRuntime;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::shape_inference::InferenceContext;
+using tensorflow::shape_inference::ShapeHandle;
+
+// Batch axis values of input_batch_axis / output_batch_axis.
+constexpr int64_t kBatchAxis = 0;
+constexpr int64_t kNoBatchAxis = -1;
+
+REGISTER_OP("FuseflowOp")
+    .Input("inputs: Tin")
+    .Output("outputs: Tout")
+    .Attr("Tin: list(type) >= 0")
+    .Attr("Tout: list(type) >= 1")
+    .Attr("backend: string")
+    .Attr("executable: string = ''")
+    .Attr("native_segment: func")
+    .Attr("input_names: list(string)")
+    .Attr("output_names: list(string)")
+    .Attr("input_shapes: list(shape)")
+    .Attr("output_shapes: list(shape)")
+    .Attr("input_batch_axis: list(int)")
+    .Attr("output_batch_axis: list(int)")
+    .Attr("properties: list(string) = []")
+    .Attr("max_infer_requests: int = 0")
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      std::vector<tensorflow::PartialTensorShape> shapes;
+      std::vector<int64_t> axes;
+      TF_RETURN_IF_ERROR(c->GetAttr("output_shapes", &shapes));
+      TF_RETURN_IF_ERROR(c->GetAttr("output_batch_axis", &axes));
+      if (static_cast<int>(shapes.size()) != c->num_outputs() ||
+          static_cast<int>(axes.size()) != c->num_outputs()) {
+        return absl::InvalidArgumentError(
+            "FuseflowOp: output_shapes and output_batch_axis need one entry per output");
+      }
+      for (int o = 0; o < c->num_outputs(); ++o) {
+        ShapeHandle shape;
+        TF_RETURN_IF_ERROR(c->MakeShapeFromPartialTensorShape(shapes[o], &shape));
+        if (axes[o] == kBatchAxis && c->RankKnown(shape) && c->Rank(shape) > 0) {
+          TF_RETURN_IF_ERROR(c->ReplaceDim(shape, 0, c->UnknownDim(), &shape));
+        }
+        c->set_output(o, shape);
+      }
+      return absl::OkStatus();
+    });
+
+// Process-wide counters, so tests and benchmarks can tell which path ran.
+REGISTER_OP("FuseflowOpStats")
+    .Output("openvino_runs: int64")
+    .Output("native_runs: int64")
+    .Output("imports: int64")
+    .Output("recompiles: int64")
+    .SetIsStateful()
+    .SetShapeFn([](InferenceContext* c) -> absl::Status {
+      for (int o = 0; o < c->num_outputs(); ++o) c->set_output(o, c->Scalar());
+      return absl::OkStatus();
+    });
+
+std::string ShapeList(const std::vector<TensorShape>& shapes) {
+  return absl::StrJoin(shapes, ", ", [](std::string* out, const TensorShape& shape) {
+    out->append(shape.DebugString());
+  });
+}
+
+TensorShape ToTensorShape(const ov::Shape& shape) {
+  TensorShape result;
+  for (size_t d : shape) result.AddDim(static_cast<int64_t>(d));
+  return result;
+}
+
+char* Data(const Tensor& tensor) { return const_cast<char*>(tensor.tensor_data().data()); }
+
+// Bytes of one dim-0 slice of a tensor of `shape`.
+size_t RowBytes(tensorflow::DataType dtype, const ov::Shape& shape) {
+  size_t bytes = tensorflow::DataTypeSize(dtype);
+  for (size_t d = 1; d < shape.size(); ++d) bytes *= shape[d];
+  return bytes;
+}
+
+class FuseflowOp : public AsyncOpKernel {
+ public:
+  explicit FuseflowOp(OpKernelConstruction* ctx) : AsyncOpKernel(ctx) {
+    std::string executable;
+    int64_t max_requests;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("Tin", &spec_.input_types));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("Tout", &spec_.output_types));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("backend", &backend_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("executable", &executable));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("native_segment", &native_segment_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_names", &spec_.input_names));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("output_names", &spec_.output_names));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_shapes", &spec_.input_shapes));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("output_shapes", &spec_.output_shapes));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("input_batch_axis", &input_batch_axis_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("output_batch_axis", &output_batch_axis_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("properties", &spec_.properties));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("max_infer_requests", &max_requests));
+    spec_.function_name = native_segment_.name();
+
+    // Malformed attributes are a bug in whoever wrote the graph: fail loudly.
+    const size_t n_in = spec_.input_types.size(), n_out = spec_.output_types.size();
+    OP_REQUIRES(ctx,
+                spec_.input_names.size() == n_in && spec_.input_shapes.size() == n_in &&
+                    input_batch_axis_.size() == n_in,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "FuseflowOp ", name(),
+                    ": input_names, input_shapes and input_batch_axis need one entry per input (",
+                    n_in, ")")));
+    OP_REQUIRES(ctx,
+                spec_.output_names.size() == n_out && spec_.output_shapes.size() == n_out &&
+                    output_batch_axis_.size() == n_out,
+                absl::InvalidArgumentError(absl::StrCat(
+                    "FuseflowOp ", name(),
+                    ": output_names, output_shapes and output_batch_axis need one entry per "
+                    "output (", n_out, ")")));
+    for (int64_t axis : input_batch_axis_) {
+      OP_REQUIRES(ctx, axis == kBatchAxis || axis == kNoBatchAxis,
+                  absl::InvalidArgumentError("FuseflowOp: batch axes must be 0 or -1"));
+    }
+    for (int64_t axis : output_batch_axis_) {
+      OP_REQUIRES(ctx, axis == kBatchAxis || axis == kNoBatchAxis,
+                  absl::InvalidArgumentError("FuseflowOp: batch axes must be 0 or -1"));
+    }
+    OP_REQUIRES_OK(ctx, ParseProperties(spec_.properties).status());
+    max_requests_ = max_requests > 0 ? static_cast<int>(max_requests)
+                                     : std::max(1u, std::thread::hardware_concurrency());
+    executable_ = std::make_shared<const std::string>(std::move(executable));
+  }
+
+  void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
+    if (std::shared_ptr<CompiledSegment> segment = Segment(ctx)) {
+      std::vector<Tensor> outputs;
+      absl::Status status = RunOpenVino(ctx, *segment, &outputs);
+      if (status.ok()) {
+        for (size_t o = 0; o < outputs.size(); ++o) ctx->set_output(o, outputs[o]);
+        GlobalCounters().openvino_runs++;
+        done();
+        return;
+      }
+      WarnOnce(status.code() == absl::StatusCode::kFailedPrecondition ? "shape" : "infer",
+               absl::StrCat(status.message(), "; running this call with TensorFlow"));
+    }
+    RunNative(ctx, std::move(done));
+  }
+
+ private:
+  // The compiled segment, loaded on first use; null when TensorFlow must run it.
+  std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!executable_) return segment_;  // already tried
+    std::string reason;
+    if (backend_ != "openvino") {
+      reason = absl::StrCat("unknown backend '", backend_, "'");
+    } else if (executable_->empty()) {
+      reason = "the segment was not compiled (empty executable)";
+    } else {
+      FunctionLibraryRuntime* lib = ctx->function_library();
+      auto segment = GetCompiledSegment(executable_, spec_, max_requests_,
+                                        lib ? lib->GetFunctionLibraryDefinition() : nullptr,
+                                        name());
+      if (segment.ok()) {
+        segment_ = *segment;
+        batch_rows_ = BatchRows(*segment_);
+      } else {
+        reason = std::string(segment.status().message());
+      }
+    }
+    if (!reason.empty()) {
+      LOG(WARNING) << "FuseflowOp '" << name() << "' runs its segment with TensorFlow: " << reason;
+    }
+    executable_.reset();  // the cache holds the bytes an imported model needs
+    return segment_;
+  }
+
+  // The compiled dim-0 size k when calls may be split into chunks of k rows, else -1.
+  int64_t BatchRows(const CompiledSegment& segment) const {
+    int64_t rows = -1;
+    for (size_t i = 0; i < segment.input_shapes.size(); ++i) {
+      if (input_batch_axis_[i] != kBatchAxis) continue;
+      const ov::Shape& shape = segment.input_shapes[i];
+      if (shape.empty() || (rows >= 0 && static_cast<int64_t>(shape[0]) != rows)) return -1;
+      rows = static_cast<int64_t>(shape[0]);
+    }
+    for (size_t o = 0; o < segment.output_shapes.size(); ++o) {
+      const ov::Shape& shape = segment.output_shapes[o];
+      if (output_batch_axis_[o] != kBatchAxis || shape.empty() ||
+          static_cast<int64_t>(shape[0]) != rows) {
+        return -1;
+      }
+    }
+    return rows > 0 ? rows : -1;
+  }
+
+  // The number of rows this call feeds along the batch axis (k for an exact
+  // match), or -1 for an exact match of a segment that can't be split.
+  // FailedPrecondition when the inputs fit neither way.
+  absl::StatusOr<int64_t> CallRows(OpKernelContext* ctx, const CompiledSegment& segment) const {
+    std::vector<TensorShape> got, want;
+    bool exact = true;
+    for (int i = 0; i < ctx->num_inputs(); ++i) {
+      got.push_back(ctx->input(i).shape());
+      want.push_back(ToTensorShape(segment.input_shapes[i]));
+      exact = exact && got[i] == want[i];
+    }
+    if (exact) return batch_rows_;
+    bool fits = batch_rows_ > 0;
+    int64_t rows = -1;
+    for (size_t i = 0; fits && i < got.size(); ++i) {
+      if (input_batch_axis_[i] != kBatchAxis) {
+        fits = got[i] == want[i];
+        continue;
+      }
+      TensorShape rest = got[i];
+      if (rest.dims() != want[i].dims()) {
+        fits = false;
+        continue;
+      }
+      if (rows < 0) rows = rest.dim_size(0);
+      rest.set_dim(0, want[i].dim_size(0));
+      fits = rest == want[i] && got[i].dim_size(0) == rows;
+    }
+    if (!fits) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "input shapes [", ShapeList(got), "] fit neither the compiled shapes [", ShapeList(want),
+          "] nor a split along the batch axis"));
+    }
+    return rows;
+  }
+
+  // Runs the compiled model. A call with B rows runs as ceil(B/k) chunks of the
+  // compiled k rows on as many infer requests as the pool spares, the last chunk
+  // zero-padded. TF buffers are handed to OpenVINO in place except for that chunk.
+  absl::Status RunOpenVino(OpKernelContext* ctx, CompiledSegment& segment,
+                           std::vector<Tensor>* outputs) {
+    auto call_rows = CallRows(ctx, segment);
+    if (!call_rows.ok()) return call_rows.status();
+    const bool split = *call_rows >= 0;
+    const int64_t rows = split ? *call_rows : 0, k = batch_rows_;
+    const int64_t chunks = split ? (rows + k - 1) / k : 1;
+    const bool padded = split && rows % k != 0;
+    const int n_in = ctx->num_inputs(), n_out = static_cast<int>(segment.outputs.size());
+
+    outputs->resize(n_out);
+    std::vector<Tensor> pad_in(n_in), pad_out(n_out);
+    for (int o = 0; o < n_out; ++o) {
+      TensorShape shape = ToTensorShape(segment.output_shapes[o]);
+      if (split) shape.set_dim(0, rows);
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(spec_.output_types[o], shape, &(*outputs)[o]));
+      if (padded) {
+        TF_RETURN_IF_ERROR(ctx->allocate_temp(
+            spec_.output_types[o], ToTensorShape(segment.output_shapes[o]), &pad_out[o]));
+      }
+    }
+    const int64_t last = (chunks - 1) * k;  // first row of the last chunk
+    for (int i = 0; padded && i < n_in; ++i) {
+      if (input_batch_axis_[i] != kBatchAxis) continue;
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(
+          spec_.input_types[i], ToTensorShape(segment.input_shapes[i]), &pad_in[i]));
+      const size_t row_bytes = RowBytes(spec_.input_types[i], segment.input_shapes[i]);
+      std::memset(Data(pad_in[i]), 0, pad_in[i].TotalBytes());
+      std::memcpy(Data(pad_in[i]), Data(ctx->input(i)) + last * row_bytes,
+                  (rows - last) * row_bytes);
+    }
+    if (chunks == 0) return absl::OkStatus();  // an empty batch
+
+    // Points a request at chunk `c`'s rows of every input and output.
+    auto bind = [&](ov::InferRequest& request, int64_t c) {
+      const bool pad = padded && c == chunks - 1;
+      for (int i = 0; i < n_in; ++i) {
+        char* data = Data(ctx->input(i));
+        if (split && input_batch_axis_[i] == kBatchAxis) {
+          data = pad ? Data(pad_in[i])
+                     : data + c * k * RowBytes(spec_.input_types[i], segment.input_shapes[i]);
+        }
+        request.set_tensor(segment.inputs[i],
+                           ov::Tensor(segment.input_types[i], segment.input_shapes[i], data));
+      }
+      for (int o = 0; o < n_out; ++o) {
+        char* data = Data((*outputs)[o]);
+        if (split) {
+          data = pad ? Data(pad_out[o])
+                     : data + c * k * RowBytes(spec_.output_types[o], segment.output_shapes[o]);
+        }
+        request.set_tensor(segment.outputs[o],
+                           ov::Tensor(segment.output_types[o], segment.output_shapes[o], data));
+      }
+    };
+
+    // One blocking Acquire, the rest only if idle: no call waits while holding requests.
+    std::vector<InferRequestPool::Lease> leases;
+    leases.push_back(segment.pool.Acquire());
+    for (InferRequestPool::Lease extra;
+         static_cast<int64_t>(leases.size()) < chunks && segment.pool.TryAcquire(&extra);) {
+      leases.push_back(std::move(extra));
+    }
+    std::vector<bool> running(leases.size(), false);
+    try {
+      if (chunks == 1) {
+        bind(*leases[0], 0);
+        leases[0]->infer();
+      } else {
+        for (int64_t c = 0; c < chunks; ++c) {
+          const size_t j = c % leases.size();
+          if (running[j]) {
+            running[j] = false;
+            leases[j]->wait();
+          }
+          bind(*leases[j], c);
+          leases[j]->start_async();
+          running[j] = true;
+        }
+        for (size_t j = 0; j < leases.size(); ++j) {
+          if (running[j]) {
+            running[j] = false;
+            leases[j]->wait();
+          }
+        }
+      }
+    } catch (const std::exception& e) {
+      // Requests still running write into our buffers: let them finish first.
+      for (size_t j = 0; j < leases.size(); ++j) {
+        if (!running[j]) continue;
+        try {
+          leases[j]->wait();
+        } catch (const std::exception&) {
+        }
+      }
+      return absl::InternalError(absl::StrCat("OpenVINO inference failed: ", e.what()));
+    }
+    for (int o = 0; padded && o < n_out; ++o) {
+      const size_t row_bytes = RowBytes(spec_.output_types[o], segment.output_shapes[o]);
+      std::memcpy(Data((*outputs)[o]) + last * row_bytes, Data(pad_out[o]),
+                  (rows - last) * row_bytes);
+    }
+    return absl::OkStatus();
+  }
+
+  // Runs native_segment with TensorFlow's function runtime.
+  void RunNative(OpKernelContext* ctx, DoneCallback done) {
+    FunctionLibraryRuntime* lib = ctx->function_library();
+    OP_REQUIRES_ASYNC(ctx, lib != nullptr,
+                      absl::InternalError(absl::StrCat("FuseflowOp ", name(),
+                                                       ": no function library to run the "
+                                                       "native segment")),
+                      done);
+    FunctionLibraryRuntime::Handle handle;
+    OP_REQUIRES_OK_ASYNC(ctx, NativeHandle(ctx, lib, &handle), done);
+    FunctionLibraryRuntime::Options options(ctx->step_id());
+    options.rendezvous = ctx->rendezvous();
+    options.cancellation_manager = ctx->cancellation_manager();
+    options.step_container = ctx->step_container();
+    options.collective_executor = ctx->collective_executor();
+    options.runner = ctx->runner();
+    options.run_all_kernels_inline = ctx->run_all_kernels_inline();
+    std::vector<Tensor> args;
+    args.reserve(ctx->num_inputs());
+    for (int i = 0; i < ctx->num_inputs(); ++i) args.push_back(ctx->input(i));
+    auto rets = std::make_shared<std::vector<Tensor>>();
+    GlobalCounters().native_runs++;
+    lib->Run(options, handle, args, rets.get(),
+             [ctx, rets, done = std::move(done)](const absl::Status& status) {
+               if (status.ok()) {
+                 for (size_t o = 0; o < rets->size(); ++o) ctx->set_output(o, (*rets)[o]);
+               } else {
+                 ctx->SetStatus(status);
+               }
+               done();
+             });
+  }
+
+  absl::Status NativeHandle(OpKernelContext* ctx, FunctionLibraryRuntime* lib,
+                            FunctionLibraryRuntime::Handle* handle) {
+    std::lock_guard<std::mutex> lock(native_mu_);
+    if (native_handle_ == tensorflow::kInvalidHandle) {
+      FunctionLibraryRuntime::InstantiateOptions options;
+      options.target = ctx->device()->name();
+      TF_RETURN_IF_ERROR(lib->Instantiate(native_segment_.name(),
+                                          tensorflow::AttrSlice(&native_segment_.attr()), options,
+                                          &native_handle_));
+    }
+    *handle = native_handle_;
+    return absl::OkStatus();
+  }
+
+  void WarnOnce(const std::string& reason_kind, const std::string& message) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!warned_.insert(reason_kind).second) return;
+    }
+    LOG(WARNING) << "FuseflowOp '" << name() << "': " << message;
+  }
+
+  // Immutable after construction.
+  SegmentSpec spec_;
+  std::string backend_;
+  tensorflow::NameAttrList native_segment_;
+  std::vector<int64_t> input_batch_axis_, output_batch_axis_;
+  int max_requests_;
+
+  std::mutex mu_;
+  std::shared_ptr<const std::string> executable_;  // reset once loading was tried
+  std::shared_ptr<CompiledSegment> segment_;
+  int64_t batch_rows_ = -1;  // written once under mu_ before segment_ is handed out
+  std::set<std::string> warned_;
+
+  std::mutex native_mu_;
+  FunctionLibraryRuntime::Handle native_handle_ = tensorflow::kInvalidHandle;
+};
+
+class FuseflowOpStats : public tensorflow::OpKernel {
+ public:
+  using OpKernel::OpKernel;
+  void Compute(OpKernelContext* ctx) override {
+    const Counters& counters = GlobalCounters();
+    const int64_t values[] = {counters.openvino_runs, counters.native_runs, counters.imports,
+                              counters.recompiles};
+    for (int o = 0; o < 4; ++o) {
+      Tensor* out;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(o, TensorShape({}), &out));
+      out->scalar<int64_t>()() = values[o];
+    }
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("FuseflowOp").Device(tensorflow::DEVICE_CPU), FuseflowOp);
+REGISTER_KERNEL_BUILDER(Name("FuseflowOpStats").Device(tensorflow::DEVICE_CPU), FuseflowOpStats);
+
+}  // namespace
+}  // namespace fuseflow

@@ -24,9 +24,21 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     are constants, and folding them removes whole shape-computing subgraphs.
     """
     graph_def = _grappler(graph_def, keep_nodes)
+    _strip_output_shapes(graph_def)
     if _materialize_shapes(graph_def, set(keep_nodes)):
         graph_def = _grappler(graph_def, keep_nodes)
+        _strip_output_shapes(graph_def)
     return graph_def
+
+
+def _strip_output_shapes(graph_def) -> None:
+    """Inlined function bodies keep _output_shapes from their traced call sites, which
+    contradict the shapes now fixed; TF recomputes shapes anyway."""
+    for node in graph_def.node:
+        node.attr.pop("_output_shapes", None)
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            node.attr.pop("_output_shapes", None)
 
 
 def _materialize_shapes(graph_def, keep: set[str]) -> bool:

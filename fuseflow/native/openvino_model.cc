@@ -46,12 +46,17 @@ bool Fits(const ov::Shape& shape, const PartialTensorShape& attr) {
   return true;
 }
 
-// Checks one port against the op's dtype and shape attributes; returns its static shape.
+// Checks one port against the op's dtype and shape attributes; returns its
+// static shape and sets the TF dtype of its buffer.
 absl::StatusOr<ov::Shape> CheckPort(const ov::Output<const ov::Node>& port, const std::string& what,
-                                    DataType dtype, const PartialTensorShape& attr_shape) {
+                                    DataType dtype, const PartialTensorShape& attr_shape,
+                                    DataType* buffer_dtype) {
   auto type = ToOpenVinoType(dtype);
   if (!type.ok()) return type.status();
-  if (port.get_element_type() != *type) {
+  *buffer_dtype = dtype;
+  if (dtype == tensorflow::DT_BFLOAT16 && port.get_element_type() == ov::element::f32) {
+    *buffer_dtype = tensorflow::DT_FLOAT;  // the TF frontend reads bfloat16 as f32
+  } else if (port.get_element_type() != *type) {
     return absl::InvalidArgumentError(absl::StrCat(what, " has element type ",
                                                    port.get_element_type().get_type_name(),
                                                    ", the op says ", tensorflow::DataTypeString(dtype)));
@@ -84,9 +89,11 @@ absl::Status BindPorts(const SegmentSpec& spec, bool by_position, CompiledSegmen
     for (size_t i = 0; i < spec.input_names.size(); ++i) {
       const std::string& name = spec.input_names[i];
       ov::Output<const ov::Node> port = by_position ? model.input(i) : model.input(name);
+      DataType dtype;
       auto shape = CheckPort(port, absl::StrCat("input port '", name, "'"), spec.input_types[i],
-                             spec.input_shapes[i]);
+                             spec.input_shapes[i], &dtype);
       if (!shape.ok()) return shape.status();
+      segment->input_dtypes.push_back(dtype);
       segment->inputs.push_back(port);
       segment->input_types.push_back(port.get_element_type());
       segment->input_shapes.push_back(*shape);
@@ -94,9 +101,11 @@ absl::Status BindPorts(const SegmentSpec& spec, bool by_position, CompiledSegmen
     for (size_t o = 0; o < spec.output_names.size(); ++o) {
       const std::string& name = spec.output_names[o];
       ov::Output<const ov::Node> port = by_position ? model.output(o) : model.output(name);
+      DataType dtype;
       auto shape = CheckPort(port, absl::StrCat("output port '", name, "'"), spec.output_types[o],
-                             spec.output_shapes[o]);
+                             spec.output_shapes[o], &dtype);
       if (!shape.ok()) return shape.status();
+      segment->output_dtypes.push_back(dtype);
       segment->outputs.push_back(port);
       segment->output_types.push_back(port.get_element_type());
       segment->output_shapes.push_back(*shape);

@@ -93,6 +93,9 @@ struct CompiledSegment {
   std::vector<ov::Output<const ov::Node>> inputs;   // op input order
   std::vector<ov::Output<const ov::Node>> outputs;  // op output order
   std::vector<ov::element::Type> input_types, output_types;
+  // The TF dtype of each port's buffer: Tin/Tout, except DT_FLOAT where OpenVINO's
+  // TensorFlow frontend widened a bfloat16 tensor to f32.
+  tensorflow::DataTypeVector input_dtypes, output_dtypes;
   std::vector<ov::Shape> input_shapes, output_shapes;  // always static
   InferRequestPool pool;
 };

@@ -104,6 +104,26 @@ size_t RowBytes(tensorflow::DataType dtype, const ov::Shape& shape) {
   return bytes;
 }
 
+// `from` as `dtype`: shares the buffer when it has that dtype already, else
+// converts (only bfloat16 <-> float32 is ever needed).
+absl::Status Cast(OpKernelContext* ctx, const Tensor& from, tensorflow::DataType dtype, Tensor* to) {
+  if (from.dtype() == dtype) {
+    *to = from;
+    return absl::OkStatus();
+  }
+  TF_RETURN_IF_ERROR(ctx->allocate_temp(dtype, from.shape(), to));
+  if (from.dtype() == tensorflow::DT_BFLOAT16 && dtype == tensorflow::DT_FLOAT) {
+    to->flat<float>() = from.flat<tensorflow::bfloat16>().cast<float>();
+  } else if (from.dtype() == tensorflow::DT_FLOAT && dtype == tensorflow::DT_BFLOAT16) {
+    to->flat<tensorflow::bfloat16>() = from.flat<float>().cast<tensorflow::bfloat16>();
+  } else {
+    return absl::InternalError(absl::StrCat("no conversion from ",
+                                            tensorflow::DataTypeString(from.dtype()), " to ",
+                                            tensorflow::DataTypeString(dtype)));
+  }
+  return absl::OkStatus();
+}
+
 class FuseflowOp : public AsyncOpKernel {
  public:
   explicit FuseflowOp(OpKernelConstruction* ctx) : AsyncOpKernel(ctx) {
@@ -267,25 +287,30 @@ class FuseflowOp : public AsyncOpKernel {
     const bool padded = split && rows % k != 0;
     const int n_in = ctx->num_inputs(), n_out = static_cast<int>(segment.outputs.size());
 
+    // From here on every buffer has its port's dtype (see CompiledSegment::input_dtypes).
+    std::vector<Tensor> inputs(n_in);
+    for (int i = 0; i < n_in; ++i) {
+      TF_RETURN_IF_ERROR(Cast(ctx, ctx->input(i), segment.input_dtypes[i], &inputs[i]));
+    }
     outputs->resize(n_out);
     std::vector<Tensor> pad_in(n_in), pad_out(n_out);
     for (int o = 0; o < n_out; ++o) {
       TensorShape shape = ToTensorShape(segment.output_shapes[o]);
       if (split) shape.set_dim(0, rows);
-      TF_RETURN_IF_ERROR(ctx->allocate_temp(spec_.output_types[o], shape, &(*outputs)[o]));
+      TF_RETURN_IF_ERROR(ctx->allocate_temp(segment.output_dtypes[o], shape, &(*outputs)[o]));
       if (padded) {
         TF_RETURN_IF_ERROR(ctx->allocate_temp(
-            spec_.output_types[o], ToTensorShape(segment.output_shapes[o]), &pad_out[o]));
+            segment.output_dtypes[o], ToTensorShape(segment.output_shapes[o]), &pad_out[o]));
       }
     }
     const int64_t last = (chunks - 1) * k;  // first row of the last chunk
     for (int i = 0; padded && i < n_in; ++i) {
       if (input_batch_axis_[i] != kBatchAxis) continue;
       TF_RETURN_IF_ERROR(ctx->allocate_temp(
-          spec_.input_types[i], ToTensorShape(segment.input_shapes[i]), &pad_in[i]));
-      const size_t row_bytes = RowBytes(spec_.input_types[i], segment.input_shapes[i]);
+          segment.input_dtypes[i], ToTensorShape(segment.input_shapes[i]), &pad_in[i]));
+      const size_t row_bytes = RowBytes(segment.input_dtypes[i], segment.input_shapes[i]);
       std::memset(Data(pad_in[i]), 0, pad_in[i].TotalBytes());
-      std::memcpy(Data(pad_in[i]), Data(ctx->input(i)) + last * row_bytes,
+      std::memcpy(Data(pad_in[i]), Data(inputs[i]) + last * row_bytes,
                   (rows - last) * row_bytes);
     }
     if (chunks == 0) return absl::OkStatus();  // an empty batch
@@ -294,10 +319,10 @@ class FuseflowOp : public AsyncOpKernel {
     auto bind = [&](ov::InferRequest& request, int64_t c) {
       const bool pad = padded && c == chunks - 1;
       for (int i = 0; i < n_in; ++i) {
-        char* data = Data(ctx->input(i));
+        char* data = Data(inputs[i]);
         if (split && input_batch_axis_[i] == kBatchAxis) {
           data = pad ? Data(pad_in[i])
-                     : data + c * k * RowBytes(spec_.input_types[i], segment.input_shapes[i]);
+                     : data + c * k * RowBytes(segment.input_dtypes[i], segment.input_shapes[i]);
         }
         request.set_tensor(segment.inputs[i],
                            ov::Tensor(segment.input_types[i], segment.input_shapes[i], data));
@@ -306,7 +331,7 @@ class FuseflowOp : public AsyncOpKernel {
         char* data = Data((*outputs)[o]);
         if (split) {
           data = pad ? Data(pad_out[o])
-                     : data + c * k * RowBytes(spec_.output_types[o], segment.output_shapes[o]);
+                     : data + c * k * RowBytes(segment.output_dtypes[o], segment.output_shapes[o]);
         }
         request.set_tensor(segment.outputs[o],
                            ov::Tensor(segment.output_types[o], segment.output_shapes[o], data));
@@ -355,9 +380,13 @@ class FuseflowOp : public AsyncOpKernel {
       return absl::InternalError(absl::StrCat("OpenVINO inference failed: ", e.what()));
     }
     for (int o = 0; padded && o < n_out; ++o) {
-      const size_t row_bytes = RowBytes(spec_.output_types[o], segment.output_shapes[o]);
+      const size_t row_bytes = RowBytes(segment.output_dtypes[o], segment.output_shapes[o]);
       std::memcpy(Data((*outputs)[o]) + last * row_bytes, Data(pad_out[o]),
                   (rows - last) * row_bytes);
+    }
+    for (int o = 0; o < n_out; ++o) {
+      const Tensor port_buffer = (*outputs)[o];
+      TF_RETURN_IF_ERROR(Cast(ctx, port_buffer, spec_.output_types[o], &(*outputs)[o]));
     }
     return absl::OkStatus();
   }

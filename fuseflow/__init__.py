@@ -7,11 +7,14 @@ compiled with the OpenVINO backend load (as `import tensorflow.neuron` did).
 
 import logging
 
-from fuseflow import errors, saved_model
-
+from fuseflow import errors, native, saved_model
 
 __version__ = "0.1.0"
-__all__ = ["errors", "saved_model", "__version__"]
+__all__ = ["errors", "native", "saved_model", "__version__"]
 
-logging.getLogger("fuseflow").addHandler(logging.NullHandler())
-
+_log = logging.getLogger("fuseflow")
+_log.addHandler(logging.NullHandler())
+try:
+    native.load_op_library()
+except errors.NativeOpError as e:  # XLA-compiled models still work without it
+    _log.warning("%s; models compiled with the OpenVINO backend will not load", e)

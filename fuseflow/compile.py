@@ -77,11 +77,10 @@ class _Worker:
 def compile_segments(backend_name: str, segments: list[SegmentGraph],
                      options: CompilerOptions, workdir: Path) -> list[CompiledSegment]:
     """Compile every segment; failures and timeouts come back as errors, not raises."""
-    if not segments:
-        return []
     pending = list(range(len(segments)))
     results: dict[int, CompiledSegment] = {}
-    workers = [_Worker(backend_name) for _ in range(worker_count(options, len(segments)))]
+    workers = [_Worker(backend_name) for _ in range(worker_count(options, len(segments)))] \
+        if segments else []
     try:
         while len(results) < len(segments):
             for w in workers:
@@ -92,54 +91,57 @@ def compile_segments(backend_name: str, segments: list[SegmentGraph],
                     (seg_dir / "graph.pb").write_bytes(segments[i].graph_def_bytes)
                     w.writer.send((segments[i], options, str(seg_dir)))
                     w.job = (i, time.monotonic())
-            _wait_step(workers, segments, results, options, backend_name, workdir,
-                       more=bool(pending))
+            for k, w in enumerate(workers):
+                outcome = _poll(w, options.timeout_s)
+                if outcome is None:
+                    continue
+                i, start = w.job
+                w.job = None
+                results[i] = _record(segments[i], workdir / segments[i].name, outcome,
+                                     time.monotonic() - start, len(results) + 1, len(segments))
+                if outcome[0] != "ok" and ("timed out" in outcome[1][0]
+                                           or w.process.poll() is not None):
+                    w.stop(kill=True)  # a hung or dead compiler is replaced, not reused
+                    workers[k] = _Worker(backend_name)
+            _wait_any(workers)
     finally:
         for w in workers:
-            w.stop(kill=w.job is not None)
+            w.stop(kill=True)
     return [results[i] for i in range(len(segments))]
 
 
-def _wait_step(workers, segments, results, options, backend_name, workdir, more: bool
-               ) -> None:
-    busy = [w for w in workers if w.job is not None]
-    ready = wait([w.reader for w in busy], timeout=1.0)
-    now = time.monotonic()
-    for k, w in enumerate(workers):
-        if w.job is None:
-            continue
-        i, start = w.job
-        outcome = None
-        if w.reader in ready:
-            try:
-                outcome = w.reader.recv()
-            except (EOFError, OSError):
-                outcome = ("error", (f"compiler process died (exit code "
-                                     f"{w.process.wait()})", ""))
-        elif now - start > options.timeout_s:
-            outcome = ("error", (f"compile timed out after {options.timeout_s:g} s", ""))
-        if outcome is None:
-            continue
-        seconds = now - start
-        seg_dir = workdir / segments[i].name
-        if outcome[0] == "ok":
-            artifact: Artifact = outcome[1]
-            _write_artifact(seg_dir, artifact)
-            results[i] = CompiledSegment(segments[i], artifact, None, seconds)
-            log.info("compiled %s (%d ops) in %.1f s [%d/%d]", segments[i].name,
-                     segments[i].node_count, seconds, len(results), len(segments))
-            w.job = None
-        else:
-            first, detail = outcome[1]
-            (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
-            results[i] = CompiledSegment(segments[i], None, first, seconds)
-            log.warning("segment %s failed to compile: %s [%d/%d]", segments[i].name, first,
-                        len(results), len(segments))
-            if w.process.poll() is None and "timed out" not in first:
-                w.job = None
-            else:
-                w.stop(kill=True)
-                workers[k] = _Worker(backend_name) if more else w
+def _wait_any(workers: list[_Worker]) -> None:
+    busy = [w.reader for w in workers if w.job is not None]
+    if busy:
+        wait(busy, timeout=1.0)
+
+
+def _poll(w: _Worker, timeout_s: float):
+    """The worker's outcome if it has one now (result, death or timeout), else None."""
+    if w.job is None:
+        return None
+    if w.reader.poll():
+        try:
+            return w.reader.recv()
+        except (EOFError, OSError):
+            return ("error", (f"compiler process died (exit code {w.process.wait()})", ""))
+    if time.monotonic() - w.job[1] > timeout_s:
+        return ("error", (f"compile timed out after {timeout_s:g} s", ""))
+    return None
+
+
+def _record(segment: SegmentGraph, seg_dir: Path, outcome, seconds: float, done: int,
+            total: int) -> CompiledSegment:
+    if outcome[0] == "ok":
+        artifact: Artifact = outcome[1]
+        _write_artifact(seg_dir, artifact)
+        log.info("compiled %s (%d ops) in %.1f s [%d/%d]", segment.name, segment.node_count,
+                 seconds, done, total)
+        return CompiledSegment(segment, artifact, None, seconds)
+    first, detail = outcome[1]
+    (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
+    log.warning("segment %s failed to compile: %s [%d/%d]", segment.name, first, done, total)
+    return CompiledSegment(segment, None, first, seconds)
 
 
 def _write_artifact(seg_dir: Path, artifact: Artifact) -> None:

@@ -1,15 +1,106 @@
-"""The compiler worker process: compiles the segments its parent sends it.
+"""The compiler worker process: compiles, then checks, the segments its parent sends.
 
 Run as `python -m fuseflow.compile_worker BACKEND READ_FD WRITE_FD`; every
 request gets exactly one ("ok", Artifact) or ("error", (line, traceback)).
+
+Before an artifact is accepted it is run on random inputs and compared with
+TensorFlow running the same segment: a compiler that returns garbage costs
+its segment (which stays in TF), never a silently wrong model.
+
+FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT] makes the worker
+fail on purpose, so the recovery paths can be tested with real backends.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+import numpy as np
+
+from fuseflow.backends.base import Artifact, Backend, SegmentGraph
+from fuseflow.options import CompilerOptions
+
+
+def _fault(segment: SegmentGraph) -> str | None:
+    spec = os.environ.get("FUSEFLOW_INJECT_FAULT", "")
+    kind, _, target = spec.partition(":")
+    return kind if kind and target in ("", segment.name) else None
+
+
+def random_inputs(segment: SegmentGraph, seed: int = 0) -> list[np.ndarray]:
+    """Values every op accepts: normal floats, zero integers (valid indices), False."""
+    from fuseflow.tf_compat import tf
+
+    rng = np.random.default_rng(seed)
+    values = []
+    for port in segment.inputs:
+        dtype = tf.dtypes.as_dtype(port.dtype)
+        if dtype.is_floating:
+            values.append(rng.normal(0, 1, port.shape).astype(dtype.as_numpy_dtype))
+        else:
+            values.append(np.zeros(port.shape, dtype.as_numpy_dtype))
+    return values
+
+
+def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    from fuseflow.tf_compat import tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(
+            tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        return sess.run([p.name for p in segment.outputs],
+                        {f"{p.name}:0": v for p, v in zip(segment.inputs, inputs)})
+
+
+def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,
+           options: CompilerOptions) -> str:
+    """Compare the artifact with TF on random inputs; raise if they disagree."""
+    inputs = random_inputs(segment)
+    expected = reference_outputs(segment, inputs)
+    actual = backend.run(segment, artifact, options, inputs)
+    tolerance = backend.tolerance(options)
+    worst = 0.0
+    for port, want, got in zip(segment.outputs, expected, actual):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape:
+            raise ValueError(f"output {port.name} has shape {got.shape}, TF gives {want.shape}")
+        if want.dtype.kind in "fc":
+            finite = np.isfinite(want)
+            if not np.array_equal(finite, np.isfinite(got)):
+                raise ValueError(f"output {port.name}: non-finite values differ from TF")
+            scale = float(np.max(np.abs(want[finite]), initial=0.0)) + 1e-6
+            error = float(np.max(np.abs(want[finite] - got[finite]), initial=0.0)) / scale
+        else:
+            error = float(np.mean(want != got))
+        if error > tolerance:
+            raise ValueError(f"output {port.name} differs from TF by {error:.2e} (relative; "
+                             f"tolerance {tolerance:.0e})")
+        worst = max(worst, error)
+    return f"verified against TF on random inputs: max relative error {worst:.2e}\n"
+
+
+def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOptions,
+                    seg_dir: Path) -> Artifact:
+    fault = _fault(segment)
+    if fault == "crash":
+        os.abort()
+    if fault == "hang":
+        time.sleep(10**6)
+    if fault == "error":
+        raise RuntimeError("injected compiler error")
+    artifact = backend.compile(segment, options, seg_dir)
+    if fault == "garbage":
+        artifact = Artifact(os.urandom(len(artifact.executable) or 64), artifact.log,
+                            artifact.files)
+    check = verify(backend, segment, artifact, options)
+    return Artifact(artifact.executable, artifact.log + check, artifact.files)
 
 
 def main(backend_name: str, read_fd: int, write_fd: int) -> None:
@@ -24,7 +115,7 @@ def main(backend_name: str, read_fd: int, write_fd: int) -> None:
         except EOFError:
             return
         try:
-            writer.send(("ok", backend.compile(segment, options, Path(seg_dir))))
+            writer.send(("ok", compile_checked(backend, segment, options, Path(seg_dir))))
         except Exception as e:  # every failure goes back to the parent, which decides
             text = str(e).strip()
             first = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -42,17 +42,62 @@ def check_output_dir(model_dir: str, new_model_dir) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
         raise errors.OutputDirError(
-            f"cannot create {str(out)!r}: {str(parent)!r} is not a writable directory")
+            f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a directory; "
+            "choose a new_model_dir under a directory")
+    _probe_writable(out, parent)
     return out
+
+
+def check_workdir(model_dir: str, workdir) -> Path | None:
+    """compiler_workdir: a directory (created if missing), writable, outside the input."""
+    if workdir is None:
+        return None
+    if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+        raise errors.OptionError(f"compiler_workdir must be a path, got {workdir!r}")
+    path = Path(os.fspath(workdir)).absolute()
+    if path.exists() and not path.is_dir():
+        raise errors.OutputDirError(f"compiler_workdir {str(path)!r} is a file: give a "
+                                    "directory (it is created if missing)")
+    src = Path(model_dir).resolve()
+    if path.resolve() == src or src in path.resolve().parents:
+        raise errors.OutputDirError(
+            f"compiler_workdir {str(path)!r} is inside the input model {str(src)!r}, which "
+            "fuseflow never modifies: choose a workdir somewhere else")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise errors.OutputDirError(
+            f"cannot create compiler_workdir {str(path)!r}: {str(parent)!r} is a file, not a "
+            "directory")
+    _probe_writable(path, parent, "compiler_workdir")
+    return path
+
+
+def _probe_writable(out: Path, parent: Path, what: str = "new_model_dir") -> None:
+    """Create and remove a folder where the output will go: os.access says yes to root
+    on places no one can write (/proc, read-only mounts), and a compile that fails
+    only at the final rename wastes all its work."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fuseflow-probe-", dir=parent))
+    except OSError as e:
+        raise errors.OutputDirError(
+            f"cannot write {str(out)!r}: {str(parent)!r} is not writable ({e.strerror}); "
+            f"choose a {what} in a writable directory") from None
 
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
     """A temp dir beside out, renamed to out on success and removed on any failure."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fuseflow-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fuseflow-", dir=out.parent))
+    except OSError as e:
+        raise errors.OutputDirError(
+            f"cannot create {str(out)!r}: {e.strerror} ({e.filename}); choose a "
+            "new_model_dir in a writable directory") from None
     try:
         yield tmp / "model"
         if out.exists():

@@ -59,6 +59,14 @@ class LoadedModel:
                       | set(self.init_nodes))
 
 
+def model_path(model_dir) -> str:
+    """model_dir as a str, or OptionError (os.fspath would raise a bare TypeError)."""
+    if not isinstance(model_dir, (str, os.PathLike)) or not os.fspath(model_dir):
+        raise errors.OptionError(
+            f"model_dir must be the path of a SavedModel directory, got {model_dir!r}")
+    return os.fspath(model_dir)
+
+
 def read_saved_model_proto(model_dir: str):
     """Parse saved_model.pb, turning every way it can be wrong into ModelLoadError."""
     from tensorflow.core.protobuf import saved_model_pb2
@@ -214,16 +222,13 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     if not outputs:
         raise errors.SignatureError(f"signature {key!r} has no outputs: nothing to compile")
 
+    pb = os.path.join(model_dir, "saved_model.pb")
+    check_graph_def(meta_graph.graph_def, pb)
+    _check_signature_tensors(meta_graph.graph_def, key, inputs + outputs)
+
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
-        try:
-            tf.compat.v1.saved_model.loader.load(sess, tag_list, model_dir)
-        except Exception as e:  # TF raises a dozen types here; all mean "unloadable"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise errors.ModelLoadError(
-                f"TensorFlow could not load the SavedModel at {model_dir!r} with tags "
-                f"{tag_list}: {first}. Check that the folder is complete (saved_model.pb and "
-                "variables/) and was written by a compatible TensorFlow") from None
+        _load_into_session(sess, model_dir, tag_list)
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
         keep = sorted({node_name(t.tensor_name) for t in outputs} | set(init_nodes))
@@ -232,8 +237,136 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
                 sess, full, keep)
         except Exception as e:
             raise errors.ModelLoadError(
-                f"could not freeze the variables of {model_dir!r}: {e}") from None
+                f"could not freeze the variables of {model_dir!r}: {_first_line(e)}. Check "
+                "that every variable the signature uses is saved in variables/") from None
     return LoadedModel(
         model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
         inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
         assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(frozen))
+
+
+def _first_line(e: BaseException) -> str:
+    """TF error texts run to pages; their first line says what went wrong."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+_MERGE_OPS = frozenset({"Merge", "RefMerge"})
+_NEXT_ITERATION_OPS = frozenset({"NextIteration", "RefNextIteration"})
+
+
+def check_graph_def(graph_def, where: str) -> None:
+    """Name the node behind each structural defect, before TF's importer reports it
+    vaguely ("4 nodes in a cycle") or as a generic load failure.
+
+    Checks duplicate names, unknown op types, inputs from missing nodes and
+    cycles (a TF1 while loop's NextIteration -> Merge back edge is not one).
+    """
+    from tensorflow.python.framework import op_def_registry
+
+    nodes: dict[str, object] = {}
+    duplicates = set()
+    for node in graph_def.node:
+        if node.name in nodes:
+            duplicates.add(node.name)
+        nodes[node.name] = node
+    if duplicates:
+        raise errors.GraphError(
+            f"the graph in {where} has several nodes named {sorted(duplicates)[:5]}: node "
+            "names must be unique; re-export the model (or rename the duplicates)")
+    functions = {f.signature.name for f in graph_def.library.function}
+    unknown = {}
+    for node in graph_def.node:
+        if node.op not in functions and op_def_registry.get(node.op) is None:
+            unknown.setdefault(node.op, node.name)
+    if unknown:
+        listed = ", ".join(f"{op} (node {name!r})" for op, name in sorted(unknown.items())[:5])
+        raise errors.GraphError(
+            f"the graph in {where} uses op types that TensorFlow {tf.__version__} does not "
+            f"know: {listed}. Load the library that registers them (tf.load_op_library) "
+            "before compiling, or re-export the model with this TensorFlow version")
+    for node in graph_def.node:
+        for source in node.input:
+            if node_name(source) not in nodes:
+                raise errors.GraphError(
+                    f"the graph in {where} is incomplete: node {node.name!r} takes input "
+                    f"{source!r}, but there is no node {node_name(source)!r}; re-export the "
+                    "model")
+    cycle = _find_cycle(nodes)
+    if cycle:
+        shown = cycle if len(cycle) <= 10 else [*cycle[:9], "...", cycle[-1]]
+        raise errors.GraphError(
+            f"the graph in {where} has a cycle: {' -> '.join(shown)}. A TensorFlow graph "
+            "must be acyclic (loops only through while-loop NextIteration ops); re-export "
+            "the model")
+
+
+def _find_cycle(nodes: dict) -> list[str]:
+    """One cycle as [a, b, ..., a] in data-flow order, or [] (Kahn's algorithm, O(N+E))."""
+    inputs = {}
+    for name, node in nodes.items():
+        sources = [node_name(i) for i in node.input]
+        if node.op in _MERGE_OPS:
+            sources = [s for s in sources if nodes[s].op not in _NEXT_ITERATION_OPS]
+        inputs[name] = sources
+    pending = {name: len(sources) for name, sources in inputs.items()}
+    consumers: dict[str, list[str]] = {}
+    for name, sources in inputs.items():
+        for source in sources:
+            consumers.setdefault(source, []).append(name)
+    ready = [name for name, count in pending.items() if count == 0]
+    while ready:
+        for consumer in consumers.get(ready.pop(), ()):
+            pending[consumer] -= 1
+            if pending[consumer] == 0:
+                ready.append(consumer)
+    left = {name for name, count in pending.items() if count}
+    if not left:
+        return []
+    # Every node left has an input left, so walking upstream must come back round.
+    path: list[str] = []
+    seen: dict[str, int] = {}
+    name = min(left)
+    while name not in seen:
+        seen[name] = len(path)
+        path.append(name)
+        name = next(s for s in inputs[name] if s in left)
+    cycle = path[seen[name]:][::-1]
+    return [*cycle, cycle[0]]
+
+
+def _check_signature_tensors(graph_def, key: str, specs: list[TensorSpec]) -> None:
+    present = {n.name for n in graph_def.node}
+    for spec in specs:
+        if node_name(spec.tensor_name) not in present:
+            raise errors.SignatureError(
+                f"signature {key!r} maps {spec.key!r} to tensor {spec.tensor_name!r}, but the "
+                f"graph has no node {node_name(spec.tensor_name)!r}: the signature does not "
+                "match the graph; re-export the model")
+
+
+def _load_into_session(sess, model_dir: str, tags: list[str]) -> None:
+    """TF's v1 loader, one phase at a time, so each failure says which part is broken."""
+    from tensorflow.python.saved_model import loader_impl
+
+    loader = loader_impl.SavedModelLoader(model_dir)
+    try:
+        saver, _ = loader.load_graph(sess.graph, tags)
+    except Exception as e:  # TF raises a dozen types here; all mean "graph unusable"
+        raise errors.GraphError(
+            f"TensorFlow {tf.__version__} cannot import the graph of {model_dir!r} (tags "
+            f"{tags}): {_first_line(e)}. Re-export the model with a compatible TensorFlow"
+        ) from None
+    try:
+        loader.restore_variables(sess, saver)
+    except Exception as e:
+        raise errors.ModelLoadError(
+            f"could not restore the variables of {model_dir!r} from "
+            f"{loader.variables_path!r}: {_first_line(e)}. The variables/ folder is missing "
+            "or incomplete: copy the whole SavedModel folder again") from None
+    try:
+        loader.run_init_ops(sess, tags)
+    except Exception as e:
+        raise errors.ModelLoadError(
+            f"the init op (main_op / table initializers) of {model_dir!r} failed: "
+            f"{_first_line(e)}. Check that its assets/ files are present") from None

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 from fuseflow import errors
 from fuseflow.backends import get_backend
 from fuseflow.compile import compile_segments
-from fuseflow.export import REPORT_DIR, check_output_dir, staging_dir, write_saved_model
+from fuseflow.export import (
+    REPORT_DIR,
+    check_output_dir,
+    check_workdir,
+    staging_dir,
+    write_saved_model,
+)
 from fuseflow.extract import batch_tensors, consumers_outside, extract_segment
 from fuseflow.graph_util import node_name, tensor_name
-from fuseflow.load import load_saved_model
+from fuseflow.load import load_saved_model, model_path
 from fuseflow.optimize import optimize_graph
 from fuseflow.options import CompilerOptions, parse_compiler_args
 from fuseflow.partition import (
@@ -58,16 +63,6 @@ def default_backend() -> str:
     return "xla" if has_gpu() else "openvino"
 
 
-def _check_workdir(workdir) -> Path | None:
-    if workdir is None:
-        return None
-    path = Path(os.fspath(workdir))
-    if path.exists() and not path.is_dir():
-        raise errors.OutputDirError(f"compiler_workdir {str(path)!r} is a file: give a "
-                                    "directory (it is created if missing)")
-    return path
-
-
 def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             model_feed_dict=None, tags=None, signature_def_key=None, minimum_segment_size=None,
             no_fuse_ops=None, compiler_args=None, compiler_workdir=None, *, backend=None,
@@ -77,9 +72,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     Returns {'OnNeuronRatio': ..., and the counts behind it}.
     """
     options = parse_compiler_args(compiler_args, compiler_workdir, backend)
-    model_dir = os.fspath(model_dir)
+    model_dir = model_path(model_dir)
     out = check_output_dir(model_dir, new_model_dir)
-    workdir = _check_workdir(options.workdir)
+    workdir = check_workdir(model_dir, options.workdir)
     no_fuse = _names(no_fuse_ops, "no_fuse_ops")
     force_fuse = _names(force_fuse_ops, "force_fuse_ops")
     if minimum_segment_size is not None and (

@@ -39,7 +39,7 @@ class Segment:
     blob: bytes
     attrs: dict  # FuseflowOp attributes other than executable / native_segment
     feed_dtypes: list  # op input dtypes
-    feed_ranks: list
+    feed_ranks: list  # op input ranks
 
 
 def _export(segment_graph: tf.Graph, inputs: list[str], outputs: list[str]) -> bytes:
@@ -220,6 +220,25 @@ def test_dynamic_batch_from_threads(lib, float_segment):
     runner.close()
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["openvino", "tensorflow"])
+def test_runs_inside_tf_function(lib, float_segment, compiled):
+    executable = float_segment.blob if compiled else b""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32),
+                                  tf.TensorSpec([None], tf.float32)])
+    def call(x, b):
+        return lib.fuseflow_op([x, b], backend="openvino", executable=executable,
+                               native_segment=float_segment.concrete, **float_segment.attrs)
+
+    before = lib.fuseflow_op_stats()
+    for batch in (COMPILED_BATCH, 7):
+        arrays = _float_inputs(np.random.default_rng(11), batch)
+        _assert_equal_to_tf(float_segment, arrays, [t.numpy() for t in call(*arrays)])
+    after = lib.fuseflow_op_stats()
+    runs = "openvino_runs" if compiled else "native_runs"
+    assert int(getattr(after, runs) - getattr(before, runs)) == 2
+
+
 def _corrupt_version(blob: bytes) -> bytes:
     at = blob.index(b"ov=")
     return blob[:at] + b"ov=1999.9.9" + blob[at + len(b"ov=1999.9.9"):]
@@ -265,8 +284,8 @@ def test_non_batchable_shape_runs_tensorflow(lib, float_segment):
     # The op keeps using OpenVINO for shapes it can run.
     arrays = _float_inputs(rng, 4)
     _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
-    assert _delta(before, runner.counters())["native_runs"] == 1
-    assert _delta(before, runner.counters())["openvino_runs"] == 1
+    delta = _delta(before, runner.counters())
+    assert delta["native_runs"] == 1 and delta["openvino_runs"] == 1
     runner.close()
 
 
@@ -345,6 +364,36 @@ def test_dtypes(lib, dtype):
     delta = _delta(before, runner.counters())
     assert delta["openvino_runs"] == 2 and delta["native_runs"] == 0
     runner.close()
+
+
+def test_cpp_saved_model_loader(lib, float_segment, tmp_path):
+    """TF's C++ loader (as TF Serving) with the op library dlopen-ed: compiled,
+    recompiled and TF-fallback nodes all answer like TF."""
+    from cpp_runner import run_saved_model_cpp
+
+    executables = {"compiled": float_segment.blob,
+                   "recompiled": _corrupt_version(float_segment.blob), "native": b""}
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="x")
+        b = tf.compat.v1.placeholder(tf.float32, [16], name="b")
+        outputs = {}
+        for key, executable in executables.items():
+            y, s = lib.fuseflow_op([x, b], backend="openvino", executable=executable,
+                                   native_segment=float_segment.concrete, **float_segment.attrs)
+            outputs[f"{key}_y"], outputs[f"{key}_s"] = y, s
+        signature = tf.compat.v1.saved_model.predict_signature_def({"x": x, "b": b}, outputs)
+        builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "model"))
+        builder.add_meta_graph_and_variables(session, ["serve"],
+                                             signature_def_map={"serving_default": signature})
+        builder.save()
+    arrays = _float_inputs(np.random.default_rng(12), 5)
+    got = run_saved_model_cpp(tmp_path / "model", {"x": arrays[0], "b": arrays[1]},
+                              op_libs=[library_path()])
+    want_y, want_s = _reference(float_segment, *arrays)
+    for key in executables:
+        np.testing.assert_allclose(got[f"{key}_y"], want_y, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[f"{key}_s"], want_s, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_attributes_fail_loudly(lib, float_segment):

@@ -64,6 +64,15 @@ class Backend(ABC):
         """Compile one segment ahead of time. Runs in a worker process."""
 
     @abstractmethod
+    def run(self, segment: SegmentGraph, artifact: Artifact, options: CompilerOptions,
+            inputs: list) -> list:
+        """Run a compiled artifact on numpy inputs (checks it before it goes in a model)."""
+
+    def tolerance(self, options: CompilerOptions) -> float:
+        """Largest error, relative to the output's magnitude, that still counts as equal."""
+        return 1e-3
+
+    @abstractmethod
     def fused_node(self, segment: SegmentGraph, function_name: str, artifact: Artifact,
                    options: CompilerOptions):
         """The NodeDef that replaces the segment; function_name holds its TF subgraph."""

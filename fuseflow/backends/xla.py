@@ -97,26 +97,35 @@ class XlaBackend(Backend):
                 result[node.name] = None
         return result
 
-    def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path
-                ) -> Artifact:
+    @staticmethod
+    def _jit_function(segment: SegmentGraph):
+        """The segment as a jit_compile=True tf.function, and its input specs."""
         graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
         specs = [tf.TensorSpec(p.shape, tf.dtypes.as_dtype(p.dtype), name=p.name)
                  for p in segment.inputs]
-        outputs = [p.name for p in segment.outputs]
-
         imported = tf.compat.v1.wrap_function(
             lambda: tf.graph_util.import_graph_def(graph_def, name=""), [])
         pruned = imported.prune(
             feeds=[imported.graph.get_tensor_by_name(f"{p.name}:0") for p in segment.inputs],
-            fetches=[imported.graph.get_tensor_by_name(t) for t in outputs])
+            fetches=[imported.graph.get_tensor_by_name(p.name) for p in segment.outputs])
         fn = tf.function(lambda *args: pruned(*args), jit_compile=True, input_signature=specs,
                          autograph=False)
+        return fn, specs
+
+    def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path
+                ) -> Artifact:
+        fn, specs = self._jit_function(segment)
         hlo = fn.experimental_get_compiler_ir(*specs)(stage="optimized_hlo")
         device = "GPU" if self.gpu else "CPU"
         return Artifact(executable=hlo.encode(),
                         log=f"XLA ({device}) lowered {segment.name}: {len(hlo)} chars of "
                             "optimized HLO\n",
                         files={"optimized_hlo.txt": hlo.encode()})
+
+    def run(self, segment: SegmentGraph, artifact: Artifact, options: CompilerOptions,
+            inputs: list) -> list:
+        fn, _ = self._jit_function(segment)
+        return [t.numpy() for t in fn(*inputs)]
 
     def fused_node(self, segment: SegmentGraph, function_name: str, artifact: Artifact,
                    options: CompilerOptions):

@@ -104,25 +104,18 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build(force: bool = False) -> Path:
-    """Compile `_fuseflow_op.so` unless an up-to-date one exists; return its path."""
-    command, versions = _command()
-    digest = _digest(command, versions)
-    if not force and _up_to_date(digest):
-        return LIBRARY
+def _build_locked(command: list[str], digest: str, force: bool) -> None:
+    """Compile into a temp file and rename it into place, one process at a time."""
     with open(LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force and _up_to_date(digest):  # another process built it meanwhile
-            return LIBRARY
+            return
         fd, tmp = tempfile.mkstemp(dir=NATIVE_DIR, prefix="_fuseflow_op.", suffix=".so")
         os.close(fd)
         try:
-            try:
-                result = subprocess.run(
-                    [*command, "-o", tmp], capture_output=True, text=True, check=False
-                )
-            except OSError as e:
-                raise BuildError(f"cannot run {command[0]}: {e}") from e
+            result = subprocess.run(
+                [*command, "-o", tmp], capture_output=True, text=True, check=False
+            )
             if result.returncode != 0:
                 raise BuildError(
                     f"g++ failed (exit {result.returncode}) building {LIBRARY.name}:\n"
@@ -135,6 +128,18 @@ def build(force: bool = False) -> Path:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def build(force: bool = False) -> Path:
+    """Compile `_fuseflow_op.so` unless an up-to-date one exists; return its path."""
+    command, versions = _command()
+    digest = _digest(command, versions)
+    if not force and _up_to_date(digest):
+        return LIBRARY
+    try:
+        _build_locked(command, digest, force)
+    except OSError as e:  # e.g. a read-only install directory
+        raise BuildError(f"cannot build {LIBRARY}: {e}") from e
     return LIBRARY
 
 

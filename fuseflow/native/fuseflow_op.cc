@@ -338,15 +338,16 @@ class FuseflowOp : public AsyncOpKernel {
       }
     };
 
-    // One blocking Acquire, the rest only if idle: no call waits while holding requests.
     std::vector<InferRequestPool::Lease> leases;
-    leases.push_back(segment.pool.Acquire());
-    for (InferRequestPool::Lease extra;
-         static_cast<int64_t>(leases.size()) < chunks && segment.pool.TryAcquire(&extra);) {
-      leases.push_back(std::move(extra));
-    }
-    std::vector<bool> running(leases.size(), false);
+    std::vector<bool> running;  // per lease: started and not yet waited for
     try {
+      // One blocking Acquire, the rest only if idle: no call waits while holding requests.
+      leases.push_back(segment.pool.Acquire());
+      for (InferRequestPool::Lease extra;
+           static_cast<int64_t>(leases.size()) < chunks && segment.pool.TryAcquire(&extra);) {
+        leases.push_back(std::move(extra));
+      }
+      running.assign(leases.size(), false);
       if (chunks == 1) {
         bind(*leases[0], 0);
         leases[0]->infer();
@@ -370,7 +371,7 @@ class FuseflowOp : public AsyncOpKernel {
       }
     } catch (const std::exception& e) {
       // Requests still running write into our buffers: let them finish first.
-      for (size_t j = 0; j < leases.size(); ++j) {
+      for (size_t j = 0; j < running.size(); ++j) {
         if (!running[j]) continue;
         try {
           leases[j]->wait();

@@ -34,8 +34,6 @@ ov::Core& SharedCore() {
   return *core;
 }
 
-std::string ShapeString(const ov::PartialShape& shape) { return shape.to_string(); }
-
 // True if `shape` (static) fits the attribute's partial shape.
 bool Fits(const ov::Shape& shape, const PartialTensorShape& attr) {
   if (attr.unknown_rank()) return true;
@@ -63,11 +61,12 @@ absl::StatusOr<ov::Shape> CheckPort(const ov::Output<const ov::Node>& port, cons
   }
   if (!port.get_partial_shape().is_static()) {
     return absl::InvalidArgumentError(absl::StrCat(what, " has dynamic shape ",
-                                                   ShapeString(port.get_partial_shape())));
+                                                   port.get_partial_shape().to_string()));
   }
   ov::Shape shape = port.get_shape();
   if (!Fits(shape, attr_shape)) {
-    return absl::InvalidArgumentError(absl::StrCat(what, " has shape ", ShapeString(shape),
+    return absl::InvalidArgumentError(absl::StrCat(what, " has shape ",
+                                                   ov::PartialShape(shape).to_string(),
                                                    ", the op says ", attr_shape.DebugString()));
   }
   return shape;
@@ -296,9 +295,13 @@ InferRequestPool::Lease InferRequestPool::Acquire() {
 }
 
 bool InferRequestPool::TryAcquire(Lease* lease) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (idle_.empty() && created_ >= limit_) return false;
-  *lease = TakeLocked();
+  Lease taken;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (idle_.empty() && created_ >= limit_) return false;
+    taken = TakeLocked();
+  }
+  *lease = std::move(taken);  // outside the lock: this may release what *lease held
   return true;
 }
 
@@ -308,11 +311,6 @@ void InferRequestPool::RaiseLimit(int limit) {
     limit_ = limit;
     released_.notify_all();
   }
-}
-
-int InferRequestPool::limit() {
-  std::lock_guard<std::mutex> lock(mu_);
-  return limit_;
 }
 
 void InferRequestPool::Release(ov::InferRequest request) {

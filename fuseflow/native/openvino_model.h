@@ -66,7 +66,6 @@ class InferRequestPool {
   bool TryAcquire(Lease* lease);
   // Op instances sharing a model may ask for different limits: the largest wins.
   void RaiseLimit(int limit);
-  int limit();
 
  private:
   Lease TakeLocked();  // requires mu_ held and a request available or creatable

@@ -1,0 +1,307 @@
+"""OpenVINO backend: a segment becomes a FuseflowOp running an exported OpenVINO CPU blob.
+
+Capability comes from OpenVINO's TensorFlow frontend itself: the frontend has
+no public list of supported op types (and support can depend on attributes),
+so the whole graph is converted partially once and every node it leaves as a
+TFFrameworkNode is unsupported. Per-segment failures are caught at compile
+time, and the segment then stays in TensorFlow.
+
+compile() reads the segment GraphDef with core.read_model, the same frontend
+path the native op recompiles with. convert_model(graph_def, output=...) can
+only pick terminal tensors, so every output k is first read by an Identity
+`__fuseflow_ret_<k>` (a name TF never gives a node), and the model is rebuilt
+with the segment's inputs and outputs in order.
+
+Port convention, for FuseflowOp's input_names/output_names: compiled input i
+is op input i and carries the tensor name `fuseflow_input_<i>` (the segment
+Placeholder, the native function's argument); output k is op output k and
+carries `output_<k>` (the native function's return value). Position is
+authoritative: OpenVINO merges the names of ports that share a tensor (two
+outputs of one value answer to both names, harmlessly). compile() imports
+its own blob and checks that each name is on its port with the right type and
+shape, so binding by name or by position both work; a segment whose output is
+one of its inputs passed through, whose input name OpenVINO loses, is refused.
+
+Properties ("KEY=VALUE") go to compile_model and onto the node, because an
+imported blob forgets them. Precision: --fp32-cast none -> f32; all, matmult,
+matmult-bf16 -> bf16; all-fp16, matmult-fp16 -> f16; 16-bit only if the CPU
+lists it in OPTIMIZATION_CAPABILITIES, else f32 with a warning (without FP16
+the CPU plugin silently turns f16 into bf16). OpenVINO has no per-op precision
+switch reachable from Python or from properties (the CPU plugin's per-node
+opt-out is the C++ rt_info `ov::disable_conversion`), so the matmult variants
+are whole-model bf16/f16; the CPU plugin still keeps the graph tail after the
+last conv/matmul-like node in f32. --fast-math follows neuron-cc: `all` casts
+to bf16 and sets EXECUTION_MODE_HINT=PERFORMANCE; none/no-fp32-cast force f32;
+fp32-cast-all/-matmult act like --fp32-cast; the relayout words mean nothing
+here. --neuroncore-pipeline-cores N -> INFERENCE_NUM_THREADS=N.
+
+The CPU plugin computes int64 as int32 and float64 as float32; float64 stays in
+TF (its precision loss is certain), int64 does not (it matters only past 2**31).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import openvino as ov
+from openvino.frontend import FrontEndManager
+from tensorflow.python.framework import op_def_registry
+
+from fuseflow import errors
+from fuseflow.backends.base import Artifact, Backend, SegmentGraph
+from fuseflow.backends.xla import node_shapes_known
+from fuseflow.graph_util import NON_COMPUTE_OPS, called_functions, is_control, tensor_name
+from fuseflow.options import CompilerOptions
+from fuseflow.reasons import Reason
+from fuseflow.tf_compat import tf
+
+log = logging.getLogger("fuseflow")
+
+DEVICE = "CPU"
+OP_LIBRARY = "fuseflow/native/_fuseflow_op.so"
+_RET = "__fuseflow_ret_"
+_PRECISION = {"none": "f32", "all": "bf16", "matmult": "bf16", "matmult-bf16": "bf16",
+              "all-fp16": "f16", "matmult-fp16": "f16"}
+_CAPABILITY = {"bf16": "BF16", "f16": "FP16"}
+_FAST_MATH_CAST = {"all": "all", "fp32-cast-all": "all", "fp32-cast-matmult": "matmult",
+                   "none": "none", "no-fp32-cast": "none"}
+
+
+class OpenVinoCompileError(errors.FuseflowError, RuntimeError):
+    """OpenVINO compiled a segment into something the fused op could not run."""
+
+
+@functools.cache
+def _core():
+    return ov.Core()
+
+
+# TF dtype -> the OpenVINO type of a port of that dtype; float64 is left out (see above).
+OV_TYPES = {tf.float32.as_datatype_enum: ov.Type.f32, tf.float16.as_datatype_enum: ov.Type.f16,
+            tf.bfloat16.as_datatype_enum: ov.Type.bf16, tf.int8.as_datatype_enum: ov.Type.i8,
+            tf.int16.as_datatype_enum: ov.Type.i16, tf.int32.as_datatype_enum: ov.Type.i32,
+            tf.int64.as_datatype_enum: ov.Type.i64, tf.uint8.as_datatype_enum: ov.Type.u8,
+            tf.uint16.as_datatype_enum: ov.Type.u16, tf.uint32.as_datatype_enum: ov.Type.u32,
+            tf.uint64.as_datatype_enum: ov.Type.u64, tf.bool.as_datatype_enum: ov.Type.boolean}
+
+
+def _requested(options: CompilerOptions) -> tuple[str, bool]:
+    """(precision asked for, performance mode) from --fp32-cast and --fast-math."""
+    cast, performance = options.fp32_cast, False
+    for word in options.fast_math:
+        cast = _FAST_MATH_CAST.get(word, cast)
+        performance = {"all": True, "none": False}.get(word, performance)
+    return _PRECISION[cast], performance
+
+
+def precision(options: CompilerOptions) -> str:
+    """The inference precision: the one asked for if this CPU has it, else f32."""
+    wanted, _ = _requested(options)
+    return wanted if wanted == "f32" or _CAPABILITY[wanted] in cpu_capabilities() else "f32"
+
+
+def properties(options: CompilerOptions) -> list[str]:
+    """OpenVINO CPU properties for the options, as "KEY=VALUE" strings."""
+    _, performance = _requested(options)
+    props = [f"INFERENCE_PRECISION_HINT={precision(options)}",
+             f"EXECUTION_MODE_HINT={'PERFORMANCE' if performance else 'ACCURACY'}",
+             "PERFORMANCE_HINT=LATENCY", "ENABLE_CPU_PINNING=NO"]
+    if options.cores:
+        props.append(f"INFERENCE_NUM_THREADS={options.cores}")
+    return props
+
+
+@functools.cache
+def cpu_capabilities() -> tuple[str, ...]:
+    return tuple(_core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
+
+
+def _as_map(props: list[str]) -> dict[str, str]:
+    return dict(p.split("=", 1) for p in props)
+
+
+def frontend_unsupported(graph_def) -> set[str]:
+    """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted."""
+    with tempfile.TemporaryDirectory(prefix="fuseflow-ov-") as tmp:
+        path = Path(tmp) / "graph.pb"
+        path.write_bytes(graph_def.SerializeToString())
+        frontend = FrontEndManager().load_by_framework("tf")
+        model = frontend.convert_partially(frontend.load(str(path)))
+    return {op.get_friendly_name() for op in model.get_ordered_ops()
+            if op.get_type_name() == "TFFrameworkNode"}
+
+
+def _tensors(node, infos) -> list[str]:
+    tensors = [tensor_name(i) for i in node.input if not is_control(i)]
+    k = 0
+    while f"{node.name}:{k}" in infos:
+        tensors.append(f"{node.name}:{k}")
+        k += 1
+    return tensors
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def support(self, graph_def, tensor_infos, options: CompilerOptions
+                ) -> dict[str, Reason | None]:
+        try:
+            unconverted = frontend_unsupported(graph_def)
+        except Exception as e:  # noqa: BLE001  compile() still decides per segment
+            log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
+                        "support per segment at compile time", str(e).splitlines()[0])
+            unconverted = set()
+        result: dict[str, Reason | None] = {}
+        for node in graph_def.node:
+            op_def = op_def_registry.get(node.op)
+            if (node.op in NON_COMPUTE_OPS or op_def is None or op_def.is_stateful
+                    or called_functions(node.attr.values()) or node.name in unconverted):
+                result[node.name] = Reason.UNSUPPORTED_OP
+            elif any(t in tensor_infos and tensor_infos[t].dtype.as_datatype_enum not in OV_TYPES
+                     for t in _tensors(node, tensor_infos)):
+                result[node.name] = Reason.DTYPE
+            elif not node_shapes_known(node, tensor_infos):
+                result[node.name] = Reason.UNKNOWN_SHAPE
+            else:
+                result[node.name] = None
+        return result
+
+    def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path
+                ) -> Artifact:
+        times = {}
+        start = time.perf_counter()
+        graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+        for k, port in enumerate(segment.outputs):
+            graph_def.node.add(name=f"{_RET}{k}", op="Identity", input=[port.name]
+                               ).attr["T"].type = port.dtype
+        path = Path(workdir) / "openvino_input.pb"
+        path.write_bytes(graph_def.SerializeToString())
+        model = _ordered_model(_core().read_model(str(path)), segment)
+        times["convert"] = time.perf_counter() - start
+
+        props = properties(options)
+        start = time.perf_counter()
+        compiled = _core().compile_model(model, DEVICE, _as_map(props))
+        blob = compiled.export_model().getvalue()
+        times["compile"] = time.perf_counter() - start
+        start = time.perf_counter()
+        _check_ports(_import(blob, props), segment)
+        times["import check"] = time.perf_counter() - start
+        ov.save_model(model, str(Path(workdir) / "model.xml"), compress_to_fp16=False)
+
+        lines = [f"OpenVINO {ov.get_version()} {DEVICE}, segment {segment.name}",
+                 f"properties: {' '.join(props)}",
+                 "precision in effect: "
+                 + compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()]
+        wanted, _ = _requested(options)
+        if wanted != precision(options):
+            log.warning("this CPU has no %s (OPTIMIZATION_CAPABILITIES: %s): %s compiled in "
+                        "f32", wanted, " ".join(cpu_capabilities()), segment.name)
+            lines.append(f"{wanted} asked for, but this CPU has no {_CAPABILITY[wanted]}: f32")
+        lines += [f"input  {n} <- {p.name} {_fmt(p)}"
+                  for n, p in zip(input_names(segment), segment.inputs)]
+        lines += [f"output {n} <- {p.name} {_fmt(p)}"
+                  for n, p in zip(output_names(segment), segment.outputs)]
+        lines.append(f"blob {len(blob)} bytes, IR in model.xml/.bin; "
+                     + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+        return Artifact(executable=blob, log="\n".join(lines) + "\n")
+
+    def run(self, segment: SegmentGraph, artifact: Artifact, options: CompilerOptions,
+            inputs: list) -> list:
+        compiled = _import(artifact.executable, properties(options))
+        results = compiled(list(inputs))
+        return [results[k] for k in range(len(compiled.outputs))]
+
+    def tolerance(self, options: CompilerOptions) -> float:
+        # f32 matches TF to ~1e-6; bf16 keeps 8 mantissa bits (~0.4% error per model).
+        return 1e-3 if precision(options) == "f32" else 1e-1
+
+    def fused_node(self, segment: SegmentGraph, function_name: str, artifact: Artifact,
+                   options: CompilerOptions):
+        node = tf.compat.v1.NodeDef(name=segment.name, op="FuseflowOp")
+        node.attr["Tin"].list.type.extend(p.dtype for p in segment.inputs)
+        node.attr["Tout"].list.type.extend(p.dtype for p in segment.outputs)
+        node.attr["backend"].s = self.name.encode()
+        node.attr["executable"].s = artifact.executable
+        node.attr["native_segment"].func.name = function_name
+        node.attr["input_names"].list.s.extend(n.encode() for n in input_names(segment))
+        node.attr["output_names"].list.s.extend(n.encode() for n in output_names(segment))
+        node.attr["input_shapes"].list.shape.extend(
+            tf.TensorShape(p.shape).as_proto() for p in segment.inputs)
+        node.attr["output_shapes"].list.shape.extend(
+            tf.TensorShape(p.shape).as_proto() for p in segment.outputs)
+        node.attr["input_batch_axis"].list.i.extend(p.batch_axis for p in segment.inputs)
+        node.attr["output_batch_axis"].list.i.extend(p.batch_axis for p in segment.outputs)
+        node.attr["properties"].list.s.extend(p.encode() for p in properties(options))
+        node.attr["max_infer_requests"].i = 0
+        return node
+
+    def runtime_info(self) -> dict[str, str]:
+        return {"backend": self.name, "openvino": ov.get_version(), "device": DEVICE,
+                "op_library": OP_LIBRARY, "needs": "import fuseflow before loading the model"}
+
+
+def input_names(segment: SegmentGraph) -> list[str]:
+    return [f"fuseflow_input_{i}" for i in range(len(segment.inputs))]
+
+
+def output_names(segment: SegmentGraph) -> list[str]:
+    return [f"output_{k}" for k in range(len(segment.outputs))]
+
+
+def _fmt(port) -> str:
+    return f"{tf.dtypes.as_dtype(port.dtype).name}{list(port.shape)}"
+
+
+def _ordered_model(converted, segment: SegmentGraph):
+    """The converted model cut to the segment's ports, in order, named and reshaped."""
+    parameters = {name: p for p in converted.get_parameters()
+                  for name in p.output(0).get_names()}
+    results = {r.get_friendly_name(): r for r in converted.get_results()}
+    dropped = [p.name for k, p in enumerate(segment.outputs) if f"{_RET}{k}:0" not in results]
+    if dropped:
+        raise OpenVinoCompileError(
+            f"OpenVINO dropped segment output(s) {dropped}: it removes outputs computed from "
+            "constants only; the segment stays in TensorFlow")
+    unused = [p.name for p in segment.inputs if f"{p.name}:0" not in parameters]
+    if unused:
+        raise OpenVinoCompileError(f"OpenVINO dropped segment input(s) {unused} (unused after "
+                                   "conversion); the segment stays in TensorFlow")
+    model = ov.Model([results[f"{_RET}{k}:0"] for k in range(len(segment.outputs))],
+                     [parameters[f"{p.name}:0"] for p in segment.inputs], segment.name)
+    model.reshape({param.output(0): ov.PartialShape(list(p.shape))
+                   for param, p in zip(model.get_parameters(), segment.inputs)})
+    for port, name in zip(model.inputs, input_names(segment)):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, output_names(segment)):
+        port.get_tensor().set_names({name})
+    return model
+
+
+def _import(blob: bytes, props: list[str]):
+    """The blob as the native op loads it: imported with the properties it was compiled with."""
+    return _core().import_model(io.BytesIO(blob), DEVICE, _as_map(props))
+
+
+def _check_ports(imported, segment: SegmentGraph) -> None:
+    """Every port at its position, answering to its name, with the segment's type and shape."""
+    problems = []
+    for what, ports, names, specs in (
+            ("input", imported.inputs, input_names(segment), segment.inputs),
+            ("output", imported.outputs, output_names(segment), segment.outputs)):
+        if len(ports) != len(specs):
+            problems.append(f"{len(ports)} {what}s instead of {len(specs)}")
+            continue
+        for port, name, spec in zip(ports, names, specs):
+            if (name not in port.get_names() or port.get_element_type() != OV_TYPES[spec.dtype]
+                    or port.get_partial_shape() != ov.PartialShape(list(spec.shape))):
+                problems.append(f"{what} {name} ({spec.name}) came out as {port}")
+    if problems:
+        raise OpenVinoCompileError(
+            "the compiled model's ports do not match the segment (an output that is an input "
+            f"passed through loses its name): {'; '.join(problems)}")

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) native
 
 native: $(STAMP)
-	$(PY) -m fuseflow.native.build
+	$(PY) -c "import fuseflow.native as n; n.load_op_library()"
 
 demo: install
 	$(PY) -m bench.demo

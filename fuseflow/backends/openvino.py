@@ -24,19 +24,20 @@ one of its inputs passed through, whose input name OpenVINO loses, is refused.
 
 Properties ("KEY=VALUE") go to compile_model and onto the node, because an
 imported blob forgets them. Precision: --fp32-cast none -> f32; all, matmult,
-matmult-bf16 -> bf16; all-fp16, matmult-fp16 -> f16; 16-bit only if the CPU
-lists it in OPTIMIZATION_CAPABILITIES, else f32 with a warning (without FP16
-the CPU plugin silently turns f16 into bf16). OpenVINO has no per-op precision
-switch reachable from Python or from properties (the CPU plugin's per-node
-opt-out is the C++ rt_info `ov::disable_conversion`), so the matmult variants
-are whole-model bf16/f16; the CPU plugin still keeps the graph tail after the
-last conv/matmul-like node in f32. --fast-math follows neuron-cc: `all` casts
-to bf16 and sets EXECUTION_MODE_HINT=PERFORMANCE; none/no-fp32-cast force f32;
-fp32-cast-all/-matmult act like --fp32-cast; the relayout words mean nothing
-here. --neuroncore-pipeline-cores N -> INFERENCE_NUM_THREADS=N.
+matmult-bf16 -> bf16; all-fp16, matmult-fp16 -> f16; 16-bit only where the
+CPU lists it in OPTIMIZATION_CAPABILITIES, else f32 with a warning (lacking
+FP16, the CPU plugin would silently run f16 as bf16). OpenVINO has no per-op
+precision setting reachable from Python or properties (the CPU plugin's
+per-node opt-out is the C++-only rt_info `ov::disable_conversion`), so the
+matmult variants are whole-model bf16/f16; the plugin already runs the ops
+between the last conv/matmul-like op and the outputs in f32. --fast-math
+follows neuron-cc: `all` casts to bf16 and sets EXECUTION_MODE_HINT=PERFORMANCE,
+`none` and `no-fp32-cast` force f32, `fp32-cast-all`/`-matmult` act like
+--fp32-cast, the relayout words change nothing; the last word wins.
+--neuroncore-pipeline-cores N -> INFERENCE_NUM_THREADS=N.
 
-The CPU plugin computes int64 as int32 and float64 as float32; float64 stays in
-TF (its precision loss is certain), int64 does not (it matters only past 2**31).
+The CPU plugin computes int64 as int32 and float64 as float32: float64 stays
+in TF (the loss is certain), int64 does not (it matters only past 2**31).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def cpu_capabilities() -> tuple[str, ...]:
     return tuple(_core().get_property(DEVICE, "OPTIMIZATION_CAPABILITIES"))
 
 
-def _as_map(props: list[str]) -> dict[str, str]:
+def _as_map(props) -> dict[str, str]:
     return dict(p.split("=", 1) for p in props)
 
 
@@ -152,7 +153,7 @@ class OpenVinoBackend(Backend):
                 ) -> dict[str, Reason | None]:
         try:
             unconverted = frontend_unsupported(graph_def)
-        except Exception as e:  # noqa: BLE001  compile() still decides per segment
+        except Exception as e:  # compile() still decides per segment
             log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
                         "support per segment at compile time", str(e).splitlines()[0])
             unconverted = set()
@@ -190,7 +191,7 @@ class OpenVinoBackend(Backend):
         blob = compiled.export_model().getvalue()
         times["compile"] = time.perf_counter() - start
         start = time.perf_counter()
-        _check_ports(_import(blob, props), segment)
+        _check_ports(_import(blob, tuple(props)), segment)
         times["import check"] = time.perf_counter() - start
         ov.save_model(model, str(Path(workdir) / "model.xml"), compress_to_fp16=False)
 
@@ -213,7 +214,7 @@ class OpenVinoBackend(Backend):
 
     def run(self, segment: SegmentGraph, artifact: Artifact, options: CompilerOptions,
             inputs: list) -> list:
-        compiled = _import(artifact.executable, properties(options))
+        compiled = _import(artifact.executable, tuple(properties(options)))
         results = compiled(list(inputs))
         return [results[k] for k in range(len(compiled.outputs))]
 
@@ -283,7 +284,8 @@ def _ordered_model(converted, segment: SegmentGraph):
     return model
 
 
-def _import(blob: bytes, props: list[str]):
+@functools.lru_cache(maxsize=1)  # compile() checks a blob, then the worker runs it
+def _import(blob: bytes, props: tuple[str, ...]):
     """The blob as the native op loads it: imported with the properties it was compiled with."""
     return _core().import_model(io.BytesIO(blob), DEVICE, _as_map(props))
 

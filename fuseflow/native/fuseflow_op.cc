@@ -41,6 +41,7 @@ REGISTER_OP("FuseflowOp")
     .Attr("Tout: list(type) >= 1")
     .Attr("backend: string")
     .Attr("executable: string = ''")
+    .Attr("executable_crc32: string = ''")
     .Attr("native_segment: func")
     .Attr("input_names: list(string)")
     .Attr("output_names: list(string)")
@@ -133,6 +134,7 @@ class FuseflowOp : public AsyncOpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("Tout", &spec_.output_types));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("backend", &backend_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("executable", &executable));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("executable_crc32", &spec_.executable_crc32));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("native_segment", &native_segment_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("input_names", &spec_.input_names));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("output_names", &spec_.output_names));

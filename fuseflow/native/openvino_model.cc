@@ -3,7 +3,9 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <array>
 #include <cstdio>
+#include <stdexcept>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -220,6 +222,23 @@ std::shared_ptr<ov::Model> ReadSegment(const tensorflow::FunctionLibraryDefiniti
   return ordered;
 }
 
+// zlib's CRC-32 (Python: zlib.crc32), so a damaged blob is caught before import:
+// OpenVINO only checks the header, and damaged weights would give wrong answers.
+uint32_t Crc32(const std::string& data) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  uint32_t crc = 0xFFFFFFFFu;
+  for (unsigned char byte : data) crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
+}
+
 std::string CacheKey(const std::string& blob, const SegmentSpec& spec) {
   std::vector<std::string> shapes;
   for (const auto& s : spec.input_shapes) shapes.push_back(s.DebugString());
@@ -342,6 +361,14 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
 
   std::shared_ptr<CompiledSegment> segment;
   try {
+    if (!spec.executable_crc32.empty()) {
+      char hex[9];
+      std::snprintf(hex, sizeof(hex), "%08x", Crc32(*blob));
+      if (spec.executable_crc32 != hex) {
+        throw std::runtime_error(absl::StrCat("the executable is corrupted (CRC-32 ", hex,
+                                              ", expected ", spec.executable_crc32, ")"));
+      }
+    }
     ov::Tensor bytes(ov::element::u8, {blob->size()}, const_cast<char*>(blob->data()));
     segment = std::make_shared<CompiledSegment>(
         blob, SharedCore().import_model(bytes, kDevice, *properties), max_requests);

@@ -29,6 +29,7 @@ struct SegmentSpec {
   std::vector<tensorflow::PartialTensorShape> input_shapes;
   std::vector<tensorflow::PartialTensorShape> output_shapes;
   std::vector<std::string> properties;       // "KEY=VALUE"
+  std::string executable_crc32;              // zlib CRC-32 of the blob, 8 hex digits; "" = unchecked
 };
 
 // Parses "KEY=VALUE" strings; OpenVINO converts string values to the typed ones.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
+from fuseflow import progress
 from fuseflow.backends.base import Artifact, SegmentGraph
 from fuseflow.options import CompilerOptions
 
@@ -81,6 +82,7 @@ def compile_segments(backend_name: str, segments: list[SegmentGraph],
     results: dict[int, CompiledSegment] = {}
     workers = [_Worker(backend_name) for _ in range(worker_count(options, len(segments)))] \
         if segments else []
+    progress.update(0, len(segments), "")
     try:
         while len(results) < len(segments):
             for w in workers:
@@ -99,6 +101,7 @@ def compile_segments(backend_name: str, segments: list[SegmentGraph],
                 w.job = None
                 results[i] = _record(segments[i], workdir / segments[i].name, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments))
+                progress.update(len(results), len(segments), segments[i].name)
                 if outcome[0] != "ok" and ("timed out" in outcome[1][0]
                                            or w.process.poll() is not None):
                     w.stop(kill=True)  # a hung or dead compiler is replaced, not reused

@@ -53,3 +53,21 @@ class NativeOpError(FuseflowError, RuntimeError):
 
 class ExportError(FuseflowError, RuntimeError):
     """The compiled SavedModel could not be written."""
+
+
+def reason(e: BaseException) -> str:
+    """The line of a (TensorFlow) error that says what went wrong, and at which node.
+
+    TF wraps it in headers ("Graph execution error:"), node tags and a
+    Python stack trace; quoting the first line often quotes only a header.
+    """
+    text = type(e).__name__
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith("Original stack trace"):
+            break
+        if line and not line.endswith(":") and not line.startswith(("Node:", "[[")):
+            text = line.rstrip(".")
+            break
+    node = getattr(getattr(e, "node_def", None), "name", "")
+    return f"{text} (at node {node!r})" if node and node not in text else text

@@ -79,13 +79,19 @@ def read_saved_model_proto(model_dir: str):
         raise errors.ModelLoadError(
             f"model_dir {model_dir!r} is a file, not a directory: pass the SavedModel's folder")
     pb = os.path.join(model_dir, "saved_model.pb")
+    if os.path.isdir(pb):
+        raise errors.ModelLoadError(f"{pb} is a directory, not a file: re-export the model")
     if not os.path.isfile(pb):
         if os.path.isfile(os.path.join(model_dir, "saved_model.pbtxt")):
             raise errors.ModelLoadError(
                 f"{model_dir!r} holds saved_model.pbtxt (text format), which fuseflow does "
                 "not read: re-save the model in binary form (tf.saved_model.save)")
         raise errors.ModelLoadError(
-            f"{model_dir!r} has no saved_model.pb: it is not a SavedModel directory")
+            f"{model_dir!r} has no saved_model.pb, so it is not a SavedModel directory"
+            f"{_what_is_there(model_dir)}")
+    if os.path.getsize(pb) == 0:
+        raise errors.ModelLoadError(f"{pb} is empty (0 bytes): the export did not finish; "
+                                    "re-export the model")
     proto = saved_model_pb2.SavedModel()
     try:
         with open(pb, "rb") as f:
@@ -97,6 +103,18 @@ def read_saved_model_proto(model_dir: str):
     if not proto.meta_graphs:
         raise errors.ModelLoadError(f"{pb} holds no MetaGraphDef: re-export the model")
     return proto
+
+
+def _what_is_there(model_dir: str) -> str:
+    """A hint for the usual mistake: a TF Serving base dir (model/1/saved_model.pb)."""
+    entries = sorted(os.listdir(model_dir))
+    if not entries:
+        return ": the folder is empty; pass the folder that holds saved_model.pb"
+    nested = [e for e in entries if os.path.isfile(os.path.join(model_dir, e, "saved_model.pb"))]
+    if nested:
+        return (f"; its subfolder {nested[-1]!r} is one: pass "
+                f"{os.path.join(model_dir, nested[-1])!r}")
+    return f" (it holds {entries[:5]}): pass the folder that holds saved_model.pb"
 
 
 def select_meta_graph(proto, tags) -> tuple[list[str], object]:
@@ -119,7 +137,8 @@ def select_meta_graph(proto, tags) -> tuple[list[str], object]:
             f"tags must be an iterable of strings or a comma-separated string, got {tags!r}"
         ) from None
     if not all(isinstance(t, str) for t in wanted):
-        raise errors.OptionError(f"tags must be strings, got {sorted(map(repr, wanted))}")
+        raise errors.OptionError(
+            f"tags must be strings, got {', '.join(sorted(map(repr, wanted)))}")
     for mg, t in zip(proto.meta_graphs, available):
         if set(t) == wanted:
             return t, mg
@@ -220,7 +239,9 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     sig = meta_graph.signature_def[key]
     inputs, outputs = _specs(sig.inputs), _specs(sig.outputs)
     if not outputs:
-        raise errors.SignatureError(f"signature {key!r} has no outputs: nothing to compile")
+        raise errors.SignatureError(
+            f"signature {key!r} has no outputs, so there is nothing to compile: export the "
+            "signature with its outputs, or pick another with signature_def_key=")
 
     pb = os.path.join(model_dir, "saved_model.pb")
     check_graph_def(meta_graph.graph_def, pb)
@@ -237,18 +258,12 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
                 sess, full, keep)
         except Exception as e:
             raise errors.ModelLoadError(
-                f"could not freeze the variables of {model_dir!r}: {_first_line(e)}. Check "
+                f"could not freeze the variables of {model_dir!r}: {errors.reason(e)}. Check "
                 "that every variable the signature uses is saved in variables/") from None
     return LoadedModel(
         model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
         inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
         assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(frozen))
-
-
-def _first_line(e: BaseException) -> str:
-    """TF error texts run to pages; their first line says what went wrong."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 _MERGE_OPS = frozenset({"Merge", "RefMerge"})
@@ -355,18 +370,18 @@ def _load_into_session(sess, model_dir: str, tags: list[str]) -> None:
     except Exception as e:  # TF raises a dozen types here; all mean "graph unusable"
         raise errors.GraphError(
             f"TensorFlow {tf.__version__} cannot import the graph of {model_dir!r} (tags "
-            f"{tags}): {_first_line(e)}. Re-export the model with a compatible TensorFlow"
+            f"{tags}): {errors.reason(e)}. Re-export the model with a compatible TensorFlow"
         ) from None
     try:
         loader.restore_variables(sess, saver)
     except Exception as e:
         raise errors.ModelLoadError(
             f"could not restore the variables of {model_dir!r} from "
-            f"{loader.variables_path!r}: {_first_line(e)}. The variables/ folder is missing "
+            f"{loader.variables_path!r}: {errors.reason(e)}. The variables/ folder is missing "
             "or incomplete: copy the whole SavedModel folder again") from None
     try:
         loader.run_init_ops(sess, tags)
     except Exception as e:
         raise errors.ModelLoadError(
             f"the init op (main_op / table initializers) of {model_dir!r} failed: "
-            f"{_first_line(e)}. Check that its assets/ files are present") from None
+            f"{errors.reason(e)}. Check that its assets/ files are present") from None

@@ -75,8 +75,9 @@ def _grappler(graph_def, keep_nodes: list[str]):
         try:
             tf.graph_util.import_graph_def(graph_def, name="")
         except Exception as e:
-            first = str(e).strip().splitlines()[0]
-            raise errors.GraphError(f"the model's graph is invalid: {first}") from None
+            raise errors.GraphError(
+                f"the model's frozen graph does not import into TensorFlow: {errors.reason(e)}"
+            ) from None
         meta = tf.compat.v1.train.export_meta_graph(graph_def=graph.as_graph_def(),
                                                     clear_devices=True)
     fetch = meta_graph_pb2.CollectionDef()

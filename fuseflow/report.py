@@ -1,4 +1,9 @@
-"""Counts, reasons and OnNeuronRatio: what was compiled, what was not, and why."""
+"""Counts, reasons and OnNeuronRatio: what was compiled, what was not, and why.
+
+The report is built once after compiling, logged as tables, and written as
+JSON into the compiled model; `fuseflow inspect` prints the same tables from
+that JSON, so every formatting function here works on the JSON form.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from fuseflow.compile import CompiledSegment
-from fuseflow.graph_util import count_ops
+from fuseflow.graph_util import count_ops, is_control, tensor_name
 from fuseflow.reasons import Reason
 
 log = logging.getLogger("fuseflow")
 
 LOW_RATIO = 0.3
+REPORT_FILE = "fuseflow_report.json"
+_EXAMPLE_NODES = 3  # node names kept per not-compiled row: enough to find them
+_MAX_SOURCES = 8  # unknown-shape sources tracked per tensor: bounds the cost on huge graphs
 
 
 @dataclass
@@ -21,12 +29,36 @@ class SegmentReport:
     backend: str
     compiled: bool
     node_count: int
-    op_types: list[str]
+    op_types: dict[str, int]  # op type -> nodes, most frequent first
     inputs: list[dict]
     outputs: list[dict]
     artifact_bytes: int
     compile_seconds: float
     error: str | None = None
+
+
+@dataclass
+class NotCompiled:
+    """All nodes of one op type left in TensorFlow for one reason."""
+
+    op_type: str
+    reason: Reason
+    count: int
+    nodes: list[str]  # a few of them, to find in the graph
+    detail: str | None = None  # COMPILE_FAILED: the compiler's first error line
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "reason": self.reason.value, "code": self.reason.name}
+
+
+@dataclass
+class UnknownShape:
+    """A tensor whose shape static inference could not fix, where unknown shapes start."""
+
+    tensor: str
+    dtype: str
+    shape: list[int | None] | None  # None: unknown rank
+    ops: int  # ops kept in TF because their shapes depend on this tensor
 
 
 @dataclass
@@ -36,8 +68,8 @@ class CompileReport:
     num_ops_optimized: int
     num_ops_on_backend: int
     segments: list[SegmentReport] = field(default_factory=list)
-    # op type -> reason -> count, for every op left in TensorFlow
-    not_compiled: dict[str, dict[str, int]] = field(default_factory=dict)
+    not_compiled: list[NotCompiled] = field(default_factory=list)  # most ops first
+    unknown_shapes: list[UnknownShape] = field(default_factory=list)  # costliest first
 
     @property
     def ratio(self) -> float:
@@ -58,8 +90,11 @@ class CompileReport:
         }
 
     def to_json(self) -> dict:
-        return {**self.result(), "segments": [asdict(s) for s in self.segments],
-                "not_compiled": self.not_compiled}
+        data = {**self.result(), "segments": [asdict(s) for s in self.segments],
+                "not_compiled": [r.to_json() for r in self.not_compiled],
+                "unknown_shapes": [asdict(u) for u in self.unknown_shapes]}
+        data["advice"] = advice(data)
+        return data
 
 
 def _ports(ports) -> list[dict]:
@@ -70,67 +105,202 @@ def _ports(ports) -> list[dict]:
 
 
 def build_report(backend: str, num_ops_original: int, graph_def, excluded: dict[str, Reason],
-                 compiled: list[CompiledSegment]) -> CompileReport:
+                 compiled: list[CompiledSegment], tensor_infos=None) -> CompileReport:
+    """tensor_infos (tensor -> TensorInfo) lets the report name where unknown shapes start."""
     op_of = {n.name: n.op for n in graph_def.node}
     segments, on_backend = [], 0
-    not_compiled: dict[str, Counter] = {}
+    left: dict[tuple[str, Reason, str | None], list[str]] = {}
     for item in compiled:
-        seg = item.segment
-        ok = item.artifact is not None
+        seg, ok = item.segment, item.artifact is not None
+        types = Counter(op_of[n] for n in seg.node_names)
         segments.append(SegmentReport(
             name=seg.name, backend=backend, compiled=ok, node_count=seg.node_count,
-            op_types=list(seg.op_types), inputs=_ports(seg.inputs), outputs=_ports(seg.outputs),
+            op_types=dict(types.most_common()), inputs=_ports(seg.inputs),
+            outputs=_ports(seg.outputs),
             artifact_bytes=len(item.artifact.executable) if ok else 0,
             compile_seconds=round(item.seconds, 3), error=item.error))
         if ok:
             on_backend += seg.node_count
         else:
-            reason = f"{Reason.COMPILE_FAILED.value}: {item.error}"
             for name in seg.node_names:
-                not_compiled.setdefault(op_of[name], Counter())[reason] += 1
+                left.setdefault((op_of[name], Reason.COMPILE_FAILED, item.error), []).append(name)
     for name, reason in excluded.items():
         if reason is not Reason.STRUCTURAL:
-            not_compiled.setdefault(op_of[name], Counter())[reason.value] += 1
+            left.setdefault((op_of[name], reason, None), []).append(name)
+    rows = [NotCompiled(op, reason, len(names), names[:_EXAMPLE_NODES], detail)
+            for (op, reason, detail), names in left.items()]
+    rows.sort(key=lambda r: (-r.count, r.op_type, r.reason.value))
+    unknown = []
+    if tensor_infos is not None:
+        unknown = unknown_shape_sources(graph_def, tensor_infos, excluded)
     return CompileReport(
         backend=backend, num_ops_original=num_ops_original,
         num_ops_optimized=count_ops(graph_def), num_ops_on_backend=on_backend,
-        segments=segments,
-        not_compiled={op: dict(c) for op, c in sorted(not_compiled.items())})
+        segments=segments, not_compiled=rows, unknown_shapes=unknown)
+
+
+def _outputs(name: str, infos) -> list[str]:
+    out, k = [], 0
+    while f"{name}:{k}" in infos:
+        out.append(f"{name}:{k}")
+        k += 1
+    return out
+
+
+def unknown_shape_sources(graph_def, infos, excluded: dict[str, Reason]) -> list[UnknownShape]:
+    """Where unknown shapes start, ranked by how many UNKNOWN_SHAPE ops depend on each.
+
+    A source is an unknown-shape tensor whose producer has only known-shape
+    data inputs: fixing it (by measuring it with model_feed_dict) is what
+    would let the ops downstream of it compile.
+    """
+    from fuseflow.partition import topological_order
+
+    nodes = graph_def.node
+    sources: dict[str, frozenset[str]] = {}  # unknown tensor -> the sources it derives from
+    cost: Counter = Counter()
+    for i in topological_order(graph_def):
+        node = nodes[i]
+        inherited: set[str] = set()
+        for inp in node.input:
+            if not is_control(inp):
+                inherited |= sources.get(tensor_name(inp), frozenset())
+        own = [t for t in _outputs(node.name, infos) if not infos[t].fully_defined]
+        for t in own:
+            sources[t] = frozenset(sorted(inherited)[:_MAX_SOURCES]) if inherited \
+                else frozenset({t})
+        if excluded.get(node.name) is Reason.UNKNOWN_SHAPE:
+            cost.update(inherited | {s for t in own for s in sources[t]})
+    return [UnknownShape(t, infos[t].dtype.name,
+                         None if infos[t].shape is None else list(infos[t].shape), n)
+            for t, n in sorted(cost.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+# What to pass to compile() (or change in the model) for each reason.
+_HINTS = {
+    Reason.UNSUPPORTED_OP: "the backend has no kernel for it: try the other backend",
+    Reason.DTYPE: "the backend has no kernel for this dtype: cast in the model, or try the "
+                  "other backend",
+    Reason.UNKNOWN_SHAPE: "pass model_feed_dict with real inputs: the model is run once to "
+                          "measure every shape",
+    Reason.STRING: "string ops never compile: move string handling out of the model's middle",
+    Reason.CONTROL_INPUT: "control dependencies pin it: drop tf.control_dependencies/asserts "
+                          "in the exported model",
+    Reason.CONTROL_FLOW: "TF1 loops/conds stay in TF: export with TF2 (functional "
+                         "While/If)",
+    Reason.NO_FUSE_OPS: "remove these node names from no_fuse_ops",
+    Reason.UPSTREAM_OF_INPUT: "it computes a signature input: pick a signature_def_key whose "
+                              "inputs come first",
+    Reason.SMALL_SEGMENT: "pass a smaller minimum_segment_size",
+    Reason.SLOW_ON_BACKEND: "measured slower there: force_fuse_ops forces it in anyway",
+    Reason.COMPILE_FAILED: "see compile.log in compiler_workdir; pass the failing node in "
+                           "no_fuse_ops so the rest compiles",
+}
+
+
+def advice(report: dict) -> list[str]:
+    """When under LOW_RATIO is compiled: what cost the most, and what to pass to fix it."""
+    if not report["num_ops_optimized"] or report["OnNeuronRatio"] >= LOW_RATIO:
+        return []
+    lines = [f"only {100 * report['OnNeuronRatio']:.0f}% of the operations were compiled, "
+             "which is probably not what you want. What cost the most:"]
+    by_reason: Counter = Counter()
+    for row in report["not_compiled"]:
+        by_reason[row["reason"]] += row["count"]
+    for reason, count in by_reason.most_common(3):
+        rows = [r for r in report["not_compiled"] if r["reason"] == reason]
+        ops = ", ".join(f"{r['op_type']} x{r['count']}" for r in rows[:4])
+        hint = _HINTS.get(Reason[rows[0]["code"]]) if rows[0]["code"] else None
+        lines.append(f"{count} ops {reason} ({ops})" + (f": {hint}" if hint else ""))
+    if report.get("unknown_shapes"):
+        worst = ", ".join(f"{u['tensor']} {format_port(u)} ({u['ops']} ops)"
+                          for u in report["unknown_shapes"][:3])
+        lines.append(f"unknown shapes start at {worst}: pass model_feed_dict so they are "
+                     "measured")
+    return lines
+
+
+def format_port(port: dict) -> str:
+    """float32[1,224,224,3]; ? for an unknown dim, [*] for an unknown rank."""
+    shape = port.get("shape")
+    dims = "*" if shape is None else ",".join("?" if d is None else str(d) for d in shape)
+    return f"{port['dtype']}[{dims}]"
+
+
+def _ports_cell(ports: list[dict]) -> str:
+    if not ports:
+        return "-"
+    more = f" +{len(ports) - 1}" if len(ports) > 1 else ""
+    return format_port(ports[0]) + more
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
+    """Columns padded to their widest cell; columns in `right` are right-aligned."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if k in right else c.ljust(w)
+                       for k, (c, w) in enumerate(zip(r, widths))).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def segment_table(segments: list[dict]) -> str:
+    rows = []
+    for s in segments:
+        types = " ".join(f"{op}({n})" if n > 1 else op for op, n in s["op_types"].items())
+        state = "FAILED" if not s["compiled"] else (
+            "-" if s["compile_seconds"] is None else f"{s['compile_seconds']:.1f} s")
+        rows.append([s["name"], s["backend"], s["node_count"], _clip(types, 40),
+                     _ports_cell(s["inputs"]), _ports_cell(s["outputs"]),
+                     _size(s["artifact_bytes"]) if s["artifact_bytes"] else "-", state])
+    return format_table(["segment", "backend", "ops", "op types", "inputs", "outputs",
+                         "artifact", "compile"], rows, right={2, 6, 7})
+
+
+def _example(nodes: list[str], width: int = 50) -> str:
+    """The first node's name, its tail kept when too long: the tail tells the op apart."""
+    if not nodes:
+        return ""
+    name = nodes[0] if len(nodes[0]) <= width else "…" + nodes[0][1 - width:]
+    return name + (" …" if len(nodes) > 1 else "")
+
+
+def not_compiled_table(rows: list[dict]) -> str:
+    table = []
+    for r in rows:
+        reason = r["reason"] + (f": {r['detail']}" if r.get("detail") else "")
+        table.append([r["op_type"], r["count"], _clip(reason, 70), _example(r["nodes"])])
+    return format_table(["op type in TF", "count", "reason", "e.g."], table, right={1})
+
+
+def summary_line(report: dict) -> str:
+    failed = f", {report['num_segments_failed']} failed" if report["num_segments_failed"] else ""
+    return (f"{report['num_ops_on_backend']} of {report['num_ops_optimized']} ops on "
+            f"{report['backend']} (OnNeuronRatio {report['OnNeuronRatio']:.3f}) in "
+            f"{report['num_segments']} segment(s){failed}")
 
 
 def log_report(report: CompileReport) -> None:
-    """The reference's three lines, the segments, and what stayed in TF and why."""
+    """The reference's three lines, the segment table, what stayed in TF and why, advice."""
+    data = report.to_json()
     log.info("Number of operations in TensorFlow session: %d", report.num_ops_original)
     log.info("Number of operations after fuseflow optimizations: %d", report.num_ops_optimized)
     log.info("Number of operations placed on %s: %d (OnNeuronRatio %.3f)", report.backend,
              report.num_ops_on_backend, report.ratio)
-    for s in report.segments:
-        state = "compiled" if s.compiled else f"FAILED ({s.error})"
-        log.info("  %s: %d ops, %d in / %d out, %s, %.1f s", s.name, s.node_count,
-                 len(s.inputs), len(s.outputs), state, s.compile_seconds)
-    if report.not_compiled:
-        parts = [f"{op} ({', '.join(f'{n} {r}' for r, n in reasons.items())})"
-                 for op, reasons in report.not_compiled.items()]
-        log.info("Op types not compiled: %s", "; ".join(parts))
-    if report.num_ops_optimized and report.ratio < LOW_RATIO:
-        log.warning(
-            "only %.0f%% of the operations were compiled, which is probably not what you "
-            "want. Most common causes: %s", 100 * report.ratio, _top_causes(report))
-
-
-def _top_causes(report: CompileReport) -> str:
-    totals: Counter = Counter()
-    for op, reasons in report.not_compiled.items():
-        for reason, n in reasons.items():
-            totals[(op, reason)] += n
-    advice = {
-        Reason.UNKNOWN_SHAPE.value: "pass model_feed_dict or model_shape_feed_dict",
-        Reason.NO_FUSE_OPS.value: "remove these names from no_fuse_ops",
-        Reason.SMALL_SEGMENT.value: "lower minimum_segment_size",
-        Reason.UPSTREAM_OF_INPUT.value: "choose a signature whose inputs come earlier",
-    }
-    items = []
-    for (op, reason), n in totals.most_common(3):
-        hint = advice.get(reason, "")
-        items.append(f"{n} x {op}: {reason}" + (f" ({hint})" if hint else ""))
-    return "; ".join(items) or "no ops the backend supports"
+    if data["segments"]:
+        log.info("Segments:\n%s", segment_table(data["segments"]))
+    if data["not_compiled"]:
+        log.info("Left in TensorFlow:\n%s", not_compiled_table(data["not_compiled"]))
+    for line in data["advice"]:
+        log.warning("%s", line)

@@ -52,7 +52,8 @@ def _names(value, what: str) -> frozenset[str]:
         raise errors.OptionError(f"{what} must be an iterable of node names, got {value!r}") \
             from None
     if not all(isinstance(n, str) for n in names):
-        raise errors.OptionError(f"{what} must hold node names (strings), got {sorted(map(repr, names))}")
+        raise errors.OptionError(
+            f"{what} must hold node names (strings), got {', '.join(sorted(map(repr, names)))}")
     return names
 
 
@@ -122,7 +123,8 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
     serving = serving_shapes(model, inputs, options.dynamic_batch)
     final = apply_input_shapes(final, model, serving)
-    report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled)
+    report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
+                          tensor_infos=infos)
     log_report(report)
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)

@@ -54,7 +54,8 @@ def _key_lookup(model: LoadedModel, feed: dict, what: str) -> dict[str, object]:
             raise errors.ShapeError(
                 f"{what} key {user_key!r} matches no input of signature "
                 f"{model.signature_key!r}; its inputs are "
-                f"{[f'{s.key} ({s.tensor_name})' for s in model.inputs]}")
+                f"{[f'{s.key} ({s.tensor_name})' for s in model.inputs]}: use one of those "
+                "keys or tensor names")
         out[by_key[user_key]] = value
     return out
 
@@ -114,8 +115,9 @@ def resolve_input_shapes(model: LoadedModel, batch_size=1, model_shape_feed_dict
             try:
                 array = np.asarray(value)
             except Exception as e:
-                raise errors.ShapeError(f"model_feed_dict[{key!r}] is not an array: {e}") \
-                    from None
+                raise errors.ShapeError(
+                    f"model_feed_dict[{key!r}] is not an array ({e}): pass a numpy array of "
+                    f"shape {_fmt(spec.shape)}") from None
             want = spec.dtype.as_numpy_dtype
             if spec.dtype == tf.string:
                 ok = array.dtype.kind in "SUO"
@@ -222,9 +224,8 @@ def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[st
         with tf.compat.v1.Session(graph=graph) as sess:
             values = sess.run(wanted, feed_dict=feed_dict)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.ShapeError(
-            f"running the model on model_feed_dict failed: {first}. Check that the feed "
+            f"running the model on model_feed_dict failed: {errors.reason(e)}. Check that the feed "
             "values are valid inputs for this model") from None
     for name, value in zip(wanted, values):
         infos[name] = TensorInfo(infos[name].dtype, tuple(np.shape(value)))

@@ -176,6 +176,18 @@ def _garble(pattern: str) -> Callable[[Setup], None]:
     return make
 
 
+def _data_dependent_model(s: Setup) -> None:
+    """A model whose output shape depends on the values fed: Unique then Reshape to
+    pairs, which fails at run time when the unique count is odd."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None], name="x")
+        pairs = tf.reshape(tf.unique(x).y, [-1, 2], name="pairs")
+        return {"x": x}, {"y": tf.exp(pairs) + 1.0}
+
+    shutil.rmtree(s.model)
+    save_tf1(s.model, build)
+
+
 def _model_dir(value: Callable[[Setup], object]) -> Callable[[Setup], None]:
     def make(s: Setup) -> None:
         s.kwargs["model_dir"] = value(s)
@@ -185,6 +197,14 @@ def _model_dir(value: Callable[[Setup], object]) -> Callable[[Setup], None]:
 def _empty_model_dir(s: Setup) -> None:
     shutil.rmtree(s.model)
     s.model.mkdir()
+
+
+def _serving_base_dir(s: Setup) -> None:
+    """TF Serving's layout, model/<version>/: the usual wrong model_dir."""
+    versions = s.tmp / "versions"
+    versions.mkdir()
+    s.model.rename(versions / "1")
+    versions.rename(s.model)
 
 
 def _model_dir_is_file(s: Setup) -> None:
@@ -250,8 +270,11 @@ CASES = [
     # -- the model directory
     Case("model_dir_missing", errors.ModelLoadError, r"does not exist.*saved_model\.pb",
          make=_model_dir(lambda s: s.tmp / "no_such_model")),
-    Case("model_dir_empty", errors.ModelLoadError, r"has no saved_model\.pb",
+    Case("model_dir_empty", errors.ModelLoadError, r"has no saved_model\.pb.*folder is empty",
          make=_empty_model_dir),
+    Case("model_dir_is_serving_base", errors.ModelLoadError,
+         r"no saved_model\.pb.*subfolder '1' is one: pass '.*/model/1'",
+         make=_serving_base_dir),
     Case("model_dir_is_file", errors.ModelLoadError, r"is a file, not a directory",
          make=_model_dir_is_file),
     Case("model_dir_none", errors.OptionError, r"model_dir must be the path",
@@ -262,10 +285,11 @@ CASES = [
          make=_corrupt_pb),
     Case("pb_truncated", errors.ModelLoadError, r"saved_model\.pb is corrupt or truncated",
          make=_truncate_pb),
-    Case("pb_empty", errors.ModelLoadError, r"holds no MetaGraphDef", make=_empty_pb),
+    Case("pb_empty", errors.ModelLoadError, r"saved_model\.pb is empty \(0 bytes\)",
+         make=_empty_pb),
     Case("pb_no_meta_graphs", errors.ModelLoadError, r"holds no MetaGraphDef",
          make=_no_meta_graphs),
-    Case("pb_is_directory", errors.ModelLoadError, r"has no saved_model\.pb",
+    Case("pb_is_directory", errors.ModelLoadError, r"saved_model\.pb is a directory",
          make=_pb_is_dir),
     Case("pbtxt_model", errors.ModelLoadError, r"saved_model\.pbtxt.*binary",
          make=_pbtxt_only),
@@ -359,6 +383,9 @@ CASES = [
          kwargs={"model_feed_dict": {**GOOD_FEEDS, "x": np.full((2, 4), "a")}}),
     Case("feed_ragged", errors.ShapeError, r"model_feed_dict\['x'\] is not an array",
          kwargs={"model_feed_dict": {**GOOD_FEEDS, "x": [[1.0], [1.0, 2.0]]}}),
+    Case("feed_rejected_by_graph", errors.ShapeError,
+         r"running the model on model_feed_dict failed: .*reshape.*at node 'pairs'",
+         kwargs={"model_feed_dict": {"x": np.ones(4, F32)}}, make=_data_dependent_model),
     Case("feed_not_dict", errors.OptionError, r"model_feed_dict must be a dict",
          kwargs={"model_feed_dict": [GOOD_FEEDS["x"]]}),
     # -- partitioning options
@@ -404,6 +431,10 @@ CASES = [
          env={"FUSEFLOW_CC_FLAGS": "--fast"}),
     Case("flag_from_neuron_env", errors.CompilerArgsError, r"--verbose: invalid int",
          env={"NEURON_CC_FLAGS": "--verbose=loud"}),
+    Case("must_compile_timeout", errors.SegmentCompileError,
+         r"failed to compile: \['fuseflow_segment_0'\].*timed out.*Drop --must-compile",
+         kwargs={"compiler_args": [*XLA, "--must-compile", "--timeout", "0.01"],
+                 "compiler_workdir": None}),
     Case("backend_kwarg_unknown", errors.CompilerArgsError, r"unknown backend 'tpu'",
          kwargs={"backend": "tpu", "compiler_args": None}),
     # -- where the output goes
@@ -491,6 +522,15 @@ def test_bad_input(case: Case, pristine: Path, tmp_path: Path, monkeypatch):
     assert _state(setup.workdir) == work_before, "a failed compile wrote the workdir"
     assert not list(systmp.iterdir()), "temp dirs left behind"
     assert _tree(tmp_path) == everything_before, "a failed compile left files behind"
+
+
+def test_pristine_model_compiles(pristine: Path, tmp_path: Path):
+    """The control: every failure above comes from its one defect, not from the model."""
+    result = fuseflow.saved_model.compile(pristine, tmp_path / "out", compiler_args=XLA,
+                                          compiler_workdir=tmp_path / "work")
+    assert result["num_segments"] == 1
+    assert (tmp_path / "out" / "saved_model.pb").is_file()
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["fuseflow_segment_0"]
 
 
 def test_catalog_is_large_and_unique():

@@ -7,6 +7,8 @@ properties, as the native op does, and compared with TensorFlow.
 from __future__ import annotations
 
 import io
+import zlib
+from dataclasses import replace
 
 import numpy as np
 import openvino as ov
@@ -184,9 +186,8 @@ def test_fused_node_attrs(tmp_path):
     graph, _ = _two_output_graph()
     segment = segment_of(graph, ["fuseflow_input_0:0", "fuseflow_input_1:0"],
                          ["out:0", "relu:0"])
-    segment = SegmentGraph(**{**segment.__dict__, "inputs": (
-        Port(segment.inputs[0].name, segment.inputs[0].dtype, segment.inputs[0].shape, 0),
-        segment.inputs[1])})
+    segment = replace(segment, inputs=(replace(segment.inputs[0], batch_axis=0),
+                                       segment.inputs[1]))
     backend = OpenVinoBackend()
     options = CompilerOptions(cores=2)
     artifact = backend.compile(segment, options, tmp_path)
@@ -194,12 +195,14 @@ def test_fused_node_attrs(tmp_path):
     assert node.name == "seg0" and node.op == "FuseflowOp" and not node.input
     a = node.attr
     assert sorted(a) == sorted([
-        "Tin", "Tout", "backend", "executable", "native_segment", "input_names",
+        "Tin", "Tout", "backend", "executable", "executable_crc32", "native_segment",
+        "input_names",
         "output_names", "input_shapes", "output_shapes", "input_batch_axis",
         "output_batch_axis", "properties", "max_infer_requests"])
     assert list(a["Tin"].list.type) == [tf.float32.as_datatype_enum] * 2
     assert list(a["Tout"].list.type) == [tf.float32.as_datatype_enum] * 2
     assert a["backend"].s == b"openvino" and a["executable"].s == artifact.executable
+    assert a["executable_crc32"].s == f"{zlib.crc32(artifact.executable):08x}".encode()
     assert a["native_segment"].func.name == "seg0_native"
     assert list(a["input_names"].list.s) == [b"fuseflow_input_0", b"fuseflow_input_1"]
     assert list(a["output_names"].list.s) == [b"output_0", b"output_1"]

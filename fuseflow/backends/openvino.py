@@ -47,6 +47,7 @@ import io
 import logging
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import openvino as ov
@@ -229,6 +230,7 @@ class OpenVinoBackend(Backend):
         node.attr["Tout"].list.type.extend(p.dtype for p in segment.outputs)
         node.attr["backend"].s = self.name.encode()
         node.attr["executable"].s = artifact.executable
+        node.attr["executable_crc32"].s = f"{zlib.crc32(artifact.executable):08x}".encode()
         node.attr["native_segment"].func.name = function_name
         node.attr["input_names"].list.s.extend(n.encode() for n in input_names(segment))
         node.attr["output_names"].list.s.extend(n.encode() for n in output_names(segment))

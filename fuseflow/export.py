@@ -90,7 +90,9 @@ def _probe_writable(out: Path, parent: Path, what: str = "new_model_dir") -> Non
 
 @contextlib.contextmanager
 def staging_dir(out: Path) -> Iterator[Path]:
-    """A temp dir beside out, renamed to out on success and removed on any failure."""
+    """A temp dir beside out, renamed to out on success and removed on any failure,
+    with the parent folders this created for it."""
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.fuseflow-", dir=out.parent))
@@ -106,6 +108,11 @@ def staging_dir(out: Path) -> Iterator[Path]:
         os.rename(tmp / "model", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # after a success the first one holds out: nothing goes
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _tensor_info(name: str, info: TensorInfo, shape):

@@ -8,91 +8,14 @@ main graph through an IdentityN, so no consumer needs rewiring.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fuseflow.backends.base import Port, SegmentGraph
+from fuseflow.batch import BatchInfo
 from fuseflow.graph_util import called_functions, is_control, node_name, output_index
 from fuseflow.partition import Segment
 from fuseflow.shapes import TensorInfo
 from fuseflow.tf_compat import tf
 
 INPUT_PREFIX = "fuseflow_input_"
-
-# Ops after which dim 0 is still the batch (per-sample computation).
-_BATCH_UNARY = frozenset({
-    "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign",
-    "Exp", "Log", "Log1p", "Neg", "Abs", "Sqrt", "Rsqrt", "Square", "Reciprocal", "Erf",
-    "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Cast", "Identity", "Snapshot",
-    "StopGradient", "Conv2D", "Conv3D", "DepthwiseConv2dNative", "MaxPool", "AvgPool",
-    "MaxPool3D", "AvgPool3D", "Softmax", "LogSoftmax", "FusedBatchNorm", "FusedBatchNormV3",
-    "LRN", "Gelu", "Swish", "IsNan", "IsFinite", "LogicalNot",
-})
-_BATCH_BINARY = frozenset({
-    "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum", "Pow",
-    "SquaredDifference", "BiasAdd", "FloorDiv", "FloorMod", "Greater", "GreaterEqual",
-    "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr", "Select",
-    "SelectV2", "MatMul",
-})
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """Which tensors carry the batch in dim 0, and which depend on the inputs at all."""
-
-    batch: set[str]
-    dependent: set[str]
-
-
-def batch_tensors(graph_def, order: list[int], infos: dict[str, TensorInfo],
-                  input_tensors: list[str], batch_size: int) -> BatchInfo:
-    """Propagate 'dim 0 is the batch' from the signature inputs through per-sample ops."""
-    batch = {t for t in input_tensors
-             if infos.get(t) and infos[t].shape and infos[t].shape[0] == batch_size}
-    dependent = set(input_tensors)
-    nodes = graph_def.node
-    for i in order:
-        node = nodes[i]
-        data_in = [f"{node_name(x)}:{output_index(x)}" for x in node.input if not is_control(x)]
-        if not any(t in dependent for t in data_in):
-            continue
-        outs = [f"{node.name}:{k}" for k in range(_num_outputs(node, infos))]
-        dependent.update(outs)
-        if _keeps_batch(node, data_in, infos, batch, dependent):
-            batch.add(outs[0])
-    return BatchInfo(batch, dependent)
-
-
-def _num_outputs(node, infos) -> int:
-    k = 0
-    while f"{node.name}:{k}" in infos:
-        k += 1
-    return k
-
-
-def _keeps_batch(node, data_in, infos, batch, dependent) -> bool:
-    if node.op in _BATCH_UNARY:
-        return bool(data_in) and data_in[0] in batch and all(
-            t not in dependent for t in data_in[1:])
-    if node.op in _BATCH_BINARY:
-        if node.op == "MatMul":
-            return (data_in[0] in batch and data_in[1] not in dependent
-                    and not node.attr["transpose_a"].b)
-        out = infos.get(f"{node.name}:0")
-        if out is None or not out.shape:
-            return False
-        for t in data_in:
-            if t in batch:
-                if len(infos[t].shape or ()) != len(out.shape):
-                    return False
-            elif t in dependent:
-                return False
-            else:
-                shape = infos[t].shape
-                if shape is None or (len(shape) == len(out.shape) and shape[0] != 1):
-                    return False
-        return any(t in batch for t in data_in)
-    return False
-
 
 def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
                     consumers: dict[str, set[str]], fetch_tensors: set[str],

@@ -240,7 +240,7 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
                 edges.append((index[src.name], index[nodes[i].name]))
     graph = _ClusterGraph(len(order), edges)
     candidate = [name not in excluded for name in names]
-    for pos, name in enumerate(names):
+    for pos in range(len(names)):
         if not candidate[pos]:
             continue
         for inp in nodes[order[pos]].input:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from fuseflow import errors
 from fuseflow.backends import get_backend
+from fuseflow.batch import batch_tensors
 from fuseflow.compile import compile_segments
 from fuseflow.export import (
     REPORT_DIR,
@@ -17,11 +20,11 @@ from fuseflow.export import (
     staging_dir,
     write_saved_model,
 )
-from fuseflow.extract import batch_tensors, consumers_outside, extract_segment
+from fuseflow.extract import consumers_outside, extract_segment
 from fuseflow.graph_util import node_name, tensor_name
 from fuseflow.load import load_saved_model, model_path
 from fuseflow.optimize import optimize_graph
-from fuseflow.options import CompilerOptions, parse_compiler_args
+from fuseflow.options import parse_compiler_args
 from fuseflow.partition import (
     PartitionOptions,
     default_minimum_segment_size,
@@ -156,23 +159,15 @@ def _check_names(graph_def, names: frozenset[str]) -> None:
             f"{unknown[:10]}; use node names (not op types) from the model's graph")
 
 
-class _workdir:
+@contextlib.contextmanager
+def _workdir(path: Path | None) -> Iterator[Path]:
     """compiler_workdir when given (kept), else a temp dir (removed)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.tmp: tempfile.TemporaryDirectory | None = None
-
-    def __enter__(self) -> Path:
-        if self.path is not None:
-            self.path.mkdir(parents=True, exist_ok=True)
-            return self.path
-        self.tmp = tempfile.TemporaryDirectory(prefix="fuseflow-work-")
-        return Path(self.tmp.name)
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="fuseflow-work-") as tmp:
+        yield Path(tmp)
 
 
 def _write_report(path: Path, report: CompileReport, runtime: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 import tensorflow as tf  # noqa: E402
@@ -59,7 +59,7 @@ def run_saved_model(model_dir, feeds: dict, signature="serving_default", tags=No
 _FRESH = textwrap.dedent("""
     import os, sys, json
     import numpy as np
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     import fuseflow
     import tensorflow as tf
     args = json.loads(sys.argv[1])
@@ -83,8 +83,11 @@ _FRESH = textwrap.dedent("""
 
 
 def run_fresh(model_dir, feeds: dict, tmp_path: Path, signature="serving_default", tags=None,
-              api="v2", env=None) -> dict:
-    """Load and run a (compiled) model in a new Python process that imports fuseflow."""
+              api="v2", env=None, with_log=False):
+    """Load and run a (compiled) model in a new Python process that imports fuseflow.
+
+    Returns the outputs, or (outputs, stderr) with with_log.
+    """
     feeds_file, out_file = tmp_path / "feeds.npz", tmp_path / "out.npz"
     np.savez(feeds_file, **feeds)
     args = {"model": str(model_dir), "feeds": str(feeds_file), "out": str(out_file),
@@ -95,7 +98,8 @@ def run_fresh(model_dir, feeds: dict, tmp_path: Path, signature="serving_default
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"fresh process failed:\n{proc.stderr[-4000:]}"
     with np.load(out_file) as data:
-        return dict(data)
+        outputs = dict(data)
+    return (outputs, proc.stderr) if with_log else outputs
 
 
 def assert_outputs_close(expected: dict, actual: dict, rtol=1e-4, atol=1e-5):
@@ -120,3 +124,9 @@ def op_types(graph_def) -> list[str]:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(params=["openvino", "xla"])
+def backend(request):
+    """Every end-to-end test runs once per backend."""
+    return request.param

@@ -263,8 +263,15 @@ class Case:
 
 F32 = np.float32
 GOOD_FEEDS = {"x": np.ones((2, 4), F32), "z": np.ones((2, 3), F32)}
-# /proc refuses mkdir even to root, though os.access says it is writable.
-UNWRITABLE = Path("/proc/fuseflow-bad-input-test")
+
+
+def _unwritable() -> Path:
+    """A folder no one can create, root included (tests run as root, which chmod
+    does not stop): /proc refuses mkdir, though os.access calls it writable."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    return Path("/proc/fuseflow-bad-input-test")
+
 
 CASES = [
     # -- the model directory
@@ -444,7 +451,7 @@ CASES = [
     Case("out_under_a_file", errors.OutputDirError, r"a_file' is a file, not a directory",
          make=_out_under_file),
     Case("out_not_writable", errors.OutputDirError, r"'/proc' is not writable",
-         make=_out(lambda s: UNWRITABLE / "compiled")),
+         make=_out(lambda s: _unwritable() / "compiled")),
     Case("out_inside_input", errors.OutputDirError, r"is inside the input model",
          make=_out(lambda s: s.model / "compiled")),
     Case("out_is_input", errors.OutputDirError, r"already exists", make=_out(lambda s: s.model)),
@@ -455,7 +462,7 @@ CASES = [
     Case("workdir_under_a_file", errors.OutputDirError, r"a_file' is a file, not a directory",
          make=_workdir_under_file),
     Case("workdir_not_writable", errors.OutputDirError, r"'/proc' is not writable",
-         make=_workdir(lambda s: UNWRITABLE)),
+         make=_workdir(lambda s: _unwritable())),
     Case("workdir_inside_input", errors.OutputDirError,
          r"compiler_workdir .* is inside the input model", make=_workdir(lambda s: s.model / "w")),
     Case("workdir_not_a_path", errors.OptionError, r"compiler_workdir must be a path",
@@ -522,6 +529,24 @@ def test_bad_input(case: Case, pristine: Path, tmp_path: Path, monkeypatch):
     assert _state(setup.workdir) == work_before, "a failed compile wrote the workdir"
     assert not list(systmp.iterdir()), "temp dirs left behind"
     assert _tree(tmp_path) == everything_before, "a failed compile left files behind"
+
+
+def test_failed_export_leaves_nothing(pristine: Path, tmp_path: Path, monkeypatch):
+    """A failure after compiling, while writing: no bad input reaches it, yet the
+    staging dir and the missing parents made for new_model_dir must all go."""
+    import fuseflow.saved_model as api
+
+    def broken_writer(*args, **kwargs):
+        raise errors.ExportError("disk full (simulated)")
+
+    monkeypatch.setattr(api, "write_saved_model", broken_writer)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tmp_path / "model"
+    shutil.copytree(pristine, model)
+    before = _tree(tmp_path)
+    with pytest.raises(errors.ExportError, match="simulated"):
+        api.compile(model, tmp_path / "new" / "deeper" / "out", compiler_args=XLA)
+    assert _tree(tmp_path) == before
 
 
 def test_pristine_model_compiles(pristine: Path, tmp_path: Path):

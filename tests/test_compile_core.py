@@ -21,12 +21,9 @@ from conftest import (
 import fuseflow
 from fuseflow import errors
 
-BACKEND = "xla"
 
-
-def compile_model(src, out, **kwargs):
-    kwargs.setdefault("backend", BACKEND)
-    return fuseflow.saved_model.compile(str(src), str(out), **kwargs)
+def compile_model(backend, src, out, **kwargs):
+    return fuseflow.saved_model.compile(str(src), str(out), backend=backend, **kwargs)
 
 
 def fused_nodes(graph_def):
@@ -44,10 +41,10 @@ def _conv_model():
     return {"x1": x1, "x2": x2}, {"y": y}
 
 
-def test_two_input_conv_one_fused_op(tmp_path, rng):
+def test_two_input_conv_one_fused_op(backend, tmp_path, rng):
     src = save_tf1(tmp_path / "m", _conv_model)
     out = tmp_path / "c"
-    result = compile_model(str(src), str(out), batch_size=2)
+    result = compile_model(backend, str(src), str(out), batch_size=2)
     assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0
     graph = saved_graph(out)
     assert len(fused_nodes(graph)) == 1
@@ -61,7 +58,7 @@ def test_two_input_conv_one_fused_op(tmp_path, rng):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "feeds.npz", "m", "out.npz"]
 
 
-def test_shapes_from_model_feed_dict(tmp_path, rng):
+def test_shapes_from_model_feed_dict(backend, tmp_path, rng):
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, None], name="x")
         w = tf.compat.v1.get_variable("w", [6, 5])
@@ -70,9 +67,9 @@ def test_shapes_from_model_feed_dict(tmp_path, rng):
     src = save_tf1(tmp_path / "m", build)
     feeds = {"x": rng.random((4, 6), np.float32)}
     with pytest.raises(errors.ShapeError, match="batch_size is not sufficient.*x:0"):
-        compile_model(str(src), str(tmp_path / "bad"))
+        compile_model(backend, str(src), str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
-    result = compile_model(str(src), str(tmp_path / "c"), model_feed_dict=feeds)
+    result = compile_model(backend, str(src), str(tmp_path / "c"), model_feed_dict=feeds)
     assert result["num_segments"] == 1
     sig = tf.saved_model.load(str(tmp_path / "c")).signatures["serving_default"]
     assert sig.structured_input_signature[1]["x"].shape.as_list() == [None, 6]
@@ -80,7 +77,7 @@ def test_shapes_from_model_feed_dict(tmp_path, rng):
                                                                 tmp_path))
 
 
-def test_tags_signatures_and_swapped_inputs(tmp_path, rng):
+def test_tags_signatures_and_swapped_inputs(backend, tmp_path, rng):
     def build():
         a = tf.compat.v1.placeholder(tf.float32, [None, 3], name="a")
         b = tf.compat.v1.placeholder(tf.float32, [None, 3], name="b")
@@ -93,11 +90,11 @@ def test_tags_signatures_and_swapped_inputs(tmp_path, rng):
                    extra_tag_sets=[("serve",), ("train",)])
     feeds = {"a": rng.random((1, 3), np.float32), "b": rng.random((1, 3), np.float32)}
     with pytest.raises(errors.TagError, match=r"\['nope'\].*tag sets"):
-        compile_model(str(src), str(tmp_path / "x"), tags=["nope"])
+        compile_model(backend, str(src), str(tmp_path / "x"), tags=["nope"])
     with pytest.raises(errors.SignatureError, match="'nope' not found.*swapped"):
-        compile_model(str(src), str(tmp_path / "x"), signature_def_key="nope")
+        compile_model(backend, str(src), str(tmp_path / "x"), signature_def_key="nope")
     out = tmp_path / "c"
-    compile_model(str(src), str(out), tags="serve,gpu",
+    compile_model(backend, str(src), str(out), tags="serve,gpu",
                                  signature_def_key="swapped")
     proto_sigs = tf.saved_model.load(str(out), tags=["serve", "gpu"]).signatures
     assert list(proto_sigs.keys()) == ["swapped"]
@@ -106,7 +103,7 @@ def test_tags_signatures_and_swapped_inputs(tmp_path, rng):
                                              tags=["serve", "gpu"]))
 
 
-def test_lookup_table_and_main_op_survive(tmp_path, rng):
+def test_lookup_table_and_main_op_survive(backend, tmp_path, rng):
     def build():
         ids = tf.compat.v1.placeholder(tf.string, [None], name="words")
         x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
@@ -119,7 +116,7 @@ def test_lookup_table_and_main_op_survive(tmp_path, rng):
 
     src = save_tf1(tmp_path / "m", build, main_op=tf.compat.v1.tables_initializer)
     feeds = {"words": np.array([b"b", b"z"]), "x": rng.random((2, 4), np.float32)}
-    result = compile_model(str(src), str(tmp_path / "c"), batch_size=2)
+    result = compile_model(backend, str(src), str(tmp_path / "c"), batch_size=2)
     assert result["num_segments"] >= 1
     report = result
     assert report["OnNeuronRatio"] < 1.0  # the lookup stays in TF
@@ -129,7 +126,7 @@ def test_lookup_table_and_main_op_survive(tmp_path, rng):
                                                                 tmp_path))
 
 
-def test_inputs_from_the_middle_of_the_graph(tmp_path, rng):
+def test_inputs_from_the_middle_of_the_graph(backend, tmp_path, rng):
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 5], name="x")
         mid = tf.identity_n([tf.nn.relu(x) + 1.0, x * 3.0], name="mid")
@@ -138,7 +135,7 @@ def test_inputs_from_the_middle_of_the_graph(tmp_path, rng):
 
     src = save_tf1(tmp_path / "m", build)
     feeds = {"m0": rng.random((1, 5), np.float32), "m1": rng.random((1, 5), np.float32)}
-    result = compile_model(str(src), str(tmp_path / "c"))
+    result = compile_model(backend, str(src), str(tmp_path / "c"))
     assert result["num_segments"] == 1
     # everything upstream of the inputs stays as it was
     graph = saved_graph(tmp_path / "c")
@@ -147,11 +144,11 @@ def test_inputs_from_the_middle_of_the_graph(tmp_path, rng):
                                                                 tmp_path))
 
 
-def test_timeout_falls_back_to_tf_and_must_compile_raises(tmp_path, rng):
+def test_timeout_falls_back_to_tf_and_must_compile_raises(backend, tmp_path, rng):
     src = save_tf1(tmp_path / "m", _conv_model)
     feeds = {"x1": rng.random((1, 8, 8, 3), np.float32), "x2": rng.random((1, 8, 8, 4),
                                                                          np.float32)}
-    result = compile_model(str(src), str(tmp_path / "c"),
+    result = compile_model(backend, str(src), str(tmp_path / "c"),
                                           compiler_args=["--timeout", "0.01"])
     assert result["num_segments"] == 0 and result["num_segments_failed"] == 1
     assert result["OnNeuronRatio"] == 0.0
@@ -160,19 +157,19 @@ def test_timeout_falls_back_to_tf_and_must_compile_raises(tmp_path, rng):
                                                                 tmp_path))
     with pytest.raises(errors.SegmentCompileError,
                        match=r"following subgraphs failed to compile: \['fuseflow_segment_0'\]"):
-        compile_model(str(src), str(tmp_path / "d"),
+        compile_model(backend, str(src), str(tmp_path / "d"),
                                      compiler_args=["--timeout", "0.01", "--must-compile"])
     assert not (tmp_path / "d").exists()
 
 
-def test_must_compile_from_env(tmp_path, monkeypatch):
+def test_must_compile_from_env(backend, tmp_path, monkeypatch):
     src = save_tf1(tmp_path / "m", _conv_model)
     monkeypatch.setenv("NEURON_CC_FLAGS", "--must-compile --timeout 0.01")
     with pytest.raises(errors.SegmentCompileError):
-        compile_model(str(src), str(tmp_path / "d"))
+        compile_model(backend, str(src), str(tmp_path / "d"))
 
 
-def test_large_constant_scalar_io_and_range_reshape(tmp_path, rng):
+def test_large_constant_scalar_io_and_range_reshape(backend, tmp_path, rng):
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 256], name="x")
         s = tf.compat.v1.placeholder(tf.float32, [], name="s")
@@ -185,13 +182,13 @@ def test_large_constant_scalar_io_and_range_reshape(tmp_path, rng):
 
     src = save_tf1(tmp_path / "m", build)
     feeds = {"x": rng.random((1, 256), np.float32), "s": np.float32(0.5)}
-    result = compile_model(str(src), str(tmp_path / "c"))
+    result = compile_model(backend, str(src), str(tmp_path / "c"))
     assert result["num_segments"] == 1
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path),
                          rtol=1e-4, atol=1e-2)
 
 
-def test_split_outputs_nchw_pool_explicit_padding_batch_matmul(tmp_path, rng):
+def test_split_outputs_nchw_pool_explicit_padding_batch_matmul(backend, tmp_path, rng):
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 4], name="x")
         a = tf.compat.v1.placeholder(tf.float32, [None, 3, 4], name="a")
@@ -204,14 +201,14 @@ def test_split_outputs_nchw_pool_explicit_padding_batch_matmul(tmp_path, rng):
 
     src = save_tf1(tmp_path / "m", build)
     feeds = {"x": rng.random((1, 6, 6, 4), np.float32), "a": rng.random((1, 3, 4), np.float32)}
-    compile_model(str(src), str(tmp_path / "c"))
+    compile_model(backend, str(src), str(tmp_path / "c"))
     graph = saved_graph(tmp_path / "c")
     assert "Split" not in op_types(graph) and "BatchMatMulV2" not in op_types(graph)
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
                                                                 tmp_path))
 
 
-def test_no_fuse_ops_and_unknown_flag(tmp_path):
+def test_no_fuse_ops_and_unknown_flag(backend, tmp_path):
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
         a = tf.nn.relu(x * 2.0, name="a")
@@ -220,19 +217,19 @@ def test_no_fuse_ops_and_unknown_flag(tmp_path):
         return {"x": x}, {"y": tf.exp(c - 1.0, name="y")}
 
     src = save_tf1(tmp_path / "m", build)
-    whole = compile_model(str(src), str(tmp_path / "c1"))
+    whole = compile_model(backend, str(src), str(tmp_path / "c1"))
     assert whole["num_segments"] == 1
-    split = compile_model(str(src), str(tmp_path / "c2"), no_fuse_ops=["b"])
+    split = compile_model(backend, str(src), str(tmp_path / "c2"), no_fuse_ops=["b"])
     assert split["num_segments"] == 2
     assert "Sigmoid" in op_types(saved_graph(tmp_path / "c2"))
     with pytest.raises(errors.CompilerArgsError, match="--bogus"):
-        compile_model(str(src), str(tmp_path / "c3"), compiler_args=["--bogus"])
+        compile_model(backend, str(src), str(tmp_path / "c3"), compiler_args=["--bogus"])
     with pytest.raises(errors.OptionError, match="not_a_node"):
-        compile_model(str(src), str(tmp_path / "c4"),
+        compile_model(backend, str(src), str(tmp_path / "c4"),
                                      no_fuse_ops=["not_a_node"])
 
 
-def test_workdir_has_a_folder_per_segment(tmp_path):
+def test_workdir_has_a_folder_per_segment(backend, tmp_path):
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
         a = tf.nn.relu(x * 2.0 + 1.0)
@@ -242,7 +239,7 @@ def test_workdir_has_a_folder_per_segment(tmp_path):
 
     src = save_tf1(tmp_path / "m", build)
     work = tmp_path / "work"
-    result = compile_model(str(src), str(tmp_path / "c"), compiler_workdir=work)
+    result = compile_model(backend, str(src), str(tmp_path / "c"), compiler_workdir=work)
     assert result["num_segments"] == 2
     folders = sorted(p.name for p in work.iterdir())
     assert folders == ["fuseflow_segment_0", "fuseflow_segment_1"]
@@ -252,16 +249,16 @@ def test_workdir_has_a_folder_per_segment(tmp_path):
         assert (work / f / "executable.bin").stat().st_size > 0
 
 
-def test_output_dir_refused_and_input_untouched(tmp_path):
+def test_output_dir_refused_and_input_untouched(backend, tmp_path):
     src = save_tf1(tmp_path / "m", _conv_model)
     before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     (tmp_path / "exists").mkdir()
     with pytest.raises(errors.OutputDirError, match="already exists"):
-        compile_model(str(src), str(tmp_path / "exists"))
+        compile_model(backend, str(src), str(tmp_path / "exists"))
     with pytest.raises(errors.OutputDirError, match="inside the input"):
-        compile_model(str(src), str(src / "out"))
+        compile_model(backend, str(src), str(src / "out"))
     with pytest.raises(errors.ModelLoadError, match="does not exist"):
-        compile_model(str(tmp_path / "nope"), str(tmp_path / "o"))
-    compile_model(str(src), str(tmp_path / "ok"))
+        compile_model(backend, str(tmp_path / "nope"), str(tmp_path / "o"))
+    compile_model(backend, str(src), str(tmp_path / "ok"))
     assert before == {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

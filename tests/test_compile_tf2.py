@@ -32,7 +32,7 @@ def _keras_transformer(seq=16, vocab=50, dim=32, heads=4):
 
 
 @pytest.mark.parametrize("builder", [_keras_cnn, _keras_transformer], ids=["cnn", "transformer"])
-def test_keras_export(tmp_path, builder, rng):
+def test_keras_export(backend, tmp_path, builder, rng):
     tf.keras.utils.set_random_seed(0)
     model = builder()
     for w in model.weights:  # non-trivial BN statistics and biases
@@ -44,7 +44,7 @@ def test_keras_export(tmp_path, builder, rng):
         feeds = {name: rng.random((2, 16, 16, 3), np.float32)}
     else:
         feeds = {name: rng.integers(0, 50, (2, 16)).astype(np.int32)}
-    result = compile_model(src, tmp_path / "c", batch_size=2)
+    result = compile_model(backend, src, tmp_path / "c", batch_size=2)
     assert result["num_segments"] == 1, result
     assert result["OnNeuronRatio"] > 0.9
     assert len(fused_nodes(saved_graph(tmp_path / "c"))) == 1
@@ -52,7 +52,7 @@ def test_keras_export(tmp_path, builder, rng):
                                                                 tmp_path), atol=1e-4)
 
 
-def test_tf_module_with_resource_variables(tmp_path, rng):
+def test_tf_module_with_resource_variables(backend, tmp_path, rng):
     class Module(tf.Module):
         def __init__(self):
             self.w = tf.Variable(rng.random((4, 3), np.float32))
@@ -65,7 +65,7 @@ def test_tf_module_with_resource_variables(tmp_path, rng):
     module = Module()
     tf.saved_model.save(module, str(tmp_path / "m"), signatures=module.__call__)
     feeds = {"x": rng.random((1, 4), np.float32)}
-    result = compile_model(tmp_path / "m", tmp_path / "c")
+    result = compile_model(backend, tmp_path / "m", tmp_path / "c")
     assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
                          run_fresh(tmp_path / "c", feeds, tmp_path))
@@ -77,7 +77,7 @@ def _save_module(path, fn, spec):
     tf.saved_model.save(module, str(path), signatures=module.f)
 
 
-def test_unsupported_op_in_the_middle_gives_two_segments(tmp_path, rng):
+def test_unsupported_op_in_the_middle_gives_two_segments(backend, tmp_path, rng):
     def fn(x):
         a = tf.nn.relu(x * 2.0 - 0.5) + 1.0
         hist = tf.histogram_fixed_width(a, [0.0, 3.0], nbins=5)  # no backend takes it
@@ -86,14 +86,14 @@ def test_unsupported_op_in_the_middle_gives_two_segments(tmp_path, rng):
 
     _save_module(tmp_path / "m", fn, tf.TensorSpec([1, 8], tf.float32))
     feeds = {"x": rng.random((1, 8), np.float32)}
-    result = compile_model(tmp_path / "m", tmp_path / "c")
+    result = compile_model(backend, tmp_path / "m", tmp_path / "c")
     assert result["num_segments"] == 2, result
     assert "HistogramFixedWidth" in op_types(saved_graph(tmp_path / "c"))
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
                          run_fresh(tmp_path / "c", feeds, tmp_path))
 
 
-def test_naive_merge_would_make_a_cycle(tmp_path, rng):
+def test_naive_merge_would_make_a_cycle(backend, tmp_path, rng):
     """a -> hist (TF) -> c and a -> c: a and c must not share a segment."""
     def fn(x):
         a = tf.nn.relu(x * 2.0)
@@ -103,18 +103,18 @@ def test_naive_merge_would_make_a_cycle(tmp_path, rng):
 
     _save_module(tmp_path / "m", fn, tf.TensorSpec([8], tf.float32))
     feeds = {"x": rng.random((8,), np.float32)}
-    result = compile_model(tmp_path / "m", tmp_path / "c", minimum_segment_size=1)
+    result = compile_model(backend, tmp_path / "m", tmp_path / "c", minimum_segment_size=1)
     assert result["num_segments"] == 2, result
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
                          run_fresh(tmp_path / "c", feeds, tmp_path))
 
 
-def test_compiled_model_runs_in_cpp_loader(tmp_path, rng):
+def test_compiled_model_runs_in_cpp_loader(backend, tmp_path, rng):
     from cpp_runner import run_saved_model_cpp
 
     model = _keras_cnn()
     model.export(str(tmp_path / "m"))
-    compile_model(tmp_path / "m", tmp_path / "c")
+    compile_model(backend, tmp_path / "m", tmp_path / "c")
     name = model.inputs[0].name
     feeds = {name: rng.random((1, 16, 16, 3), np.float32)}
     ops = [fuseflow.native.library_path()] if hasattr(fuseflow, "native") else []

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from conftest import REPO, save_tf1, tf
 from test_compile_core import compile_model
 
@@ -46,10 +45,9 @@ def _cnn():
     return {"x": x}, {"y": tf.sigmoid(y, name="y")}
 
 
-@pytest.mark.parametrize("backend", ["xla", "openvino"])
-def test_batch_3_runs_at_any_batch_from_threads(tmp_path, backend):
+def test_batch_3_runs_at_any_batch_from_threads(backend, tmp_path):
     src = save_tf1(tmp_path / "m", _cnn)
-    result = compile_model(src, tmp_path / "c", batch_size=3, backend=backend)
+    result = compile_model(backend, src, tmp_path / "c", batch_size=3)
     assert result["num_segments"] == 1
     batches = "1,2,3,5,11,64,1023" if backend == "openvino" else "1,2,3,5,11"
     proc = subprocess.run([sys.executable, "-c", _CHECK, str(src), str(tmp_path / "c"),

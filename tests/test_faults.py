@@ -20,19 +20,55 @@ def _two_segment_model():
 
 
 @pytest.mark.parametrize("fault", ["crash", "hang", "error"])
-def test_fault_in_one_segment_falls_back(tmp_path, monkeypatch, fault, rng):
+def test_fault_in_one_segment_falls_back(backend, tmp_path, monkeypatch, fault, rng):
     from conftest import save_tf1
 
     src = save_tf1(tmp_path / "m", _two_segment_model())
     monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", f"{fault}:fuseflow_segment_1")
-    result = compile_model(src, tmp_path / "c", compiler_args=["--timeout", "20"])
+    result = compile_model(backend, src, tmp_path / "c", compiler_args=["--timeout", "20"])
     assert result["num_segments"] == 1 and result["num_segments_failed"] == 1
     report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
     failed = [s for s in report["segments"] if not s["compiled"]]
     assert [s["name"] for s in failed] == ["fuseflow_segment_1"]
     expected_reason = {"crash": "died", "hang": "timed out", "error": "injected"}[fault]
     assert expected_reason in failed[0]["error"]
-    assert any(expected_reason in r for r in report["not_compiled"]["Tanh"])
+    assert any(r["op_type"] == "Tanh" and r["code"] == "COMPILE_FAILED"
+               and expected_reason in r["detail"] for r in report["not_compiled"])
     assert "Tanh" in op_types(saved_graph(tmp_path / "c"))
     feeds = {"x": rng.random((1, 6), np.float32)}
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+
+
+def test_garbage_from_the_compiler_is_caught(tmp_path, monkeypatch, rng):
+    """The artifact is checked against TF before it goes into the model."""
+    from conftest import save_tf1
+
+    src = save_tf1(tmp_path / "m", _two_segment_model())
+    monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "garbage:fuseflow_segment_0")
+    result = compile_model("openvino", src, tmp_path / "c")
+    assert result["num_segments"] == 1 and result["num_segments_failed"] == 1
+    report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
+    assert not report["segments"][0]["compiled"]
+    feeds = {"x": rng.random((1, 6), np.float32)}
+    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+
+
+def test_corrupted_executable_still_runs_with_one_warning(tmp_path, rng):
+    from conftest import save_tf1
+
+    from fuseflow.load import read_saved_model_proto
+
+    src = save_tf1(tmp_path / "m", _two_segment_model())
+    compile_model("openvino", src, tmp_path / "c")
+    proto = read_saved_model_proto(str(tmp_path / "c"))
+    fused = [n for n in proto.meta_graphs[0].graph_def.node if n.op == "FuseflowOp"]
+    assert len(fused) == 2
+    blob = bytearray(fused[0].attr["executable"].s)
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = bytes(64)  # weights, not the header OpenVINO checks
+    fused[0].attr["executable"].s = bytes(blob)
+    (tmp_path / "c" / "saved_model.pb").write_bytes(proto.SerializeToString())
+    feeds = {"x": rng.random((3, 6), np.float32)}
+    out, log = run_fresh(tmp_path / "c", feeds, tmp_path, with_log=True)
+    assert_outputs_close(run_saved_model(src, feeds), out)
+    assert log.count("corrupted") == 1, log[-3000:]

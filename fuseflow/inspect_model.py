@@ -187,7 +187,7 @@ def inspect_model(model_dir) -> dict:
     key, signature = _signature(meta_graph)
     data = _from_graph(graph_def, nodes) if report is None else {
         k: v for k, v in report.items() if k != "runtime"}
-    data["advice"] = advice(data)
+    data["advice"] = advice(data) if report is not None else []
     return {"model": model_dir, "tags": tags, "signature": key, **signature,
             "tensorflow_version": meta_graph.meta_info_def.tensorflow_version,
             "report_found": report is not None, **data,
@@ -209,22 +209,32 @@ def _from_graph(graph_def, nodes: list[LogicalNode]) -> dict:
 
 def format_inspect(info: dict) -> str:
     """The text `fuseflow inspect` prints: model facts, load needs, the report's tables."""
-    runtime = info["runtime"]
     lines = [f"{info['model']}: tags {','.join(info['tags'])}, signature {info['signature']}, "
              f"written by TensorFlow {info['tensorflow_version'] or '?'}",
              "  inputs:  " + _signature_ports(info["inputs"]),
-             "  outputs: " + _signature_ports(info["outputs"]),
-             "  " + summary_line(info)]
-    if runtime:
-        lines.append("  load needs: " + "; ".join(f"{k} {v}" for k, v in runtime.items()))
+             "  outputs: " + _signature_ports(info["outputs"])]
+    if not info["segments"]:
+        return "\n".join(lines + ["  no fused segments: not a model compiled by fuseflow"])
+    lines += ["  " + summary_line(info)] + _runtime_lines(info["runtime"])
     if not info["report_found"]:
-        lines.append(f"  (no {REPORT_DIR}/{REPORT_FILE}: shapes, times and reasons unknown)")
-    if info["segments"]:
-        lines += ["", segment_table(info["segments"])]
+        lines.append(f"  no {REPORT_DIR}/{REPORT_FILE}: shapes, times and reasons unknown")
+    lines += ["", segment_table(info["segments"])]
     if info["not_compiled"]:
         lines += ["", not_compiled_table(info["not_compiled"])]
     lines += [f"warning: {a}" for a in info["advice"]]
     return "\n".join(lines)
+
+
+def _runtime_lines(runtime: dict) -> list[str]:
+    plain = ("backend", "needs", "op_library", "op_library_built")
+    versions = ", ".join(f"{k} {v}" for k, v in runtime.items() if k not in plain)
+    lines = [f"  backend: {runtime.get('backend', '?')}" + (f" ({versions})" if versions else "")]
+    if "op_library" in runtime:
+        state = "built" if runtime["op_library_built"] else "not built: import fuseflow builds it"
+        lines.append(f"  op library: {runtime['op_library']} ({state})")
+    if "needs" in runtime:
+        lines.append(f"  load needs: {runtime['needs']}")
+    return lines
 
 
 def _signature_ports(ports: list[dict]) -> str:

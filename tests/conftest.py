@@ -78,7 +78,8 @@ _FRESH = textwrap.dedent("""
             sig = meta.signature_def[args["signature"]]
             fetch = {k: v.name for k, v in sig.outputs.items()}
             out = sess.run(fetch, {sig.inputs[k].name: v for k, v in feeds.items()})
-    np.savez(args["out"], **out)
+    np.savez(args["out"], **{k: v.astype("S") if v.dtype == object else v
+                             for k, v in out.items()})
 """)
 
 
@@ -105,7 +106,11 @@ def run_fresh(model_dir, feeds: dict, tmp_path: Path, signature="serving_default
 def assert_outputs_close(expected: dict, actual: dict, rtol=1e-4, atol=1e-5):
     assert sorted(expected) == sorted(actual)
     for k in expected:
-        np.testing.assert_allclose(actual[k], expected[k], rtol=rtol, atol=atol, err_msg=k)
+        if np.asarray(expected[k]).dtype.kind in "SUO":
+            np.testing.assert_array_equal(np.asarray(actual[k]).astype("S"),
+                                          np.asarray(expected[k]).astype("S"), err_msg=k)
+        else:
+            np.testing.assert_allclose(actual[k], expected[k], rtol=rtol, atol=atol, err_msg=k)
 
 
 def saved_graph(model_dir):

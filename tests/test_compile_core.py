@@ -262,3 +262,65 @@ def test_output_dir_refused_and_input_untouched(backend, tmp_path):
     compile_model(backend, str(src), str(tmp_path / "ok"))
     assert before == {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_classify_signature_with_tf_example_input(backend, tmp_path, rng):
+    """tf.Example strings in, parse ops stay in TF, the dense part is compiled."""
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        serialized = tf.compat.v1.placeholder(tf.string, [None], name="examples")
+        features = tf.io.parse_example(
+            serialized, {"f": tf.io.FixedLenFeature([4], tf.float32)})
+        w = tf.compat.v1.get_variable("w", [4, 3])
+        scores = tf.nn.softmax(tf.nn.relu(tf.matmul(features["f"], w)) * 2.0 + 0.1)
+        classes = tf.constant([b"a", b"b", b"c"])
+        sess.run(tf.compat.v1.global_variables_initializer())
+        sig = tf.compat.v1.saved_model.classification_signature_def(
+            serialized, tf.broadcast_to(classes, tf.shape(scores)), scores)
+        builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "m"))
+        builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={
+            "classify": sig})
+        builder.save()
+    values = rng.random((2, 4), np.float32)
+    examples = np.array([tf.train.Example(features=tf.train.Features(feature={
+        "f": tf.train.Feature(float_list=tf.train.FloatList(value=v))})).SerializeToString()
+        for v in values])
+    result = compile_model(backend, tmp_path / "m", tmp_path / "c", batch_size=2)
+    assert result["num_segments"] == 1
+    assert "ParseExampleV2" in op_types(saved_graph(tmp_path / "c"))
+    feeds = {"inputs": examples}
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds, signature="classify"),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, signature="classify"))
+
+
+def test_vocabulary_file_asset_table(backend, tmp_path, rng):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("zero\none\ntwo\nthree\n")
+
+    def build():
+        words = tf.compat.v1.placeholder(tf.string, [None], name="words")
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
+        table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+            str(vocab), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64,
+            tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+        ids = tf.cast(table.lookup(words), tf.float32)
+        y = tf.nn.relu(x * 2.0 - 0.5) * tf.expand_dims(ids, 1) + 1.0
+        return {"words": words, "x": x}, {"y": y}
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        inputs, outputs = build()
+        asset = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.ASSET_FILEPATHS)
+        builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "m"))
+        builder.add_meta_graph_and_variables(
+            sess, ["serve"], signature_def_map={
+                "serving_default": tf.compat.v1.saved_model.predict_signature_def(
+                    inputs, outputs)},
+            main_op=tf.compat.v1.tables_initializer(), assets_collection=asset)
+        builder.save()
+    vocab.unlink()  # the model must read its own copy in assets/
+    feeds = {"words": np.array([b"two", b"nope"]), "x": rng.random((2, 4), np.float32)}
+    compile_model(backend, tmp_path / "m", tmp_path / "c", batch_size=2)
+    assert (tmp_path / "c" / "assets" / "vocab.txt").read_text().startswith("zero")
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path))

@@ -44,20 +44,28 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
+import subprocess
+import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import openvino as ov
-from openvino.frontend import FrontEndManager
 from tensorflow.python.framework import op_def_registry
 
 from fuseflow import errors
 from fuseflow.backends.base import Artifact, Backend, SegmentGraph
 from fuseflow.backends.xla import node_shapes_known
-from fuseflow.graph_util import NON_COMPUTE_OPS, called_functions, is_control, tensor_name
+from fuseflow.graph_util import (
+    NON_COMPUTE_OPS,
+    called_functions,
+    is_control,
+    node_name,
+    tensor_name,
+)
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
 from fuseflow.tf_compat import tf
@@ -127,15 +135,59 @@ def _as_map(props) -> dict[str, str]:
     return dict(p.split("=", 1) for p in props)
 
 
+# Run in a separate interpreter: the frontend aborts the whole process on some
+# graphs (seen with ParseExampleV2), and the user's process must survive that.
+_PROBE = """
+import json, sys
+from openvino.frontend import FrontEndManager
+frontend = FrontEndManager().load_by_framework("tf")
+model = frontend.convert_partially(frontend.load(sys.argv[1]))
+print(json.dumps([op.get_friendly_name() for op in model.get_ordered_ops()
+                  if op.get_type_name() == "TFFrameworkNode"]))
+"""
+
+
 def frontend_unsupported(graph_def) -> set[str]:
     """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted."""
     with tempfile.TemporaryDirectory(prefix="fuseflow-ov-") as tmp:
         path = Path(tmp) / "graph.pb"
         path.write_bytes(graph_def.SerializeToString())
-        frontend = FrontEndManager().load_by_framework("tf")
-        model = frontend.convert_partially(frontend.load(str(path)))
-    return {op.get_friendly_name() for op in model.get_ordered_ops()
-            if op.get_type_name() == "TFFrameworkNode"}
+        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
+                              text=True, timeout=600)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise RuntimeError(f"the frontend failed (exit code {proc.returncode}): {tail}")
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _probe_graph(graph_def, keep: set[str], infos):
+    """Only the nodes OpenVINO might take, others' outputs replaced by Placeholders:
+    strings, resources and stateful ops never reach (and crash) the frontend."""
+    probe = tf.compat.v1.GraphDef()
+    probe.versions.CopyFrom(graph_def.versions)
+    placeholders: dict[str, str] = {}
+    for node in graph_def.node:
+        if node.name not in keep and node.op != "Const":
+            continue
+        copy = probe.node.add()
+        copy.CopyFrom(node)
+        del copy.input[:]
+        for inp in node.input:
+            src = node_name(inp)
+            if src in keep or is_control(inp):
+                if not is_control(inp):
+                    copy.input.append(inp)
+                continue
+            tensor = tensor_name(inp)
+            if tensor not in placeholders:
+                placeholders[tensor] = f"fuseflow_probe_{len(placeholders)}"
+                info = infos[tensor]
+                ph = probe.node.add(name=placeholders[tensor], op="Placeholder")
+                ph.attr["dtype"].type = info.dtype.as_datatype_enum
+                if info.shape is not None:
+                    ph.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
+            copy.input.append(placeholders[tensor])
+    return probe
 
 
 def _tensors(node, infos) -> list[str]:
@@ -152,17 +204,11 @@ class OpenVinoBackend(Backend):
 
     def support(self, graph_def, tensor_infos, options: CompilerOptions
                 ) -> dict[str, Reason | None]:
-        try:
-            unconverted = frontend_unsupported(graph_def)
-        except Exception as e:  # compile() still decides per segment
-            log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
-                        "support per segment at compile time", str(e).splitlines()[0])
-            unconverted = set()
         result: dict[str, Reason | None] = {}
         for node in graph_def.node:
             op_def = op_def_registry.get(node.op)
             if (node.op in NON_COMPUTE_OPS or op_def is None or op_def.is_stateful
-                    or called_functions(node.attr.values()) or node.name in unconverted):
+                    or called_functions(node.attr.values())):
                 result[node.name] = Reason.UNSUPPORTED_OP
             elif any(t in tensor_infos and tensor_infos[t].dtype.as_datatype_enum not in OV_TYPES
                      for t in _tensors(node, tensor_infos)):
@@ -171,6 +217,15 @@ class OpenVinoBackend(Backend):
                 result[node.name] = Reason.UNKNOWN_SHAPE
             else:
                 result[node.name] = None
+        candidates = {n for n, r in result.items() if r is None}
+        try:
+            unconverted = frontend_unsupported(_probe_graph(graph_def, candidates, tensor_infos))
+        except Exception as e:  # compile() still decides per segment
+            log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
+                        "support per segment at compile time", str(e).splitlines()[0])
+            unconverted = set()
+        for name in unconverted & candidates:
+            result[name] = Reason.UNSUPPORTED_OP
         return result
 
     def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path

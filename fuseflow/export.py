@@ -148,12 +148,32 @@ def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tup
                                name="fuseflow_main_op")
         assets = _asset_tensors(graph, model)
         with tf.compat.v1.Session(graph=graph) as sess:
+            saver = _variable_saver(sess, graph, model.variables)
             builder = tf.compat.v1.saved_model.Builder(str(path))
             builder.add_meta_graph_and_variables(
                 sess, model.tags, signature_def_map={model.signature_key: signature},
                 main_op=main_op, assets_collection=assets or None, strip_default_attrs=True,
-                clear_devices=True)
+                clear_devices=True, saver=saver)
             builder.save()
+
+
+def _variable_saver(sess, graph, values: dict):
+    """Set the unfrozen variables to their values and save them in variables/."""
+    if not values:
+        return None
+    saveables = {}
+    for name, value in values.items():
+        op = graph.get_operation_by_name(name)
+        feed = tf.compat.v1.placeholder(op.get_attr("dtype"), value.shape)
+        if op.type == "VarHandleOp":
+            sess.run(tf.raw_ops.AssignVariableOp(resource=op.outputs[0], value=feed),
+                     {feed: value})
+            saveables[name] = tf.raw_ops.ReadVariableOp(resource=op.outputs[0],
+                                                        dtype=op.get_attr("dtype"))
+        else:
+            sess.run(tf.compat.v1.assign(op.outputs[0], feed), {feed: value})
+            saveables[name] = op.outputs[0]
+    return tf.compat.v1.train.Saver(var_list=saveables, sharded=True)
 
 
 def _asset_tensors(graph, model: LoadedModel) -> list:

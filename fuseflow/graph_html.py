@@ -123,6 +123,7 @@ const N = D.nodes.length;
 const esc = s => String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;",
   '"': "&quot;"})[c]);
 const clip = (s, n) => s.length > n ? s.slice(0, n - 1) + "\\u2026" : s;
+const tail = (s, n) => s.length > n ? "\\u2026" + s.slice(1 - n) : s;  // names end in what differs
 const color = g => g >= 0 ? D.segments[g].color : g === INPUT ? "#ddd" : "#fff";
 
 // Name-scope tree: scope 0 is the root; chain[i] lists node i's scopes, outermost first.
@@ -248,7 +249,8 @@ function unitSvg(u, x, y, k) {
     return '<g class="unit leaf" data-unit="' + k + '" data-group="' + g +
       '" transform="translate(' + x + "," + y + ')"><rect class="box" width="' + W +
       '" height="' + H + '" rx="5" fill="' + color(g) + '" ' + style + "/>" + mark +
-      '<text x="6" y="14">' + esc(clip(name.split("/").pop(), 24)) + "</text>" +
+      "<title>" + esc(name) + "</title>" +
+      '<text x="6" y="14">' + esc(tail(name.split("/").slice(-2).join("/"), 25)) + "</text>" +
       '<text x="6" y="29" fill="#444">' + esc(clip(op, 26)) + "</text></g>";
   }
   const s = scopes[u.scope], groups = Object.keys(s.hist).map(Number)
@@ -264,7 +266,8 @@ function unitSvg(u, x, y, k) {
   return '<g class="unit scope" data-unit="' + k + '" data-scope="' + u.scope +
     '" transform="translate(' + x + "," + y + ')"><rect x="4" y="4" width="' + W +
     '" height="' + H + '" rx="5" fill="#bbb"/><rect class="box" width="' + W + '" height="' +
-    H + '" rx="5" fill="' + fill + '" stroke="#333"/><text x="6" y="14">\\u25b8 ' +
+    H + '" rx="5" fill="' + fill + '" stroke="#333"/><title>' + esc(s.path) +
+    '/</title><text x="6" y="14">\\u25b8 ' +
     esc(clip(s.name, 22)) + '/</text><text x="6" y="25" fill="#444">' + s.size + " ops" +
     (s.hist[TF] ? ", " + s.hist[TF] + " in TF" : "") + "</text>" + bar + "</g>";
 }

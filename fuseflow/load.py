@@ -12,6 +12,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fuseflow import errors
 from fuseflow.graph_util import count_ops, node_name
 from fuseflow.tf_compat import tf
@@ -51,6 +53,8 @@ class LoadedModel:
     init_nodes: list[str] = field(default_factory=list)  # table initializers to keep
     assets: dict[str, str] = field(default_factory=dict)  # asset tensor name -> file path
     num_ops: int = 0  # ops in the TF session before anything was done
+    # Variables left unfrozen to keep the GraphDef under protobuf's 2 GB: node -> value.
+    variables: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def fetch_nodes(self) -> list[str]:
@@ -253,17 +257,64 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
         keep = sorted({node_name(t.tensor_name) for t in outputs} | set(init_nodes))
+        unfrozen = _too_large_to_freeze(full)
         try:
             frozen = convert_to_constants.convert_variables_to_constants_from_session_graph(
-                sess, full, keep)
+                sess, full, keep, variable_names_denylist=sorted(unfrozen))
+            values = _variable_values(sess, graph, unfrozen)
         except Exception as e:
             raise errors.ModelLoadError(
                 f"could not freeze the variables of {model_dir!r}: {errors.reason(e)}. Check "
                 "that every variable the signature uses is saved in variables/") from None
+    if unfrozen:
+        log.info("kept %d large variables (%.0f MB) out of the graph: %s", len(unfrozen),
+                 sum(v.nbytes for v in values.values()) / 2**20, sorted(unfrozen)[:5])
     return LoadedModel(
         model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
         inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
-        assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(frozen))
+        assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(frozen),
+        variables=values)
+
+
+_VARIABLE_OPS = frozenset({"VarHandleOp", "VariableV2"})
+
+
+def freeze_limit_bytes() -> int:
+    """How many bytes of variables may become constants (FUSEFLOW_FREEZE_LIMIT_MB).
+
+    Weights are stored about twice in a compiled model (the native subgraph and the
+    compiled artifact), and a GraphDef must stay under protobuf's 2 GB.
+    """
+    return int(float(os.environ.get("FUSEFLOW_FREEZE_LIMIT_MB", "512")) * 2**20)
+
+
+def _too_large_to_freeze(graph_def) -> set[str]:
+    """The largest variables, beyond what may be frozen; they stay variables."""
+    sizes = []
+    for node in graph_def.node:
+        if node.op in _VARIABLE_OPS:
+            shape = tf.TensorShape(node.attr["shape"].shape)
+            if shape.is_fully_defined():
+                dtype = tf.dtypes.as_dtype(node.attr["dtype"].type)
+                sizes.append((shape.num_elements() * dtype.size, node.name))
+    budget, unfrozen = freeze_limit_bytes(), set()
+    for size, name in sorted(sizes):
+        if size <= budget:
+            budget -= size
+        else:
+            unfrozen.add(name)
+            budget = -1  # everything larger stays a variable too
+    return unfrozen
+
+
+def _variable_values(sess, graph, names: set[str]) -> dict[str, np.ndarray]:
+    reads = {}
+    for name in sorted(names):
+        op = graph.get_operation_by_name(name)
+        reads[name] = (tf.raw_ops.ReadVariableOp(resource=op.outputs[0],
+                                                 dtype=op.get_attr("dtype"))
+                       if op.type == "VarHandleOp" else op.outputs[0])
+    return sess.run(reads) if reads else {}
 
 
 _MERGE_OPS = frozenset({"Merge", "RefMerge"})

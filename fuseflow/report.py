@@ -211,13 +211,17 @@ def advice(report: dict) -> list[str]:
         rows = [r for r in report["not_compiled"] if r["reason"] == reason]
         ops = ", ".join(f"{r['op_type']} x{r['count']}" for r in rows[:4])
         hint = _HINTS.get(Reason[rows[0]["code"]]) if rows[0]["code"] else None
-        lines.append(f"{count} ops {reason} ({ops})" + (f": {hint}" if hint else ""))
+        lines.append(f"{reason}: {_ops(count)} ({ops})" + (f"; {hint}" if hint else ""))
     if report.get("unknown_shapes"):
-        worst = ", ".join(f"{u['tensor']} {format_port(u)} ({u['ops']} ops)"
+        worst = ", ".join(f"{u['tensor']} {format_port(u)} ({_ops(u['ops'])})"
                           for u in report["unknown_shapes"][:3])
         lines.append(f"unknown shapes start at {worst}: pass model_feed_dict so they are "
                      "measured")
     return lines
+
+
+def _ops(n: int) -> str:
+    return f"{n} op" if n == 1 else f"{n} ops"
 
 
 def format_port(port: dict) -> str:
@@ -261,7 +265,7 @@ def segment_table(segments: list[dict]) -> str:
         types = " ".join(f"{op}({n})" if n > 1 else op for op, n in s["op_types"].items())
         state = "FAILED" if not s["compiled"] else (
             "-" if s["compile_seconds"] is None else f"{s['compile_seconds']:.1f} s")
-        rows.append([s["name"], s["backend"], s["node_count"], _clip(types, 40),
+        rows.append([s["name"], s["backend"], s["node_count"], _clip(types, 50),
                      _ports_cell(s["inputs"]), _ports_cell(s["outputs"]),
                      _size(s["artifact_bytes"]) if s["artifact_bytes"] else "-", state])
     return format_table(["segment", "backend", "ops", "op types", "inputs", "outputs",

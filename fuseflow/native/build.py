@@ -78,16 +78,24 @@ def _command() -> tuple[list[str], str]:
         f"-l:{_openvino_library(ov_libs)}",
         f"-Wl,-rpath,{tf_lib}",
         f"-Wl,-rpath,{ov_libs}",
+        # Where TF and OpenVINO sit beside an installed fuseflow (a wheel built elsewhere).
+        "-Wl,-rpath,$ORIGIN/../../tensorflow",
+        "-Wl,-rpath,$ORIGIN/../../openvino/libs",
     ]
     versions = f"tf={tf_version};openvino={importlib.metadata.version('openvino')}"
     return command, versions
 
 
 def _digest(command: list[str], versions: str) -> str:
+    """Sources, flags and versions, but not where TF and OpenVINO are installed: a wheel
+    built in pip's isolated environment stays valid in the user's one."""
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (NATIVE_DIR / name).read_bytes() + b"\0")
-    digest.update("\0".join(command).encode())
+    site = str(_openvino_dir().parent)
+    portable = [arg.replace(site, "<site>").replace(str(NATIVE_DIR), "<native>")
+                for arg in command]
+    digest.update("\0".join(portable).encode())
     digest.update(versions.encode())
     return digest.hexdigest()
 

@@ -1,0 +1,354 @@
+"""Random graphs, compiled with each backend, compute what the original computes.
+
+hypothesis draws a small program: 1-3 float32 inputs with a batch dim, then a
+few ops each reading earlier tensors (ops the backends take: unary, binary
+with broadcasting, matmul, conv, reductions, concat, split, reshape, constants;
+and ops no backend takes: a string round trip, a histogram), then 1-3 of the
+tensors as outputs. The program is saved as a TF1 SavedModel, compiled at its
+batch size, and the compiled model must give the original's answers at that
+batch size and at another one (dynamic batch).
+
+Values are kept bounded (a result whose bound grows past 8 is scaled back) so
+that rtol/atol 1e-4 compare meaningfully. A failing example prints as a
+Program whose ops read like code; `build_graph` turns it back into the graph.
+
+make test runs 10 fixed examples per backend. FUSEFLOW_FUZZ_EXAMPLES=N
+(make fuzz) runs N examples per backend from a random seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from conftest import assert_outputs_close, save_tf1, tf
+from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import strategies as st
+
+import fuseflow
+
+BATCH = -1  # dim 0 of a tensor that carries the batch
+_EXAMPLES = os.environ.get("FUSEFLOW_FUZZ_EXAMPLES")
+_BOUND = 8.0  # a result that may exceed this is scaled back to _RESCALED
+_RESCALED = 4.0
+_INPUT_SHAPES = ((8,), (16,), (4, 4, 2), (4, 4, 3))
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of a program: reads tensors `args`, appends its outputs to the list."""
+
+    kind: str
+    args: tuple[int, ...]
+    param: tuple = ()
+    scale: float = 1.0  # multiplies the result (keeps values bounded)
+
+    def __repr__(self):
+        scale = f" * {self.scale:.4g}" if self.scale != 1.0 else ""
+        return f"{self.kind}{self.param!r}(t{', t'.join(map(str, self.args))}){scale}"
+
+
+@dataclass(frozen=True)
+class Program:
+    inputs: tuple[tuple[int, ...], ...]  # per-sample shapes
+    ops: tuple[Op, ...]
+    outputs: tuple[int, ...]  # tensor indices; inputs are t0..t{n-1}
+    batch: int  # compiled at this batch size
+    other_batch: int  # also run at this one
+    seed: int
+
+    def __repr__(self):
+        lines = [f"Program(batch={self.batch}, other_batch={self.other_batch}, "
+                 f"seed={self.seed})"]
+        lines += [f"  t{i} = input[B, {', '.join(map(str, s))}]"
+                  for i, s in enumerate(self.inputs)]
+        k = len(self.inputs)
+        for op in self.ops:
+            n = _OUTPUT_COUNT.get(op.kind, 1)
+            lines.append(f"  {', '.join(f't{k + j}' for j in range(n))} = {op!r}")
+            k += n
+        lines.append(f"  outputs: {', '.join(f't{i}' for i in self.outputs)}")
+        return "\n".join(lines)
+
+    def feeds(self, batch: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.seed + batch)
+        return {f"x{i}": rng.uniform(-2, 2, (batch, *s)).astype(np.float32)
+                for i, s in enumerate(self.inputs)}
+
+
+_OUTPUT_COUNT = {"split": 2}
+
+
+# -- drawing a program: tensors are tracked as (shape with BATCH or 1 in dim 0, bound) --
+
+@dataclass(frozen=True)
+class _Meta:
+    shape: tuple[int, ...]
+    bound: float
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple | None:
+    if len(a) != len(b):
+        return None
+    out = []
+    for x, y in zip(a, b):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(out)
+
+
+def _pick(draw, candidates: list[int]) -> int | None:
+    return draw(st.sampled_from(candidates)) if candidates else None
+
+
+def _draw_unary(draw, ts):
+    i = draw(st.integers(0, len(ts) - 1))
+    fn = draw(st.sampled_from(["relu", "tanh", "sigmoid", "abs", "neg", "exp_tanh",
+                               "per_batch"]))
+    bound = {"tanh": 1.0, "sigmoid": 1.0, "exp_tanh": math.e}.get(fn, ts[i].bound)
+    return Op("unary", (i,), (fn,)), [_Meta(ts[i].shape, bound)]
+
+
+def _draw_binary(draw, ts):
+    i = draw(st.integers(0, len(ts) - 1))
+    a = ts[i]
+    fn = draw(st.sampled_from(["add", "mul", "sub", "maximum", "minimum", "where_pos"]))
+    others = [j for j, t in enumerate(ts) if _broadcast(a.shape, t.shape) is not None]
+    if draw(st.booleans()) and others:
+        j = draw(st.sampled_from(others))
+        shape, b_bound, args, param = _broadcast(a.shape, ts[j].shape), ts[j].bound, (i, j), ()
+    else:
+        const = draw(st.sampled_from(["scalar", "last", "sample"]))
+        shape, b_bound, args, param = a.shape, 1.0, (i,), (const,)
+    bound = {"add": a.bound + b_bound, "sub": a.bound + b_bound,
+             "mul": a.bound * b_bound}.get(fn, max(a.bound, b_bound))
+    return Op("binary", args, (fn, *param)), [_Meta(shape, bound)]
+
+
+def _draw_matmul(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) == 2])
+    if i is None:
+        return None
+    units = draw(st.sampled_from([3, 8, 16]))
+    bias = draw(st.booleans())
+    bound = ts[i].bound * 2 * math.sqrt(ts[i].shape[1]) + bias
+    return Op("matmul", (i,), (units, bias)), [_Meta((ts[i].shape[0], units), bound)]
+
+
+def _draw_conv(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) == 4])
+    if i is None:
+        return None
+    k = draw(st.sampled_from([1, 3]))
+    out = draw(st.sampled_from([2, 3, 4]))
+    n, h, w, c = ts[i].shape
+    bound = ts[i].bound * 2 * math.sqrt(k * k * c)
+    return Op("conv", (i,), (k, out)), [_Meta((n, h, w, out), bound)]
+
+
+def _draw_reduce(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 2])
+    if i is None:
+        return None
+    shape = ts[i].shape
+    fn = draw(st.sampled_from(["mean", "sum", "max"]))
+    # Mostly a per-sample axis; sometimes the batch axis (not per-sample: dynamic batch
+    # must not split such a segment).
+    axis = draw(st.integers(1, len(shape) - 1) | st.just(0))
+    keepdims = draw(st.booleans())
+    out = tuple(1 if k == axis else d for k, d in enumerate(shape))
+    if not keepdims:
+        out = out[:axis] + out[axis + 1:]
+    bound = ts[i].bound * (shape[axis] if fn == "sum" and axis else 1)
+    if fn == "sum" and axis == 0:
+        bound = ts[i].bound * 64
+    return Op("reduce", (i,), (fn, axis, keepdims)), [_Meta(out, bound)]
+
+
+def _draw_concat(draw, ts):
+    i = draw(st.integers(0, len(ts) - 1))
+    shape = ts[i].shape
+    same = [j for j, t in enumerate(ts) if t.shape[:-1] == shape[:-1]]
+    more = draw(st.lists(st.sampled_from(same), min_size=1, max_size=2))
+    args = (i, *more)
+    last = sum(ts[j].shape[-1] for j in args)
+    return (Op("concat", args), [_Meta((*shape[:-1], last), max(ts[j].bound for j in args))])
+
+
+def _draw_split(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 2 and t.shape[-1] >= 2])
+    if i is None:
+        return None
+    shape, n = ts[i].shape, ts[i].shape[-1]
+    sizes = (n // 2, n - n // 2) if n % 2 == 0 and draw(st.booleans()) else (1, n - 1)
+    param = ("even",) if sizes[0] == sizes[1] else ("sizes", sizes)
+    return Op("split", (i,), param), [_Meta((*shape[:-1], s), ts[i].bound) for s in sizes]
+
+
+def _draw_reshape(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if t.shape[0] == BATCH and len(t.shape) >= 2])
+    if i is None:
+        return None
+    size = math.prod(ts[i].shape[1:])
+    targets = [(size,)] + ([(4, 4, size // 16)] if size % 16 == 0 else [])
+    target = draw(st.sampled_from(targets))
+    via_shape = draw(st.booleans())  # tf.shape(x)[0] instead of -1, as Keras' Flatten does
+    return (Op("reshape", (i,), (target, via_shape)),
+            [_Meta((BATCH, *target), ts[i].bound)])
+
+
+def _draw_string(draw, ts):
+    i = draw(st.integers(0, len(ts) - 1))
+    return Op("string_round_trip", (i,)), [ts[i]]
+
+
+def _draw_histogram(draw, ts):
+    i = draw(st.integers(0, len(ts) - 1))
+    bins = draw(st.sampled_from([4, 8, 16]))
+    return (Op("histogram", (i,), (bins, round(ts[i].bound, 3))),
+            [_Meta((1, bins), 1.0)])
+
+
+def _draw_const(draw, ts):
+    shape = draw(st.sampled_from([(1, 8), (1, 16), (1, 4, 4, 3)]))
+    return Op("const", (), (shape,)), [_Meta(shape, 1.0)]
+
+
+_DRAWERS = {"unary": _draw_unary, "binary": _draw_binary, "matmul": _draw_matmul,
+            "conv": _draw_conv, "reduce": _draw_reduce, "concat": _draw_concat,
+            "split": _draw_split, "reshape": _draw_reshape,
+            "string_round_trip": _draw_string, "histogram": _draw_histogram,
+            "const": _draw_const}
+
+
+@st.composite
+def programs(draw, max_ops=8):
+    inputs = tuple(draw(st.lists(st.sampled_from(_INPUT_SHAPES), min_size=1, max_size=3)))
+    metas = [_Meta((BATCH, *s), 2.0) for s in inputs]
+    ops = []
+    for _ in range(draw(st.integers(1, max_ops))):
+        drawn = _DRAWERS[draw(st.sampled_from(list(_DRAWERS)))](draw, metas)
+        if drawn is None:
+            continue
+        op, outs = drawn
+        bound = max(m.bound for m in outs)
+        if bound > _BOUND:
+            op = Op(op.kind, op.args, op.param, _RESCALED / bound)
+            outs = [_Meta(m.shape, _RESCALED) for m in outs]
+        ops.append(op)
+        metas.extend(outs)
+    n = len(metas)
+    outputs = tuple(draw(st.lists(st.integers(0, n - 1).map(lambda k: n - 1 - k),
+                                  min_size=1, max_size=3)))
+    batch = draw(st.integers(2, 5))
+    other = draw(st.sampled_from([1, batch + 1, 2 * batch + 3]))
+    return Program(inputs, tuple(ops), outputs, batch, other, draw(st.integers(0, 2**16)))
+
+
+# -- building the TF1 graph of a program --
+
+def _apply(op: Op, xs: list, rng: np.random.Generator) -> list:
+    def const(shape, scale=1.0):
+        return tf.constant(rng.uniform(-scale, scale, shape).astype(np.float32))
+
+    x = xs[0] if xs else None
+    if op.kind == "unary":
+        fn = op.param[0]
+        if fn == "exp_tanh":
+            return [tf.exp(tf.tanh(x))]
+        if fn == "per_batch":  # depends on the run-time batch size
+            return [x / tf.cast(tf.shape(x)[0], tf.float32)]
+        return [{"relu": tf.nn.relu, "tanh": tf.tanh, "sigmoid": tf.sigmoid, "abs": tf.abs,
+                 "neg": tf.negative}[fn](x)]
+    if op.kind == "binary":
+        fn, rest = op.param[0], op.param[1:]
+        if rest:
+            per_sample = x.shape.as_list()[1:]
+            shape = {"scalar": [], "last": per_sample[-1:], "sample": per_sample}[rest[0]]
+            y = const(shape)
+        else:
+            y = xs[1]
+        if fn == "where_pos":
+            return [tf.where(x > 0, x, y * tf.ones_like(x))]
+        return [{"add": tf.add, "mul": tf.multiply, "sub": tf.subtract,
+                 "maximum": tf.maximum, "minimum": tf.minimum}[fn](x, y)]
+    if op.kind == "matmul":
+        units, bias = op.param
+        n = x.shape.as_list()[1]
+        y = tf.matmul(x, const([n, units], math.sqrt(3 / n)))
+        return [tf.nn.bias_add(y, const([units])) if bias else y]
+    if op.kind == "conv":
+        k, out = op.param
+        c = x.shape.as_list()[3]
+        return [tf.nn.conv2d(x, const([k, k, c, out], math.sqrt(3 / (k * k * c))), 1, "SAME")]
+    if op.kind == "reduce":
+        fn, axis, keepdims = op.param
+        return [getattr(tf, f"reduce_{fn}")(x, axis=axis, keepdims=keepdims)]
+    if op.kind == "concat":
+        return [tf.concat(xs, axis=-1)]
+    if op.kind == "split":
+        return tf.split(x, 2 if op.param[0] == "even" else list(op.param[1]), axis=-1)
+    if op.kind == "reshape":
+        target, via_shape = op.param
+        shape = (tf.concat([tf.shape(x)[:1], list(target)], 0) if via_shape
+                 else [-1, *target])
+        return [tf.reshape(x, shape)]
+    if op.kind == "string_round_trip":
+        return [tf.strings.to_number(tf.strings.as_string(x), tf.float32)]
+    if op.kind == "histogram":
+        bins, bound = op.param
+        hist = tf.histogram_fixed_width(x, [-bound, bound], nbins=bins)
+        hist = tf.cast(hist, tf.float32) / tf.cast(tf.size(x), tf.float32)
+        return [tf.reshape(hist, [1, bins])]
+    if op.kind == "const":
+        return [const(op.param[0])]
+    raise AssertionError(op.kind)
+
+
+def build_graph(program: Program):
+    """save_tf1's build function: (inputs, outputs) of the program's graph."""
+    inputs = {f"x{i}": tf.compat.v1.placeholder(tf.float32, [None, *s], name=f"x{i}")
+              for i, s in enumerate(program.inputs)}
+    tensors = list(inputs.values())
+    for k, op in enumerate(program.ops):
+        outs = _apply(op, [tensors[i] for i in op.args],
+                      np.random.default_rng(program.seed * 1000 + k))
+        tensors.extend(out * op.scale if op.scale != 1.0 else out for out in outs)
+    return inputs, {f"y{j}": tensors[i] for j, i in enumerate(program.outputs)}
+
+
+def _run(signature, feeds: dict) -> dict:
+    out = signature(**{k: tf.constant(v) for k, v in feeds.items()})
+    return {k: v.numpy() for k, v in out.items()}
+
+
+@settings(max_examples=int(_EXAMPLES or 10), derandomize=_EXAMPLES is None, deadline=None,
+          database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(program=programs())
+def test_compiled_random_graph_matches_original(backend, program):
+    note(repr(program))
+    with tempfile.TemporaryDirectory(prefix="fuseflow-fuzz-") as tmp:
+        src, out = Path(tmp) / "m", Path(tmp) / "c"
+        save_tf1(src, lambda: build_graph(program))
+        result = fuseflow.saved_model.compile(str(src), str(out), batch_size=program.batch,
+                                              backend=backend, minimum_segment_size=1)
+        note(f"compile: {result}")
+        event(f"segments compiled: {result['num_segments']}")
+        if result["num_segments_failed"]:
+            event("a segment failed to compile (stays in TF)")
+        original = tf.saved_model.load(str(src)).signatures["serving_default"]
+        compiled = tf.saved_model.load(str(out)).signatures["serving_default"]
+        for batch in (program.batch, program.other_batch):
+            feeds = program.feeds(batch)
+            expected, actual = _run(original, feeds), _run(compiled, feeds)
+            note(f"batch {batch}")
+            assert_outputs_close(expected, actual, rtol=1e-4, atol=1e-4)

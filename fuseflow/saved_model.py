@@ -36,6 +36,7 @@ from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
     apply_input_shapes,
     infer_tensor_shapes,
+    node_tensors,
     resolve_input_shapes,
     serving_shapes,
 )
@@ -141,13 +142,7 @@ def _batch_dim(shapes: dict[str, tuple]) -> int:
 
 
 def _touches_string(node, infos) -> bool:
-    k = 0
-    while f"{node.name}:{k}" in infos:
-        if infos[f"{node.name}:{k}"].dtype == tf.string:
-            return True
-        k += 1
-    return any(infos.get(tensor_name(i)) is not None and infos[tensor_name(i)].dtype == tf.string
-               for i in node.input if not i.startswith("^"))
+    return any(t in infos and infos[t].dtype == tf.string for t in node_tensors(node, infos))
 
 
 def _check_names(graph_def, names: frozenset[str]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fuseflow import errors
-from fuseflow.graph_util import node_name, tensor_name
+from fuseflow.graph_util import is_control, node_name, tensor_name
 from fuseflow.load import LoadedModel, TensorSpec
 from fuseflow.tf_compat import tf
 
@@ -234,3 +234,18 @@ def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[st
 def _in_control_flow(graph, name: str) -> bool:
     return graph.get_tensor_by_name(name).op.type in {
         "Switch", "Merge", "Enter", "Exit", "NextIteration", "LoopCond"}
+
+
+def node_tensors(node, infos: dict[str, TensorInfo]) -> list[str]:
+    """Names of a node's data inputs and of its outputs."""
+    tensors = [tensor_name(i) for i in node.input if not is_control(i)]
+    k = 0
+    while f"{node.name}:{k}" in infos:
+        tensors.append(f"{node.name}:{k}")
+        k += 1
+    return tensors
+
+
+def node_shapes_known(node, infos: dict[str, TensorInfo]) -> bool:
+    """All data inputs and outputs of node have fully known shapes."""
+    return all(t in infos and infos[t].fully_defined for t in node_tensors(node, infos))

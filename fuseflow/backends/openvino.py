@@ -58,7 +58,6 @@ from tensorflow.python.framework import op_def_registry
 
 from fuseflow import errors
 from fuseflow.backends.base import Artifact, Backend, SegmentGraph
-from fuseflow.backends.xla import node_shapes_known
 from fuseflow.graph_util import (
     NON_COMPUTE_OPS,
     called_functions,
@@ -68,6 +67,7 @@ from fuseflow.graph_util import (
 )
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
+from fuseflow.shapes import node_shapes_known, node_tensors
 from fuseflow.tf_compat import tf
 
 log = logging.getLogger("fuseflow")
@@ -190,15 +190,6 @@ def _probe_graph(graph_def, keep: set[str], infos):
     return probe
 
 
-def _tensors(node, infos) -> list[str]:
-    tensors = [tensor_name(i) for i in node.input if not is_control(i)]
-    k = 0
-    while f"{node.name}:{k}" in infos:
-        tensors.append(f"{node.name}:{k}")
-        k += 1
-    return tensors
-
-
 class OpenVinoBackend(Backend):
     name = "openvino"
 
@@ -211,7 +202,7 @@ class OpenVinoBackend(Backend):
                     or called_functions(node.attr.values())):
                 result[node.name] = Reason.UNSUPPORTED_OP
             elif any(t in tensor_infos and tensor_infos[t].dtype.as_datatype_enum not in OV_TYPES
-                     for t in _tensors(node, tensor_infos)):
+                     for t in node_tensors(node, tensor_infos)):
                 result[node.name] = Reason.DTYPE
             elif not node_shapes_known(node, tensor_infos):
                 result[node.name] = Reason.UNKNOWN_SHAPE

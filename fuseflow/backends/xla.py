@@ -15,7 +15,7 @@ from pathlib import Path
 from fuseflow.backends.base import Artifact, Backend, SegmentGraph
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
-from fuseflow.shapes import TensorInfo
+from fuseflow.shapes import node_shapes_known
 from fuseflow.tf_compat import tf
 
 # XLA:CPU is ~65x slower than TF on depthwise convolutions (measured).
@@ -59,18 +59,6 @@ def _dtypes_ok(node, constraints_list) -> bool:
         if ok:
             return True
     return False
-
-
-def node_shapes_known(node, infos: dict[str, TensorInfo]) -> bool:
-    """All data inputs and outputs of node have fully known shapes."""
-    from fuseflow.graph_util import is_control, tensor_name
-
-    tensors = [tensor_name(i) for i in node.input if not is_control(i)]
-    k = 0
-    while f"{node.name}:{k}" in infos:
-        tensors.append(f"{node.name}:{k}")
-        k += 1
-    return all(t in infos and infos[t].fully_defined for t in tensors)
 
 
 class XlaBackend(Backend):

@@ -27,8 +27,16 @@ test: install
 test-all: install
 	$(PY) -m pytest -q tests
 
-bench: install
-	$(PY) -m bench.run
+# The bench extra (tf2onnx, onnxruntime) alone, without reinstalling fuseflow. If it does
+# not install, the benchmark still runs and its onnxruntime rows say n/a.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'], sep='\n')" > $(VENV)/bench-requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/bench-requirements.txt && touch $@ \
+		|| echo "warning: the bench extra did not install; onnxruntime rows will say n/a"
+
+bench: install $(BENCH_STAMP)
+	$(PY) -m bench.run --json .build/bench.json
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -23,6 +23,7 @@ from fuseflow.options import CompilerOptions
 log = logging.getLogger("fuseflow")
 
 _MEMORY_PER_WORKER = 4 << 30  # the reference's rule: one worker per 4 GB available
+_STARTUP_S = 300.0  # a worker that can't even import TF in this long is stuck
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class _Worker:
         self.reader = Connection(parent_r, writable=False)
         self.writer = Connection(parent_w, readable=False)
         self.job: tuple[int, float] | None = None  # (segment index, start time)
+        self.started = False  # the current job was acknowledged
 
     def stop(self, kill: bool = False) -> None:
         if kill and self.process.poll() is None:
@@ -98,7 +100,7 @@ def compile_segments(backend_name: str, segments: list[SegmentGraph],
                 if outcome is None:
                     continue
                 i, start = w.job
-                w.job = None
+                w.job, w.started = None, False
                 results[i] = _record(segments[i], workdir / segments[i].name, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments))
                 progress.update(len(results), len(segments), segments[i].name)
@@ -123,12 +125,21 @@ def _poll(w: _Worker, timeout_s: float):
     """The worker's outcome if it has one now (result, death or timeout), else None."""
     if w.job is None:
         return None
-    if w.reader.poll():
+    while w.reader.poll():
         try:
-            return w.reader.recv()
+            message = w.reader.recv()
         except (EOFError, OSError):
             return ("error", (f"compiler process died (exit code {w.process.wait()})", ""))
-    if time.monotonic() - w.job[1] > timeout_s:
+        if message[0] == "started":
+            # The clock starts when the worker has its libraries loaded and the segment
+            # (CLOCK_MONOTONIC is shared by all processes).
+            w.job, w.started = (w.job[0], message[1]), True
+            continue
+        if time.monotonic() - w.job[1] > timeout_s:  # finished, but too late
+            break
+        return message
+    limit = timeout_s if w.started else timeout_s + _STARTUP_S
+    if time.monotonic() - w.job[1] > limit:
         return ("error", (f"compile timed out after {timeout_s:g} s", ""))
     return None
 

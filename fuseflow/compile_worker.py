@@ -114,6 +114,7 @@ def main(backend_name: str, read_fd: int, write_fd: int) -> None:
             segment, options, seg_dir = reader.recv()
         except EOFError:
             return
+        writer.send(("started", time.monotonic()))
         try:
             writer.send(("ok", compile_checked(backend, segment, options, Path(seg_dir))))
         except Exception as e:  # every failure goes back to the parent, which decides

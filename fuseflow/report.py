@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from fuseflow.compile import CompiledSegment
-from fuseflow.graph_util import count_ops, is_control, tensor_name
+from fuseflow.graph_util import count_ops, node_name
 from fuseflow.reasons import Reason
 
 log = logging.getLogger("fuseflow")
@@ -108,43 +108,42 @@ def build_report(backend: str, num_ops_original: int, graph_def, excluded: dict[
                  compiled: list[CompiledSegment], tensor_infos=None) -> CompileReport:
     """tensor_infos (tensor -> TensorInfo) lets the report name where unknown shapes start."""
     op_of = {n.name: n.op for n in graph_def.node}
-    segments, on_backend = [], 0
+    unknown = []
+    if tensor_infos is not None:
+        unknown = unknown_shape_sources(graph_def, tensor_infos, excluded)
+    return CompileReport(
+        backend=backend, num_ops_original=num_ops_original,
+        num_ops_optimized=count_ops(graph_def),
+        num_ops_on_backend=sum(c.segment.node_count for c in compiled if c.artifact is not None),
+        segments=[_segment_report(c, backend, op_of) for c in compiled],
+        not_compiled=_not_compiled(compiled, excluded, op_of), unknown_shapes=unknown)
+
+
+def _segment_report(item: CompiledSegment, backend: str, op_of: dict[str, str]
+                    ) -> SegmentReport:
+    seg, ok = item.segment, item.artifact is not None
+    types = Counter(op_of[n] for n in seg.node_names)
+    return SegmentReport(
+        name=seg.name, backend=backend, compiled=ok, node_count=seg.node_count,
+        op_types=dict(types.most_common()), inputs=_ports(seg.inputs),
+        outputs=_ports(seg.outputs), artifact_bytes=len(item.artifact.executable) if ok else 0,
+        compile_seconds=round(item.seconds, 3), error=item.error)
+
+
+def _not_compiled(compiled: list[CompiledSegment], excluded: dict[str, Reason],
+                  op_of: dict[str, str]) -> list[NotCompiled]:
+    """One row per (op type, reason[, compiler error]), most nodes first."""
     left: dict[tuple[str, Reason, str | None], list[str]] = {}
     for item in compiled:
-        seg, ok = item.segment, item.artifact is not None
-        types = Counter(op_of[n] for n in seg.node_names)
-        segments.append(SegmentReport(
-            name=seg.name, backend=backend, compiled=ok, node_count=seg.node_count,
-            op_types=dict(types.most_common()), inputs=_ports(seg.inputs),
-            outputs=_ports(seg.outputs),
-            artifact_bytes=len(item.artifact.executable) if ok else 0,
-            compile_seconds=round(item.seconds, 3), error=item.error))
-        if ok:
-            on_backend += seg.node_count
-        else:
-            for name in seg.node_names:
+        if item.artifact is None:
+            for name in item.segment.node_names:
                 left.setdefault((op_of[name], Reason.COMPILE_FAILED, item.error), []).append(name)
     for name, reason in excluded.items():
         if reason is not Reason.STRUCTURAL:
             left.setdefault((op_of[name], reason, None), []).append(name)
     rows = [NotCompiled(op, reason, len(names), names[:_EXAMPLE_NODES], detail)
             for (op, reason, detail), names in left.items()]
-    rows.sort(key=lambda r: (-r.count, r.op_type, r.reason.value))
-    unknown = []
-    if tensor_infos is not None:
-        unknown = unknown_shape_sources(graph_def, tensor_infos, excluded)
-    return CompileReport(
-        backend=backend, num_ops_original=num_ops_original,
-        num_ops_optimized=count_ops(graph_def), num_ops_on_backend=on_backend,
-        segments=segments, not_compiled=rows, unknown_shapes=unknown)
-
-
-def _outputs(name: str, infos) -> list[str]:
-    out, k = [], 0
-    while f"{name}:{k}" in infos:
-        out.append(f"{name}:{k}")
-        k += 1
-    return out
+    return sorted(rows, key=lambda r: (-r.count, r.op_type, r.reason.value))
 
 
 def unknown_shape_sources(graph_def, infos, excluded: dict[str, Reason]) -> list[UnknownShape]:
@@ -155,17 +154,16 @@ def unknown_shape_sources(graph_def, infos, excluded: dict[str, Reason]) -> list
     would let the ops downstream of it compile.
     """
     from fuseflow.partition import topological_order
+    from fuseflow.shapes import node_tensors
 
     nodes = graph_def.node
     sources: dict[str, frozenset[str]] = {}  # unknown tensor -> the sources it derives from
     cost: Counter = Counter()
     for i in topological_order(graph_def):
         node = nodes[i]
-        inherited: set[str] = set()
-        for inp in node.input:
-            if not is_control(inp):
-                inherited |= sources.get(tensor_name(inp), frozenset())
-        own = [t for t in _outputs(node.name, infos) if not infos[t].fully_defined]
+        tensors = node_tensors(node, infos)
+        inherited = set().union(*(sources.get(t, ()) for t in tensors))
+        own = [t for t in tensors if node_name(t) == node.name and not infos[t].fully_defined]
         for t in own:
             sources[t] = frozenset(sorted(inherited)[:_MAX_SOURCES]) if inherited \
                 else frozenset({t})

@@ -25,7 +25,7 @@ def test_fault_in_one_segment_falls_back(backend, tmp_path, monkeypatch, fault, 
 
     src = save_tf1(tmp_path / "m", _two_segment_model())
     monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", f"{fault}:fuseflow_segment_1")
-    result = compile_model(backend, src, tmp_path / "c", compiler_args=["--timeout", "20"])
+    result = compile_model(backend, src, tmp_path / "c", compiler_args=["--timeout", "8"])
     assert result["num_segments"] == 1 and result["num_segments_failed"] == 1
     report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
     failed = [s for s in report["segments"] if not s["compiled"]]

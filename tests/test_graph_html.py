@@ -62,7 +62,7 @@ def test_each_segment_has_its_colour_and_tf_ops_are_marked(tmp_path):
     groups = _leaf_groups(dom)
     assert set(groups) == {0, 1, TF_GROUP, INPUT_GROUP}
     assert groups.count(TF_GROUP) == 2  # AsString, StringToNumber
-    assert len(re.findall(r'<li class="seg"', dom)) == 2
+    assert len(re.findall(r'<li class="seg" data-seg="\d', dom)) == 2
     fills = {g: re.search(rf'data-group="{g}"[^>]*><rect[^>]*fill="([^"]+)"', dom).group(1)
              for g in (0, 1)}
     assert fills[0] != fills[1]

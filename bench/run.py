@@ -1,0 +1,402 @@
+"""make bench: real models, original TF vs fuseflow's backends vs tf2onnx + onnxruntime.
+
+For each model: export once; convert once with tf2onnx (its ONNX has a dynamic
+batch); then for each batch size compile each fuseflow variant at that batch
+(timed), load every variant once in this process, warm up, and time them one
+at a time. Timing interleaves the variants in blocks of a few calls, each block
+after one unrecorded call, so that background load drifting during the run
+hits every variant alike; the median over a variant's calls is its latency.
+Each variant calls until --runs samples or until --seconds of its calls have
+been spent (at least 5 samples): slow rows (XLA's depthwise convolutions, batch
+8) get fewer samples. Errors are the max abs difference from the original's
+outputs on the same input.
+
+Targets (read here, not asserted in tests): geomean speed-up >= 2x at f32 and
+>= 3.5x with --fp32-cast all, and ahead of onnxruntime on every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+import fuseflow
+from bench import onnx_baseline
+from bench.models import MODELS, export, timed_signature
+from fuseflow.backends import openvino as openvino_backend
+from fuseflow.options import parse_compiler_args
+from fuseflow.tf_compat import tf
+
+MIN_RUNS = 5
+BLOCK = 5  # consecutive timed calls of one variant before the next one's turn
+DEGENERATE = 1e-6  # outputs spread less than this: the error column cannot tell much
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    backend: str | None = None  # a fuseflow backend; None: not compiled by fuseflow
+    compiler_args: tuple[str, ...] = ()
+
+
+ORIGINAL = Variant("tf", "TF original")
+ONNXRUNTIME = Variant("onnxruntime", "tf2onnx + onnxruntime")
+VARIANTS = [
+    ORIGINAL,
+    Variant("ov-f32", "fuseflow OpenVINO f32", "openvino"),
+    Variant("ov-cast-all", "fuseflow OpenVINO --fp32-cast all", "openvino", ("--fp32-cast", "all")),
+    Variant("xla", "fuseflow XLA", "xla"),
+    ONNXRUNTIME,
+]
+TARGETS = {"ov-f32": 2.0, "ov-cast-all": 3.5}
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    variant: str
+    label: str
+    median_ms: float | None = None
+    speedup: float | None = None
+    max_abs_err: float | None = None
+    compile_s: float | None = None  # fuseflow compile / tf2onnx conversion
+    load_first_call_s: float | None = None  # load + first call (XLA compiles here)
+    runs: int = 0
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    na: str | None = None  # why there is no number
+    reference_spread: float | None = None  # max - min of the original's outputs
+    compile_result: dict = field(default_factory=dict)
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _tf_call(model_dir: Path, feeds: dict[str, np.ndarray]) -> Callable[[], dict]:
+    signature = timed_signature(model_dir)
+    tensors = {k: tf.constant(v) for k, v in feeds.items()}
+
+    def call():
+        return {k: v.numpy() for k, v in signature(**tensors).items()}
+
+    call.keep = signature
+    return call
+
+
+def _onnx_call(path: Path, feeds: dict[str, np.ndarray]) -> Callable[[], dict]:
+    model = onnx_baseline.OnnxRuntimeModel(path)
+    named = model.feed_names(feeds)
+    return lambda: model(named)
+
+
+def _max_abs_err(reference: dict, outputs: dict) -> float:
+    if set(reference) != set(outputs):  # different output names: match by order
+        reference = dict(enumerate(reference[k] for k in sorted(reference)))
+        outputs = dict(enumerate(outputs[k] for k in sorted(outputs)))
+    return max(float(np.max(np.abs(reference[k].astype(np.float64)
+                                   - np.asarray(outputs[k]).astype(np.float64))))
+               for k in reference)
+
+
+def _timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure(calls: dict[str, Callable], runs: int, seconds: float,
+            warmup: int) -> dict[str, list[float]]:
+    """Seconds per call for each variant; variants take turns in blocks (see the docstring)."""
+    target = {}
+    for key, call in calls.items():
+        warm = [_timed(call) for _ in range(warmup)]
+        target[key] = min(runs, max(MIN_RUNS, int(seconds / max(min(warm), 1e-6))))
+    samples = {key: [] for key in calls}
+    while any(len(samples[k]) < target[k] for k in calls):
+        for key, call in calls.items():
+            todo = min(BLOCK, target[key] - len(samples[key]))
+            if todo > 0:
+                call()  # unrecorded: lets the previous variant's threads and caches settle
+                samples[key] += [_timed(call) for _ in range(todo)]
+    return samples
+
+
+def bench_model(name: str, batches: list[int], variants: list[Variant], args,
+                tmp: Path) -> list[Row]:
+    model = MODELS[name]
+    start = time.perf_counter()
+    src, key = export(model, tmp)
+    _progress(f"[{name}] exported in {time.perf_counter() - start:.1f} s")
+    onnx_path, onnx_compile_s, onnx_na = tmp / f"{name}.onnx", None, None
+    if ONNXRUNTIME in variants:
+        onnx_na = onnx_baseline.unavailable()
+        if onnx_na is None:
+            try:
+                onnx_compile_s = onnx_baseline.convert(src, onnx_path)
+                _progress(f"[{name}] tf2onnx: {onnx_compile_s:.1f} s")
+            except Exception as e:  # noqa: BLE001 - the row says n/a with the reason
+                onnx_na = _first_line(e)
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        feeds = {key: model.feed(batch, rng)}
+        by_key = {v.key: Row(name, batch, v.key, v.label) for v in variants}
+        calls: dict[str, Callable] = {}
+        reference = spread = None
+        for v in variants:
+            row = by_key[v.key]
+            try:
+                if v.backend:
+                    out = tmp / f"{v.key}-b{batch}"
+                    start = time.perf_counter()
+                    row.compile_result = fuseflow.saved_model.compile(
+                        str(src), str(out), batch_size=batch, backend=v.backend,
+                        compiler_args=list(v.compiler_args) or None)
+                    row.compile_s = time.perf_counter() - start
+                    _progress(f"[{name} b{batch}] {v.label}: compiled in {row.compile_s:.1f} s "
+                              f"{row.compile_result}")
+                    load = functools.partial(_tf_call, out, feeds)
+                elif v is ONNXRUNTIME:
+                    if onnx_na:
+                        row.na = onnx_na
+                        continue
+                    row.compile_s = onnx_compile_s
+                    load = functools.partial(_onnx_call, onnx_path, feeds)
+                else:
+                    load = functools.partial(_tf_call, src, feeds)
+                start = time.perf_counter()
+                call = load()
+                first = call()
+                row.load_first_call_s = time.perf_counter() - start
+                if v is ORIGINAL:
+                    reference = first
+                    spread = max(float(np.ptp(o)) for o in first.values())
+                elif reference is None:
+                    raise RuntimeError("the original model did not run")
+                row.max_abs_err = _max_abs_err(reference, first)
+                row.reference_spread = spread
+                calls[v.key] = call
+            except Exception as e:  # noqa: BLE001 - the row says n/a with the reason
+                row.na = _first_line(e)
+                _progress(f"[{name} b{batch}] {v.label}: n/a: {row.na}")
+        if ORIGINAL.key not in calls:
+            rows += by_key.values()
+            continue
+        _progress(f"[{name} b{batch}] timing {', '.join(calls)}")
+        samples = measure(calls, args.runs, args.seconds, args.warmup)
+        base = float(np.median(samples[ORIGINAL.key]))
+        for k, times in samples.items():
+            row, ms = by_key[k], 1000 * np.asarray(times)
+            row.median_ms, row.runs = float(np.median(ms)), len(times)
+            row.p10_ms, row.p90_ms = float(np.percentile(ms, 10)), float(np.percentile(ms, 90))
+            row.speedup = 1000 * base / row.median_ms
+        rows += by_key.values()
+        del calls
+        gc.collect()
+    return rows
+
+
+def _geomean(values: list[float]) -> float | None:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def summary(rows: list[Row], variants: list[Variant], batches: list[int]) -> dict:
+    """Per variant: geomean speed-up over all rows and per batch; rows ahead of onnxruntime."""
+    ort = {(r.model, r.batch): r.median_ms for r in rows
+           if r.variant == ONNXRUNTIME.key and r.median_ms}
+    out = {}
+    for v in variants:
+        mine = [r for r in rows if r.variant == v.key and r.speedup]
+        entry = {"label": v.label, "rows": len(mine),
+                 "geomean": _geomean([r.speedup for r in mine]),
+                 "by_batch": {b: _geomean([r.speedup for r in mine if r.batch == b])
+                              for b in batches}}
+        if v.backend:
+            compared = [r for r in mine if (r.model, r.batch) in ort]
+            entry["ahead_of_onnxruntime"] = sum(r.median_ms < ort[r.model, r.batch]
+                                                for r in compared)
+            entry["compared_with_onnxruntime"] = len(compared)
+        out[v.key] = entry
+    return out
+
+
+def _fmt(value, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else format(value, spec) + suffix
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args) -> dict:
+    threading = tf.config.threading
+    env = {
+        "cpu": _cpu_name(), "logical_cores": os.cpu_count(),
+        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "openvino": metadata.version("openvino"), "numpy": np.__version__,
+        "tf_threads": f"intra_op {threading.get_intra_op_parallelism_threads()} inter_op "
+                      f"{threading.get_inter_op_parallelism_threads()} (0 = all cores)",
+        "openvino_properties": {
+            v.key: openvino_backend.properties(parse_compiler_args(list(v.compiler_args), None,
+                                                             "openvino"))
+            for v in VARIANTS if v.backend == "openvino"},
+        "thread_env": {k: os.environ[k] for k in (
+            "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+            "FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS") if k in os.environ},
+        "runs": args.runs, "seconds_per_variant": args.seconds, "warmup": args.warmup,
+    }
+    reason = onnx_baseline.unavailable()
+    env["onnxruntime"] = ({**onnx_baseline.versions(), "threads": onnx_baseline.thread_settings()}
+                          if reason is None else f"n/a: {reason}")
+    return env
+
+
+def print_report(env: dict, rows: list[Row], summ: dict) -> None:
+    print("## fuseflow benchmark\n")
+    print(f"- machine: {env['cpu']}, {env['logical_cores']} cores; Python {env['python']}, "
+          f"TensorFlow {env['tensorflow']}, OpenVINO {env['openvino']}, numpy {env['numpy']}")
+    print(f"- TensorFlow threads: {env['tf_threads']}")
+    for key, props in env["openvino_properties"].items():
+        print(f"- OpenVINO ({key}): {', '.join(props)} (no INFERENCE_NUM_THREADS: all cores)")
+    ort = env["onnxruntime"]
+    print(f"- onnxruntime: {ort}" if isinstance(ort, str) else
+          f"- tf2onnx {ort['tf2onnx']}, onnx {ort['onnx']}, onnxruntime {ort['onnxruntime']}: "
+          f"{ort['threads']}")
+    if env["thread_env"]:
+        print(f"- thread settings from the environment: {env['thread_env']}")
+    runs, seconds = env["runs"], env["seconds_per_variant"]
+    print(f"- median of {runs} timed calls per variant, fewer (at least {min(MIN_RUNS, runs)}) "
+          f"where they would take over {seconds} s; {env['warmup']} warm-up calls first; "
+          f"variants interleaved in blocks of {BLOCK}")
+    print("- compile s: fuseflow compile at that batch; for onnxruntime the tf2onnx conversion "
+          "(once per model, dynamic batch; child process start included). XLA compiles its "
+          "clusters on the first call: see load+1st call s\n")
+    print("| model | batch | variant | median ms | speed-up | max abs err | compile s "
+          "| load+1st call s | runs |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if r.na:
+            print(f"| {r.model} | {r.batch} | {r.label} | n/a: {r.na} | | | | | |")
+            continue
+        flag = " †" if r.reference_spread is not None and r.reference_spread < DEGENERATE else ""
+        err = ("reference" if r.variant == ORIGINAL.key else _fmt(r.max_abs_err, ".1e")) + flag
+        print(f"| {r.model} | {r.batch} | {r.label} | {_fmt(r.median_ms, '.2f')} "
+              f"| {_fmt(r.speedup, '.2f', 'x')} | {err} "
+              f"| {_fmt(r.compile_s, '.1f')} | {_fmt(r.load_first_call_s, '.2f')} | {r.runs} |")
+    degenerate = sorted({r.model for r in rows if r.variant == ORIGINAL.key
+                         and r.reference_spread is not None and r.reference_spread < DEGENERATE})
+    if degenerate:
+        print(f"\n† {', '.join(degenerate)}: with random weights the original's outputs are all "
+              f"equal to within {DEGENERATE:g} (a flat softmax), so a small error here proves "
+              "little")
+    batches = sorted({r.batch for r in rows})
+    print("\n| variant | geomean speed-up | " + " | ".join(f"batch {b}" for b in batches)
+          + " | faster than onnxruntime |")
+    print("|---|---:|" + "---:|" * len(batches) + "---:|")
+    for s in summ.values():
+        ahead = (f"{s['ahead_of_onnxruntime']}/{s['compared_with_onnxruntime']} rows"
+                 if "ahead_of_onnxruntime" in s else "")
+        print(f"| {s['label']} | {_fmt(s['geomean'], '.2f', 'x')} | "
+              + " | ".join(_fmt(s["by_batch"][b], ".2f", "x") for b in batches)
+              + f" | {ahead} |")
+    print()
+    for key, goal in TARGETS.items():
+        s = summ.get(key)
+        if s is None or s["geomean"] is None:
+            continue
+        met = s["geomean"] >= goal and (
+            s["ahead_of_onnxruntime"] == s["compared_with_onnxruntime"] > 0)
+        print(f"- target {s['label']}: geomean >= {goal}x and ahead of onnxruntime on every "
+              f"row: {'met' if met else 'NOT met'} ({s['geomean']:.2f}x, ahead on "
+              f"{s['ahead_of_onnxruntime']}/{s['compared_with_onnxruntime']} rows)")
+
+
+def _names(text: str, choices) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in choices:
+            raise SystemExit(f"unknown name {n!r}: choose from {', '.join(choices)}")
+    return names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--variants", default=",".join(v.key for v in VARIANTS),
+                        help="comma-separated, from " + ", ".join(v.key for v in VARIANTS)
+                        + f" ({ORIGINAL.key} always runs: it is the reference)")
+    parser.add_argument("--runs", type=int, default=int(os.environ.get("BENCH_RUNS", 50)),
+                        help="most timed calls per variant (env BENCH_RUNS; default 50)")
+    parser.add_argument("--seconds", type=float,
+                        default=float(os.environ.get("BENCH_SECONDS", 8)),
+                        help="time budget of one variant's timed calls in a row; slow "
+                        f"variants stop early, after at least {MIN_RUNS} (env BENCH_SECONDS)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--verbose", action="store_true", help="show fuseflow's compile log")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 1 or args.seconds <= 0:
+        parser.error("--runs and --warmup must be >= 1 and --seconds > 0")
+    models = _names(args.models, list(MODELS))
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batches takes integers, got {args.batches!r}")
+    keys = set(_names(args.variants, [v.key for v in VARIANTS])) | {ORIGINAL.key}
+    variants = [v for v in VARIANTS if v.key in keys]
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+    env = environment(args)
+    rows: list[Row] = []
+    start = time.perf_counter()
+    for name in models:
+        with tempfile.TemporaryDirectory(prefix=f"fuseflow-bench-{name}-") as tmp:
+            rows += bench_model(name, batches, variants, args, Path(tmp))
+    summ = summary(rows, variants, batches)
+    env["total_seconds"] = round(time.perf_counter() - start, 1)
+    print_report(env, rows, summ)
+    print(f"\n(whole run: {env['total_seconds']:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(
+            {"environment": env, "rows": [asdict(r) for r in rows], "summary": summ},
+            indent=2, default=str))
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,11 +40,14 @@ def bert_like(seq: int = 128, layers: int = 4, dim: int = 256, heads: int = 4,
 
 MODELS = {
     "MobileNetV2": BenchModel(
-        "MobileNetV2", lambda: tf.keras.applications.MobileNetV2(weights=None), _image(224)),
+        "MobileNetV2", lambda: tf.keras.applications.MobileNetV2(
+            weights=None, classifier_activation=None), _image(224)),
     "ResNet50": BenchModel(
-        "ResNet50", lambda: tf.keras.applications.ResNet50(weights=None), _image(224)),
+        "ResNet50", lambda: tf.keras.applications.ResNet50(
+            weights=None, classifier_activation=None), _image(224)),
     "EfficientNetB0": BenchModel(
-        "EfficientNetB0", lambda: tf.keras.applications.EfficientNetB0(weights=None),
+        "EfficientNetB0", lambda: tf.keras.applications.EfficientNetB0(
+            weights=None, classifier_activation=None),
         _image(224)),
     "BERT-like": BenchModel(
         "BERT-like", bert_like,

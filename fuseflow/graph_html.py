@@ -244,14 +244,14 @@ function unitSvg(u, x, y, k) {
     const [name, op, g] = D.nodes[u.leaf];
     const style = g === TF ? 'stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"'
                            : 'stroke="#555"';
-    const mark = g === TF ? '<text x="' + (W - 20) + '" y="13" fill="#d62728" ' +
+    const mark = g === TF ? '<text x="' + (W - 20) + '" y="29" fill="#d62728" ' +
                             'font-weight="bold">TF</text>' : "";
     return '<g class="unit leaf" data-unit="' + k + '" data-group="' + g +
       '" transform="translate(' + x + "," + y + ')"><rect class="box" width="' + W +
       '" height="' + H + '" rx="5" fill="' + color(g) + '" ' + style + "/>" + mark +
       "<title>" + esc(name) + "</title>" +
       '<text x="6" y="14">' + esc(tail(name.split("/").slice(-2).join("/"), 25)) + "</text>" +
-      '<text x="6" y="29" fill="#444">' + esc(clip(op, 26)) + "</text></g>";
+      '<text x="6" y="29" fill="#444">' + esc(clip(op, g === TF ? 21 : 26)) + "</text></g>";
   }
   const s = scopes[u.scope], groups = Object.keys(s.hist).map(Number)
     .sort((a, b) => (a < 0) - (b < 0) || a - b);
@@ -282,9 +282,10 @@ function render(fit) {
   let out = "";
   for (const [a, b] of g.edges) {
     const [x1, y1] = L.xy[a], [x2, y2] = L.xy[b], cx1 = x1 + W / 2, cx2 = x2 + W / 2;
-    const back = y2 <= y1;
-    out += '<path d="M' + cx1 + "," + (y1 + H) + " C" + cx1 + "," + (y1 + H + GY) + " " +
-      cx2 + "," + (y2 - GY) + " " + cx2 + "," + y2 + '" fill="none" stroke="' +
+    const back = y2 <= y1, skip = (y2 - y1) / (H + GY) - 1;  // layers jumped over
+    const bow = skip > 0 ? Math.min(W, 40 + 15 * skip) : 0;  // skips curve around boxes
+    out += '<path d="M' + cx1 + "," + (y1 + H) + " C" + (cx1 + bow) + "," + (y1 + H + GY) +
+      " " + (cx2 + bow) + "," + (y2 - GY) + " " + cx2 + "," + y2 + '" fill="none" stroke="' +
       (back ? "#e9a" : "#999") + '" stroke-width="1.2"/>';
   }
   g.units.forEach((u, k) => { out += unitSvg(u, L.xy[k][0], L.xy[k][1], k); });

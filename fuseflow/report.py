@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 
 from fuseflow.compile import CompiledSegment
@@ -213,8 +214,7 @@ def advice(report: dict) -> list[str]:
     if report.get("unknown_shapes"):
         worst = ", ".join(f"{u['tensor']} {format_port(u)} ({_ops(u['ops'])})"
                           for u in report["unknown_shapes"][:3])
-        lines.append(f"unknown shapes start at {worst}: pass model_feed_dict so they are "
-                     "measured")
+        lines.append(f"the unknown shapes start at {worst}")
     return lines
 
 
@@ -248,7 +248,7 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def format_table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
+def format_table(headers: list[str], rows: list[list], right: Collection[int] = ()) -> str:
     """Columns padded to their widest cell; columns in `right` are right-aligned."""
     cells = [headers] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[k]) for r in cells) for k in range(len(headers))]

@@ -67,6 +67,7 @@ class XlaBackend(Backend):
     def __init__(self):
         self.gpu = has_gpu()
         self.device_type = "XLA_GPU_JIT" if self.gpu else "XLA_CPU_JIT"
+        self._functions: dict[str, tuple] = {}  # compile() then run() reuse one trace
 
     def support(self, graph_def, tensor_infos, options: CompilerOptions
                 ) -> dict[str, Reason | None]:
@@ -85,9 +86,14 @@ class XlaBackend(Backend):
                 result[node.name] = None
         return result
 
-    @staticmethod
-    def _jit_function(segment: SegmentGraph):
+    def _jit_function(self, segment: SegmentGraph):
         """The segment as a jit_compile=True tf.function, and its input specs."""
+        if segment.name not in self._functions:
+            self._functions = {segment.name: self._trace(segment)}  # one segment at a time
+        return self._functions[segment.name]
+
+    @staticmethod
+    def _trace(segment: SegmentGraph):
         graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
         specs = [tf.TensorSpec(p.shape, tf.dtypes.as_dtype(p.dtype), name=p.name)
                  for p in segment.inputs]

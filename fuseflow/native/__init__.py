@@ -36,6 +36,8 @@ def load_op_library() -> ModuleType:
                 path = build.build()
             except build.BuildError as e:
                 raise NativeOpError(f"cannot build the FuseflowOp library: {e}") from e
+            import openvino  # noqa: F401  (loads libopenvino.so.* whatever the rpath says)
+
             try:
                 _module = tf.load_op_library(str(path))
             except Exception as e:  # TF raises NotFoundError for unresolved symbols

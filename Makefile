@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install native demo test test-all bench fuzz lint clean
+.PHONY: install native browser demo test test-all bench fuzz lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -20,11 +20,17 @@ native: $(STAMP)
 demo: install
 	$(PY) -m bench.demo
 
-test: install
+# Headless Chromium renders the graph picture in tests/test_graph_html.py.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+	  echo "warning: chromium not installed: tests/test_graph_html.py will be skipped"
+
+test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow" tests
 
-test-all: install
+test-all: install browser
 	$(PY) -m pytest -q tests
 
 # The bench extra (tf2onnx, onnxruntime) alone, without reinstalling fuseflow. If it does
@@ -37,6 +43,10 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: install $(BENCH_STAMP)
 	$(PY) -m bench.run --json .build/bench.json
+
+# Many more random graphs than make test's 10 fixed ones, from a new seed each run.
+fuzz: install
+	FUSEFLOW_FUZZ_EXAMPLES=500 $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,8 +1,8 @@
 """The command line: `fuseflow compile | inspect | bench`, over the same functions as the API.
 
 Exit codes: 0 ok, 1 bad input (a FuseflowError, shown as one line), 2 bad
-usage (argparse), 3 a bug in fuseflow, 130 interrupted. --debug shows the
-traceback instead of the one line.
+usage (argparse), 3 a bug in fuseflow, 130 interrupted, 141 stdout closed
+early. --debug shows the traceback instead of the one line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 from fuseflow import errors
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 3, 130
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 3, 130, 141
 
 _MAIN_HELP = """\
 fuseflow compiles the parts of a TensorFlow SavedModel that a backend can take
@@ -351,11 +351,21 @@ def format_bench(r: dict) -> str:
             + f"\nmax abs difference of outputs: {diffs}")
 
 
+class _Formatter(logging.Formatter):
+    """Plain lines; warnings and errors say so, since they are what a reader must not miss."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
 def _setup_logging(args) -> None:
     from fuseflow import progress
 
     log = logging.getLogger("fuseflow")
-    log.addHandler(progress.enable(sys.stderr))
+    handler = progress.enable(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     log.propagate = False
     if not args.debug:
@@ -379,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fuseflow: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `fuseflow inspect --json | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except Exception as e:  # a bug in fuseflow, not the user's input
         if args.debug:
             raise

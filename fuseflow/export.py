@@ -133,9 +133,13 @@ def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tup
         signature.inputs[spec.key].CopyFrom(_tensor_info(
             spec.tensor_name, infos.get(spec.tensor_name, TensorInfo(spec.dtype, None)),
             input_shapes[spec.key]))
+    dynamic_batch = any(s and s[0] is None for s in input_shapes.values())
     for spec in model.outputs:
         info = infos.get(spec.tensor_name, TensorInfo(spec.dtype, spec.shape))
-        signature.outputs[spec.key].CopyFrom(_tensor_info(spec.tensor_name, info, info.shape))
+        shape = info.shape
+        if dynamic_batch and shape:  # outputs follow the inputs' free batch dim
+            shape = (None, *shape[1:])
+        signature.outputs[spec.key].CopyFrom(_tensor_info(spec.tensor_name, info, shape))
     graph = tf.Graph()
     with graph.as_default():
         try:

@@ -69,13 +69,15 @@ def logical_graph(graph_def) -> list[LogicalNode]:
     outer = {n.name for n in graph_def.node if n.name not in hidden and n.name not in fused}
     nodes = [LogicalNode(n.name, n.op, [node_name(i) for i in n.input], None)
              for n in graph_def.node if n.name in outer]
+    seen = set(outer)
     for name, node in fused.items():
         body = functions[_body_name(node)]
         args = {a.name: node_name(src)
                 for a, src in zip(body.signature.input_arg, node.input)}
         for inner in body.node_def:
-            if inner.name in outer:  # a constant copied into the segment
+            if inner.name in seen:  # a constant copied into this segment and another
                 continue
+            seen.add(inner.name)
             inputs = [args.get(node_name(i), node_name(i)) for i in inner.input]
             nodes.append(LogicalNode(inner.name, inner.op, inputs, name))
     return nodes

@@ -39,9 +39,7 @@ _bar = _Bar()
 def enable(stream: TextIO = sys.stderr) -> logging.Handler:
     """A log handler for `stream`; on a terminal it also turns the bar on."""
     _bar.stream = stream if stream.isatty() else None
-    handler = _BarAwareHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    return handler
+    return _BarAwareHandler(stream)
 
 
 def disable() -> None:

@@ -26,6 +26,7 @@ _SERVE = textwrap.dedent("""
     import gc, json, sys, threading, time
     import numpy as np
     import fuseflow
+    import fuseflow.native
     import tensorflow as tf
 
     def rss_mb():
@@ -68,14 +69,19 @@ _SERVE = textwrap.dedent("""
             p.join()
         return time.perf_counter() - start
 
+    def runs():  # FuseflowOp calls by path (OpenVINO, or its TF fallback)
+        stats = fuseflow.native.load_op_library().fuseflow_op_stats()
+        return {"openvino_runs": int(stats.openvino_runs), "native_runs": int(stats.native_runs)}
+
     rss_loaded = rss_mb()
     warmup_s = run_threads(warmup // threads)
-    rss_warm = rss_mb()
+    rss_warm, runs_warm = rss_mb(), runs()
     serve_s = run_threads(calls)
-    rss_end = rss_mb()
+    rss_end, runs_end = rss_mb(), runs()
     print(json.dumps({"rss_loaded_mb": rss_loaded, "rss_warm_mb": rss_warm,
                       "rss_end_mb": rss_end, "warmup_s": warmup_s, "serve_s": serve_s,
                       "calls": sum(done), "mismatches": mismatches[:10],
+                      "runs": {k: runs_end[k] - runs_warm[k] for k in runs_end},
                       "mismatch_count": len(mismatches)}))
 """)
 
@@ -108,3 +114,5 @@ def test_eight_threads_mixed_batches_same_answers_flat_memory(backend, tmp_path)
     assert stats["calls"] == WARMUP // THREADS * THREADS + THREADS * CALLS
     assert stats["mismatch_count"] == 0, stats["mismatches"]
     assert growth < MAX_RSS_GROWTH_MB, stats
+    if backend == "openvino":  # every call ran the compiled segment, none fell back to TF
+        assert stats["runs"] == {"openvino_runs": THREADS * CALLS, "native_runs": 0}, stats

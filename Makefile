@@ -46,7 +46,8 @@ bench: install $(BENCH_STAMP)
 
 # Many more random graphs than make test's 10 fixed ones, from a new seed each run.
 fuzz: install
-	FUSEFLOW_FUZZ_EXAMPLES=500 $(PY) -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
+	FUSEFLOW_FUZZ_EXAMPLES=500 $(PY) -m pytest -q --timeout=0 tests/test_fuzz.py \
+		--hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

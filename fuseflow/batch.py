@@ -7,6 +7,11 @@ independently. Starting from the signature inputs, a tensor is marked
 the exact conditions checked on constant axes, paddings, perms and shapes);
 anything unproven is not, and such segments fall back to TF for other
 batch sizes instead of giving wrong answers.
+
+A batch tensor records how many consecutive rows of dim 0 each sample owns:
+Dense layers on 3-D inputs reshape [k, s, d] to [k*s, d] and back, which is
+per-sample all along. Only tensors with one row per sample may be a
+segment's split ports.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ _UNARY = frozenset({
     "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Cast", "Identity", "Snapshot",
     "StopGradient", "Conv2D", "Conv3D", "DepthwiseConv2dNative", "MaxPool", "AvgPool",
     "MaxPool3D", "AvgPool3D", "FusedBatchNorm", "FusedBatchNormV3", "LRN", "Gelu",
-    "IsNan", "IsFinite", "LogicalNot", "Relu6Grad", "ClipByValue", "BiasAdd",
+    "IsNan", "IsFinite", "LogicalNot", "ClipByValue", "BiasAdd", "Erfc", "Erfinv", "Expm1",
+    "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Rint",
+    "Inv", "Invert", "Lgamma", "Digamma", "BesselI0e", "BesselI1e",
 })
 _ELEMENTWISE = frozenset({
     "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum", "Pow",
@@ -40,14 +47,19 @@ _LAST_AXIS = frozenset({"Softmax", "LogSoftmax"})
 
 @dataclass(frozen=True)
 class BatchInfo:
-    batch: set[str]  # tensors whose dim 0 is the batch
+    rows: dict[str, int]  # batch tensors -> rows of dim 0 per sample
     dependent: set[str]  # tensors computed from the inputs at all
+
+    def splittable(self, tensor: str) -> bool:
+        """dim 0 of tensor is exactly the batch."""
+        return self.rows.get(tensor) == 1
 
 
 class _Graph:
-    def __init__(self, graph_def, infos: dict[str, TensorInfo]):
+    def __init__(self, graph_def, infos: dict[str, TensorInfo], batch_size: int):
         self.consts = {n.name: n for n in graph_def.node if n.op == "Const"}
         self.infos = infos
+        self.batch_size = batch_size
 
     def const(self, tensor: str):
         node = self.consts.get(node_name(tensor))
@@ -65,10 +77,10 @@ class _Graph:
 def batch_tensors(graph_def, order: list[int], infos: dict[str, TensorInfo],
                   input_tensors: list[str], batch_size: int) -> BatchInfo:
     """Propagate 'dim 0 is the batch' from the signature inputs through per-sample ops."""
-    batch = {t for t in input_tensors
-             if infos.get(t) and infos[t].shape and infos[t].shape[0] == batch_size}
+    rows = {t: 1 for t in input_tensors
+            if infos.get(t) and infos[t].shape and infos[t].shape[0] == batch_size}
     dependent = set(input_tensors)
-    graph = _Graph(graph_def, infos)
+    graph = _Graph(graph_def, infos, batch_size)
     nodes = graph_def.node
     for i in order:
         node = nodes[i]
@@ -79,8 +91,8 @@ def batch_tensors(graph_def, order: list[int], infos: dict[str, TensorInfo],
         while f"{node.name}:{len(outs)}" in infos:
             outs.append(f"{node.name}:{len(outs)}")
         dependent.update(outs)
-        batch.update(_batch_outputs(node, data_in, outs, graph, batch, dependent))
-    return BatchInfo(batch, dependent)
+        rows.update(_batch_outputs(node, data_in, outs, graph, rows, dependent))
+    return BatchInfo(rows, dependent)
 
 
 def _axis_ok(value, rank: int | None) -> bool:
@@ -91,39 +103,45 @@ def _axis_ok(value, rank: int | None) -> bool:
     return axes.size > 0 and all(a % rank != 0 for a in axes) if rank else False
 
 
-def _batch_outputs(node, ins, outs, g: _Graph, batch: set[str], dep: set[str]) -> list[str]:
-    """The outputs of node that carry the batch, given which inputs do."""
+def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[str]
+                   ) -> dict[str, int]:
+    """The outputs of node that carry the batch, with their rows per sample."""
     op, first = node.op, ins[0] if ins else None
-    rest_free = all(t not in dep for t in ins[1:])
-    if not outs or first not in batch:
-        if op == "GatherV2" and len(ins) == 3 and ins[1] in batch and ins[0] not in dep \
+    if not outs:
+        return {}
+    if op == "IdentityN":
+        return {o: rows[t] for t, o in zip(ins, outs) if t in rows}
+    if first not in rows:
+        if op == "GatherV2" and len(ins) == 3 and ins[1] in rows and ins[0] not in dep \
                 and g.const(ins[2]) is not None and int(g.const(ins[2])) == 0 \
                 and node.attr["batch_dims"].i == 0:
-            return outs[:1]
+            return {outs[0]: rows[ins[1]]}
         if op in _ELEMENTWISE:
-            return outs[:1] if _elementwise_ok(ins, outs[0], g, batch, dep) else []
-        return []
+            m = _elementwise_rows(ins, outs[0], g, rows, dep)
+            return {outs[0]: m} if m else {}
+        return {}
+    m = rows[first]
     rank = g.rank(first)
+    rest_free = all(t not in dep for t in ins[1:])
     ok = False
     if op in _UNARY:
         ok = rest_free
     elif op in _ELEMENTWISE:
-        ok = _elementwise_ok(ins, outs[0], g, batch, dep)
+        m = _elementwise_rows(ins, outs[0], g, rows, dep)
+        ok = bool(m)
     elif op == "MatMul":
         ok = rest_free and not node.attr["transpose_a"].b
     elif op in ("BatchMatMul", "BatchMatMulV2", "BatchMatMulV3"):
         other = ins[1]
-        ok = (other in batch and g.rank(other) == rank) or (
+        ok = (rows.get(other) == m and g.rank(other) == rank) or (
             other not in dep and (g.rank(other) or 3) <= 2)
     elif op in _LAST_AXIS:
         ok = (rank or 0) >= 2
     elif op in _REDUCTIONS:
         ok = rest_free and _axis_ok(g.const(ins[1]), rank)
     elif op == "Reshape":
-        src, dst = g.shape(first), g.shape(outs[0])
-        ok = (src is not None and dst is not None and len(src) > 0 and len(dst) > 0
-              and None not in src and None not in dst and src[0] == dst[0]
-              and math.prod(src[1:]) == math.prod(dst[1:]))
+        m = _reshape_rows(g.shape(first), g.shape(outs[0]), m, g.batch_size)
+        ok = bool(m)
     elif op == "Transpose":
         perm = g.const(ins[1])
         ok = perm is not None and int(np.atleast_1d(perm)[0]) == 0
@@ -138,44 +156,79 @@ def _batch_outputs(node, ins, outs, g: _Graph, batch: set[str], dep: set[str]) -
         ok = pads is not None and not np.any(pads[0]) and all(t not in dep for t in ins[1:])
     elif op in ("Split", "SplitV"):
         value, axis = (ins[1], ins[0]) if op == "Split" else (ins[0], ins[2])
-        if value in batch and _axis_ok(g.const(axis), g.rank(value)):
-            return outs
-        return []
+        if value in rows and _axis_ok(g.const(axis), g.rank(value)):
+            return {o: rows[value] for o in outs}
+        return {}
     elif op == "Unpack":
-        return outs if rank and node.attr["axis"].i % rank != 0 else []
+        return {o: m for o in outs} if rank and node.attr["axis"].i % rank != 0 else {}
     elif op in ("ConcatV2", "Pack"):
         values = ins[:-1] if op == "ConcatV2" else ins
-        out_rank = g.rank(outs[0])
         axis = g.const(ins[-1]) if op == "ConcatV2" else node.attr["axis"].i
-        ok = all(t in batch for t in values) and _axis_ok(axis, out_rank)
+        ok = all(rows.get(t) == m for t in values) and _axis_ok(axis, g.rank(outs[0]))
     elif op == "StridedSlice":
         ok = _strided_slice_ok(node, ins, g)
     elif op == "Slice":
         begin, size = g.const(ins[1]), g.const(ins[2])
         ok = begin is not None and size is not None and int(begin[0]) == 0 \
             and int(size[0]) == -1
+    elif op == "Einsum":
+        ok = _einsum_ok(node.attr["equation"].s.decode(), ins, rows, dep, m)
     elif op == "Tile":
         multiples = g.const(ins[1])
         ok = multiples is not None and int(multiples[0]) == 1
-    return outs[:1] if ok else []
+    return {outs[0]: m} if ok else {}
 
 
-def _elementwise_ok(ins, out, g: _Graph, batch, dep) -> bool:
-    """Broadcasting ops: batch operands at full rank, the others without a batch dim."""
+def _reshape_rows(src, dst, m: int, k: int) -> int:
+    """Rows per sample after a reshape that keeps each sample's elements together, or 0."""
+    if not src or not dst or None in src or None in dst or src[0] != k * m:
+        return 0
+    per_sample = math.prod(src) // k
+    row = math.prod(dst[1:])
+    if row == 0 or per_sample % row or dst[0] != k * (per_sample // row):
+        return 0
+    return per_sample // row
+
+
+def _elementwise_rows(ins, out, g: _Graph, rows, dep) -> int:
+    """Broadcasting ops: batch operands alike at full rank, the others without a batch
+    dim. Returns the rows per sample, or 0."""
     out_rank = g.rank(out)
     if not out_rank:
-        return False
+        return 0
+    ms = {rows[t] for t in ins if t in rows}
+    if len(ms) != 1:
+        return 0
     for t in ins:
-        if t in batch:
+        if t in rows:
             if g.rank(t) != out_rank:
-                return False
+                return 0
         elif t in dep:
-            return False
+            return 0
         else:
             shape = g.shape(t)
             if shape is None or (len(shape) == out_rank and shape[0] != 1):
+                return 0
+    return ms.pop()
+
+
+def _einsum_ok(equation: str, ins, rows, dep, m: int) -> bool:
+    """'abc,cd->abd': every batch operand and the output start with the same letter,
+    which no other operand uses (so samples never mix)."""
+    if "..." in equation or "->" not in equation:
+        return False
+    lhs, out = equation.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ins) or not out:
+        return False
+    letter = out[0]
+    for term, t in zip(terms, ins):
+        if t in rows:
+            if rows[t] != m or not term or term[0] != letter or term.count(letter) != 1:
                 return False
-    return any(t in batch for t in ins)
+        elif t in dep or letter in term:
+            return False
+    return True
 
 
 def _strided_slice_ok(node, ins, g: _Graph) -> bool:

@@ -91,7 +91,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
 def _axis(tensor: str, batch_info: BatchInfo | None) -> int:
     if batch_info is None:
         return -1
-    if tensor in batch_info.batch:
+    if batch_info.splittable(tensor):
         return 0
     return -1
 

@@ -1,10 +1,11 @@
 """Random graphs, compiled with each backend, compute what the original computes.
 
-hypothesis draws a small program: 1-3 float32 inputs with a batch dim, then a
-few ops each reading earlier tensors (ops the backends take: unary, binary
-with broadcasting, matmul, conv, reductions, concat, split, reshape, constants;
-and ops no backend takes: a string round trip, a histogram), then 1-3 of the
-tensors as outputs. The program is saved as a TF1 SavedModel, compiled at its
+hypothesis draws a small program: 1-3 float32 inputs with a batch dim, then up
+to 10 ops each reading earlier tensors (ops the backends take: unary, binary
+with broadcasting, matmul, conv, reductions, concat, split, reshape, slices,
+transpose, gather, pad, softmax, constants; ops no backend takes: a string
+round trip, a histogram; a few ops that are not per-sample or read the batch
+size), then 1-3 of the tensors as outputs. The program is saved as a TF1 SavedModel, compiled at its
 batch size, and the compiled model must give the original's answers at that
 batch size and at another one (dynamic batch).
 
@@ -206,6 +207,54 @@ def _draw_reshape(draw, ts):
             [_Meta((BATCH, *target), ts[i].bound)])
 
 
+def _draw_slice(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 2 and t.shape[-1] >= 2])
+    if i is None:
+        return None
+    shape = ts[i].shape
+    if draw(st.integers(0, 3)) == 0:  # the first sample only: not per-sample
+        return Op("slice", (i,), ("first_sample",)), [_Meta((1, *shape[1:]), ts[i].bound)]
+    k = draw(st.integers(1, shape[-1] - 1))
+    return Op("slice", (i,), ("last_axis", k)), [_Meta((*shape[:-1], k), ts[i].bound)]
+
+
+def _draw_transpose(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 3])
+    if i is None:
+        return None
+    shape = ts[i].shape
+    perm = (0, *draw(st.permutations(range(1, len(shape)))))
+    return (Op("transpose", (i,), (perm,)),
+            [_Meta(tuple(shape[p] for p in perm), ts[i].bound)])
+
+
+def _draw_gather(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 2])
+    if i is None:
+        return None
+    shape = ts[i].shape
+    indices = tuple(draw(st.lists(st.integers(0, shape[-1] - 1), min_size=1, max_size=6)))
+    return (Op("gather", (i,), (indices,)),
+            [_Meta((*shape[:-1], len(indices)), ts[i].bound)])
+
+
+def _draw_pad(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 2])
+    if i is None:
+        return None
+    shape = ts[i].shape
+    before, after = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    return (Op("pad", (i,), (before, after)),
+            [_Meta((*shape[:-1], shape[-1] + before + after), ts[i].bound)])
+
+
+def _draw_softmax(draw, ts):
+    i = _pick(draw, [j for j, t in enumerate(ts) if len(t.shape) >= 2])
+    if i is None:
+        return None
+    return Op("softmax", (i,)), [_Meta(ts[i].shape, 1.0)]
+
+
 def _draw_string(draw, ts):
     i = draw(st.integers(0, len(ts) - 1))
     return Op("string_round_trip", (i,)), [ts[i]]
@@ -227,14 +276,16 @@ _DRAWERS = {"unary": _draw_unary, "binary": _draw_binary, "matmul": _draw_matmul
             "conv": _draw_conv, "reduce": _draw_reduce, "concat": _draw_concat,
             "split": _draw_split, "reshape": _draw_reshape,
             "string_round_trip": _draw_string, "histogram": _draw_histogram,
-            "const": _draw_const}
+            "const": _draw_const, "slice": _draw_slice, "transpose": _draw_transpose,
+            "gather": _draw_gather, "pad": _draw_pad, "softmax": _draw_softmax}
 # Ops the backends take come up more often than those they don't.
 _KINDS = ["unary", "binary", "unary", "binary", "matmul", "conv", "reduce", "concat", "split",
-          "reshape", "string_round_trip", "histogram", "const"]
+          "reshape", "slice", "transpose", "gather", "pad", "softmax", "string_round_trip",
+          "histogram", "const"]
 
 
 @st.composite
-def programs(draw, max_ops=8):
+def programs(draw, max_ops=10):
     inputs = tuple(draw(st.lists(st.sampled_from(_INPUT_SHAPES), min_size=1, max_size=3)))
     metas = [_Meta((BATCH, *s), 2.0) for s in inputs]
     ops = []
@@ -305,6 +356,17 @@ def _apply(op: Op, xs: list, rng: np.random.Generator) -> list:
         shape = (tf.concat([tf.shape(x)[:1], list(target)], 0) if via_shape
                  else [-1, *target])
         return [tf.reshape(x, shape)]
+    if op.kind == "slice":
+        return [x[:1] if op.param[0] == "first_sample" else x[..., :op.param[1]]]
+    if op.kind == "transpose":
+        return [tf.transpose(x, op.param[0])]
+    if op.kind == "gather":
+        return [tf.gather(x, list(op.param[0]), axis=-1)]
+    if op.kind == "pad":
+        rank = len(x.shape)
+        return [tf.pad(x, [[0, 0]] * (rank - 1) + [list(op.param)], constant_values=0.5)]
+    if op.kind == "softmax":
+        return [tf.nn.softmax(x)]
     if op.kind == "string_round_trip":
         return [tf.strings.to_number(tf.strings.as_string(x), tf.float32)]
     if op.kind == "histogram":

@@ -239,3 +239,49 @@ def _strided_slice_ok(node, ins, g: _Graph) -> bool:
             and attr["begin_mask"].i & 1 and attr["end_mask"].i & 1
             and not attr["shrink_axis_mask"].i & 1 and attr["new_axis_mask"].i == 0
             and attr["ellipsis_mask"].i == 0)
+
+
+def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict) -> bool:
+    """Does the compiled graph give the original's answers at another batch size?
+
+    Folding tf.shape(x) at the compiled batch bakes it into constants that
+    only splittable compiled segments survive; running both graphs at batch
+    k+1 on random inputs tells, whatever the backend or the model.
+    """
+    from fuseflow.shapes import apply_input_shapes
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in model.inputs:
+        shape = compiled[spec.key]
+        if serving[spec.key][:1] == (None,):
+            shape = (shape[0] + 1, *shape[1:])
+        if spec.dtype == tf.string:
+            return True  # no meaningful random strings (tf.Example); trust the analysis
+        if spec.dtype.is_floating:
+            feeds[spec.tensor_name] = rng.normal(0, 1, shape).astype(spec.dtype.as_numpy_dtype)
+        else:
+            feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)
+    fetches = [s.tensor_name for s in model.outputs]
+    original = _run(model.graph_def, model.init_nodes, feeds, fetches)
+    if original is None:
+        return True  # the original can't run on random inputs: nothing to compare
+    final = apply_input_shapes(final_graph_def, model, serving)
+    compiled_out = _run(final, model.init_nodes, feeds, fetches)
+    if compiled_out is None:
+        return False
+    return all(a.shape == b.shape and np.allclose(a, b, rtol=1e-2, atol=1e-3, equal_nan=True)
+               for a, b in zip(original, compiled_out) if a.dtype.kind in "fciub")
+
+
+def _run(graph_def, init_nodes, feeds, fetches):
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    try:
+        with tf.compat.v1.Session(graph=graph) as sess:
+            if init_nodes:
+                sess.run([graph.get_operation_by_name(n) for n in init_nodes])
+            return sess.run(fetches, feeds)
+    except Exception:  # any failure means "does not run at this batch"
+        return None

@@ -256,7 +256,8 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
         _load_into_session(sess, model_dir, tag_list)
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
-        keep = sorted({node_name(t.tensor_name) for t in outputs} | set(init_nodes))
+        # Inputs too: an input no output reads must still exist to be fed.
+        keep = sorted({node_name(t.tensor_name) for t in inputs + outputs} | set(init_nodes))
         unfrozen = _too_large_to_freeze(full)
         try:
             frozen = convert_to_constants.convert_variables_to_constants_from_session_graph(

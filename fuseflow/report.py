@@ -71,6 +71,7 @@ class CompileReport:
     segments: list[SegmentReport] = field(default_factory=list)
     not_compiled: list[NotCompiled] = field(default_factory=list)  # most ops first
     unknown_shapes: list[UnknownShape] = field(default_factory=list)  # costliest first
+    dynamic_batch: bool = True  # the compiled model accepts any batch size
 
     @property
     def ratio(self) -> float:
@@ -88,6 +89,7 @@ class CompileReport:
             "num_segments_failed": len(self.segments) - len(compiled),
             "backend": self.backend,
             "ops_per_backend": {self.backend: self.num_ops_on_backend},
+            "dynamic_batch": self.dynamic_batch,
         }
 
     def to_json(self) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fuseflow import errors
 from fuseflow.backends import get_backend
-from fuseflow.batch import batch_tensors
+from fuseflow.batch import batch_tensors, runs_at_other_batch
 from fuseflow.compile import compile_segments
 from fuseflow.export import (
     REPORT_DIR,
@@ -35,6 +35,7 @@ from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
     apply_input_shapes,
+    guard_input_shapes,
     infer_tensor_shapes,
     node_tensors,
     resolve_input_shapes,
@@ -92,6 +93,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
 
     model = load_saved_model(model_dir, tags, signature_def_key)
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
+    serving = serving_shapes(model, inputs, options.dynamic_batch)
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
     graph_def = optimize_graph(graph_def, model.fetch_nodes)
     _check_names(graph_def, no_fuse | force_fuse)
@@ -125,10 +127,17 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
             "let them run in TensorFlow instead")
     final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
-    serving = serving_shapes(model, inputs, options.dynamic_batch)
+    if serving != inputs.shapes and not runs_at_other_batch(model, final, serving,
+                                                             inputs.shapes):
+        log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
+                    "which compiling fixed: the compiled model accepts batch %s only; "
+                    "compile again for other batch sizes", _batch_dim(inputs.shapes))
+        serving = inputs.shapes
+        final = guard_input_shapes(final, model, serving)
     final = apply_input_shapes(final, model, serving)
     report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
                           tensor_infos=infos)
+    report.dynamic_batch = serving != inputs.shapes
     log_report(report)
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)

@@ -180,6 +180,28 @@ def apply_input_shapes(graph_def, model: LoadedModel, shapes: dict[str, tuple]):
     return fixed
 
 
+def guard_input_shapes(graph_def, model: LoadedModel, shapes: dict[str, tuple]):
+    """Make every consumer of an input read it through EnsureShape, so a fixed-shape model
+    fed another shape fails loudly (TF's loaders don't check Placeholder shapes)."""
+    out = graph_def.__class__()
+    out.CopyFrom(graph_def)
+    guards = {}
+    for spec in model.inputs:
+        tensor = tensor_name(spec.tensor_name)
+        guard = out.node.add(name=f"{node_name(tensor)}/fuseflow_ensure_shape",
+                             op="EnsureShape", input=[tensor])
+        guard.attr["T"].type = spec.dtype.as_datatype_enum
+        guard.attr["shape"].shape.CopyFrom(tf.TensorShape(shapes[spec.key]).as_proto())
+        guards[tensor] = f"{guard.name}:0"
+    for node in out.node:
+        if node.op == "EnsureShape" and node.name.endswith("/fuseflow_ensure_shape"):
+            continue
+        for k, inp in enumerate(node.input):
+            if not is_control(inp) and tensor_name(inp) in guards:
+                node.input[k] = guards[tensor_name(inp)]
+    return out
+
+
 def infer_tensor_shapes(graph_def, model: LoadedModel, inputs: InputShapes
                         ) -> dict[str, TensorInfo]:
     """Static shape and dtype of every tensor; with feeds, unknown ones are measured.

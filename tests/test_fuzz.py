@@ -5,13 +5,14 @@ to 10 ops each reading earlier tensors (ops the backends take: unary, binary
 with broadcasting, matmul, conv, reductions, concat, split, reshape, slices,
 transpose, gather, pad, softmax, constants; ops no backend takes: a string
 round trip, a histogram; a few ops that are not per-sample or read the batch
-size), then 1-3 of the tensors as outputs. The program is saved as a TF1 SavedModel, compiled at its
-batch size, and the compiled model must give the original's answers at that
-batch size and at another one (dynamic batch).
+size), then 1-3 of the tensors as outputs. The program is saved as a TF1
+SavedModel and compiled at its batch size; the compiled model must give the
+original's answers at that batch size and at another one (dynamic batch).
 
 Values are kept bounded (a result whose bound grows past 8 is scaled back) so
 that rtol/atol 1e-4 compare meaningfully. A failing example prints as a
-Program whose ops read like code; `build_graph` turns it back into the graph.
+Program whose ops read like code; `compile_and_compare(backend, program)`
+replays it, and the minimal programs of bugs found so far run first (_FOUND).
 
 make test runs 10 fixed examples per backend. FUSEFLOW_FUZZ_EXAMPLES=N
 (make fuzz) runs N examples per backend from a random seed.
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import assert_outputs_close, save_tf1, tf
-from hypothesis import HealthCheck, event, given, note, settings
+from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 import fuseflow
@@ -37,7 +39,7 @@ _EXAMPLES = os.environ.get("FUSEFLOW_FUZZ_EXAMPLES")
 _BOUND = 8.0  # a result that may exceed this is scaled back to _RESCALED
 _RESCALED = 4.0
 _INPUT_SHAPES = ((8,), (16,), (4, 4, 2), (4, 4, 3))
-_MAX_BATCH = 13
+_MAX_BATCH = 13  # the largest other_batch
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class Op:
 
     def __repr__(self):
         scale = f" * {self.scale:.4g}" if self.scale != 1.0 else ""
-        return f"{self.kind}{self.param!r}(t{', t'.join(map(str, self.args))}){scale}"
+        args = ", ".join(f"t{a}" for a in self.args)
+        return f"{self.kind}{self.param!r}({args}){scale}"
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,7 @@ def _pick(draw, candidates: list[int]) -> int | None:
 
 def _draw_unary(draw, ts):
     i = draw(st.integers(0, len(ts) - 1))
-    fn = draw(st.sampled_from(["relu", "tanh", "sigmoid", "abs", "neg", "exp_tanh",
-                               "per_batch"]))
+    fn = draw(st.sampled_from(["relu", "tanh", "sigmoid", "abs", "neg", "exp_tanh"]))
     bound = {"tanh": 1.0, "sigmoid": 1.0, "exp_tanh": math.e}.get(fn, ts[i].bound)
     return Op("unary", (i,), (fn,)), [_Meta(ts[i].shape, bound)]
 
@@ -202,7 +204,7 @@ def _draw_reshape(draw, ts):
     size = math.prod(ts[i].shape[1:])
     targets = [(size,)] + ([(4, 4, size // 16)] if size % 16 == 0 else [])
     target = draw(st.sampled_from(targets))
-    via_shape = draw(st.booleans())  # tf.shape(x)[0] instead of -1, as Keras' Flatten does
+    via_shape = draw(st.booleans())  # [tf.shape(x)[0], ...] instead of [-1, ...]
     return (Op("reshape", (i,), (target, via_shape)),
             [_Meta((BATCH, *target), ts[i].bound)])
 
@@ -255,6 +257,14 @@ def _draw_softmax(draw, ts):
     return Op("softmax", (i,)), [_Meta(ts[i].shape, 1.0)]
 
 
+def _draw_batch_size(draw, ts):
+    """x divided by the run-time batch size, read with Shape or Size."""
+    i = _pick(draw, [j for j, t in enumerate(ts) if t.shape[0] == BATCH])
+    if i is None:
+        return None
+    return Op("batch_size", (i,), (draw(st.sampled_from(["shape", "size"])),)), [ts[i]]
+
+
 def _draw_string(draw, ts):
     i = draw(st.integers(0, len(ts) - 1))
     return Op("string_round_trip", (i,)), [ts[i]]
@@ -277,11 +287,12 @@ _DRAWERS = {"unary": _draw_unary, "binary": _draw_binary, "matmul": _draw_matmul
             "split": _draw_split, "reshape": _draw_reshape,
             "string_round_trip": _draw_string, "histogram": _draw_histogram,
             "const": _draw_const, "slice": _draw_slice, "transpose": _draw_transpose,
-            "gather": _draw_gather, "pad": _draw_pad, "softmax": _draw_softmax}
+            "gather": _draw_gather, "pad": _draw_pad, "softmax": _draw_softmax,
+            "batch_size": _draw_batch_size}
 # Ops the backends take come up more often than those they don't.
 _KINDS = ["unary", "binary", "unary", "binary", "matmul", "conv", "reduce", "concat", "split",
-          "reshape", "slice", "transpose", "gather", "pad", "softmax", "string_round_trip",
-          "histogram", "const"]
+          "reshape", "slice", "transpose", "gather", "pad", "softmax", "batch_size",
+          "string_round_trip", "histogram", "const"]
 
 
 @st.composite
@@ -303,8 +314,8 @@ def programs(draw, max_ops=10):
     n = len(metas)
     outputs = tuple(draw(st.lists(st.integers(0, n - 1).map(lambda k: n - 1 - k),
                                   min_size=1, max_size=3)))
-    batch = draw(st.integers(2, 5))
-    other = draw(st.sampled_from([1, batch + 1, 2 * batch + 3]))  # at most _MAX_BATCH
+    batch = draw(st.integers(1, 5))
+    other = draw(st.sampled_from([b for b in (1, batch + 1, 2 * batch + 3) if b != batch]))
     return Program(inputs, tuple(ops), outputs, batch, other, draw(st.integers(0, 2**16)))
 
 
@@ -319,8 +330,6 @@ def _apply(op: Op, xs: list, rng: np.random.Generator) -> list:
         fn = op.param[0]
         if fn == "exp_tanh":
             return [tf.exp(tf.tanh(x))]
-        if fn == "per_batch":  # depends on the run-time batch size
-            return [x / tf.cast(tf.shape(x)[0], tf.float32)]
         return [{"relu": tf.nn.relu, "tanh": tf.tanh, "sigmoid": tf.sigmoid, "abs": tf.abs,
                  "neg": tf.negative}[fn](x)]
     if op.kind == "binary":
@@ -367,6 +376,11 @@ def _apply(op: Op, xs: list, rng: np.random.Generator) -> list:
         return [tf.pad(x, [[0, 0]] * (rank - 1) + [list(op.param)], constant_values=0.5)]
     if op.kind == "softmax":
         return [tf.nn.softmax(x)]
+    if op.kind == "batch_size":
+        if op.param[0] == "shape":
+            return [x / tf.cast(tf.shape(x)[0], tf.float32)]
+        per_sample = math.prod(x.shape.as_list()[1:])
+        return [x * (per_sample / tf.cast(tf.size(x), tf.float32))]
     if op.kind == "string_round_trip":
         return [tf.strings.to_number(tf.strings.as_string(x), tf.float32)]
     if op.kind == "histogram":
@@ -397,25 +411,56 @@ def _run(signature, feeds: dict) -> dict:
     return {k: v.numpy() for k, v in out.items()}
 
 
-@settings(max_examples=int(_EXAMPLES or 10), derandomize=_EXAMPLES is None, deadline=None,
-          database=None, print_blob=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(program=programs())
-def test_compiled_random_graph_matches_original(backend, program):
-    note(repr(program))
+def compile_and_compare(backend: str, program: Program) -> dict:
+    """Save, compile and run a program at both batch sizes; returns compile()'s result."""
     with tempfile.TemporaryDirectory(prefix="fuseflow-fuzz-") as tmp:
         src, out = Path(tmp) / "m", Path(tmp) / "c"
         save_tf1(src, lambda: build_graph(program))
         result = fuseflow.saved_model.compile(str(src), str(out), batch_size=program.batch,
                                               backend=backend, minimum_segment_size=1)
-        note(f"compile: {result}")
-        event(f"segments compiled: {result['num_segments']}")
-        if result["num_segments_failed"]:
-            event("a segment failed to compile (stays in TF)")
         original = tf.saved_model.load(str(src)).signatures["serving_default"]
         compiled = tf.saved_model.load(str(out)).signatures["serving_default"]
         for batch in (program.batch, program.other_batch):
             feeds = program.feeds(batch)
+            if batch != program.batch and not result["dynamic_batch"]:
+                # compile() found the model depends on its batch size and fixed it: other
+                # sizes must fail loudly, never answer wrongly.
+                with pytest.raises(tf.errors.InvalidArgumentError, match="shape"):
+                    _run(compiled, feeds)
+                continue
             expected, actual = _run(original, feeds), _run(compiled, feeds)
-            note(f"batch {batch}")
-            assert_outputs_close(expected, actual, rtol=1e-4, atol=1e-4)
+            try:
+                assert_outputs_close(expected, actual, rtol=1e-4, atol=1e-4)
+            except AssertionError as e:
+                raise AssertionError(f"at batch {batch} (compiled at {program.batch}), "
+                                     f"compile() gave {result}: {e}") from None
+        return result
+
+
+# Minimal programs of bugs the fuzzer found; they run first, every time.
+_FOUND = {
+    # A signature input no output depends on: compile() raised Grappler's ValueError.
+    "unused_input": Program(((8,), (8,)), (Op("unary", (0,), ("relu",)),), (2,), 1, 2, 0),
+    # tf.shape(x)[0] / tf.size(x) were folded at the compiled batch size: wrong at others.
+    "batch_from_shape": Program(((8,),), (Op("batch_size", (0,), ("shape",)),), (1,), 2, 1, 0),
+    "batch_from_size": Program(((8,),), (Op("batch_size", (0,), ("size",)),), (1,), 2, 1, 0),
+    # Reshape to [tf.shape(x)[0], -1] (Keras-style): XLA failed at other batch sizes.
+    "reshape_from_shape": Program(((4, 4, 2),), (Op("reshape", (0,), ((32,), True)),), (1,),
+                                  2, 5, 0),
+}
+
+
+@settings(max_examples=int(_EXAMPLES or 10), derandomize=_EXAMPLES is None, deadline=None,
+          database=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(program=programs())
+@example(program=_FOUND["unused_input"])
+@example(program=_FOUND["batch_from_shape"])
+@example(program=_FOUND["batch_from_size"])
+@example(program=_FOUND["reshape_from_shape"])
+def test_compiled_random_graph_matches_original(backend, program):
+    note(repr(program))
+    result = compile_and_compare(backend, program)
+    event(f"segments compiled: {result['num_segments']}")
+    if result["num_segments_failed"]:
+        event("a segment failed to compile (stays in TF)")

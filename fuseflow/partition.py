@@ -197,7 +197,7 @@ def _in_v1_control_flow(graph_def, order: list[int]) -> set[str]:
     return inside
 
 
-def _fixed_exclusions(graph_def, order, support, tensor_is_string, input_nodes, options
+def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, options
                       ) -> dict[str, Reason]:
     """Why each node can't be clustered, before any clustering."""
     upstream = _upstream(graph_def, input_nodes)
@@ -214,20 +214,20 @@ def _fixed_exclusions(graph_def, order, support, tensor_is_string, input_nodes, 
             excluded[n.name] = Reason.CONTROL_FLOW
         elif any(is_control(i) for i in n.input):
             excluded[n.name] = Reason.CONTROL_INPUT
-        elif tensor_is_string(n):
-            excluded[n.name] = Reason.STRING
+        elif dtype_reason(n) is not None:
+            excluded[n.name] = dtype_reason(n)
         elif support.get(n.name) is not None and n.name not in options.force_fuse_ops:
             excluded[n.name] = support[n.name]
     return excluded
 
 
 def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: Iterable[str],
-                    options: PartitionOptions, tensor_is_string=lambda node: False
+                    options: PartitionOptions, dtype_reason=lambda node: None
                     ) -> Partition:
     """Propose segments: maximal cycle-free clusters of nodes the backend takes."""
     nodes = graph_def.node
     order = topological_order(graph_def)
-    excluded = _fixed_exclusions(graph_def, order, support, tensor_is_string,
+    excluded = _fixed_exclusions(graph_def, order, support, dtype_reason,
                                  set(input_nodes), options)
     position = {i: p for p, i in enumerate(order)}
     index = {n.name: position[i] for i, n in enumerate(nodes)}

@@ -31,6 +31,7 @@ from fuseflow.partition import (
     partition_graph,
     topological_order,
 )
+from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
@@ -105,7 +106,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         PartitionOptions(
             minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
             no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
-        tensor_is_string=lambda node: _touches_string(node, infos))
+        dtype_reason=lambda node: _dtype_reason(node, infos))
     members_of = {n: s.name for s in partition.segments for n in s.nodes}
     consumers = consumers_outside(graph_def, members_of)
     fetches = {tensor_name(s.tensor_name) for s in model.outputs}
@@ -150,8 +151,14 @@ def _batch_dim(shapes: dict[str, tuple]) -> int:
     return dims[0] if dims and all(d == dims[0] for d in dims) else -1
 
 
-def _touches_string(node, infos) -> bool:
-    return any(t in infos and infos[t].dtype == tf.string for t in node_tensors(node, infos))
+def _dtype_reason(node, infos) -> Reason | None:
+    """Strings, resources and variants never enter a segment, whatever the backend says."""
+    dtypes = {infos[t].dtype for t in node_tensors(node, infos) if t in infos}
+    if tf.string in dtypes:
+        return Reason.STRING
+    if dtypes & {tf.resource, tf.variant}:
+        return Reason.DTYPE
+    return None
 
 
 def _check_names(graph_def, names: frozenset[str]) -> None:

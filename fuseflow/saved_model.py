@@ -128,8 +128,8 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
             "let them run in TensorFlow instead")
     final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
-    if serving != inputs.shapes and not runs_at_other_batch(model, final, serving,
-                                                             inputs.shapes):
+    if serving != inputs.shapes and not runs_at_other_batch(
+            model, final, serving, inputs.shapes, chosen.tolerance(options)):
         log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
                     "which compiling fixed: the compiled model accepts batch %s only; "
                     "compile again for other batch sizes", _batch_dim(inputs.shapes))

@@ -33,7 +33,8 @@ _UNARY = frozenset({
     "MaxPool3D", "AvgPool3D", "FusedBatchNorm", "FusedBatchNormV3", "LRN", "Gelu",
     "IsNan", "IsFinite", "LogicalNot", "ClipByValue", "BiasAdd", "Erfc", "Erfinv", "Expm1",
     "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Rint",
-    "Inv", "Invert", "Lgamma", "Digamma", "BesselI0e", "BesselI1e",
+    "Inv", "Invert", "Lgamma", "Digamma", "BesselI0e", "BesselI1e", "AsString",
+    "StringToNumber",
 })
 _ELEMENTWISE = frozenset({
     "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum", "Pow",

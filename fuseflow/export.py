@@ -34,20 +34,28 @@ def check_output_dir(model_dir: str, new_model_dir) -> Path:
         raise errors.OutputDirError(
             f"new_model_dir {str(out)!r} already exists: fuseflow never overwrites; remove "
             "it or choose another path")
-    src = Path(model_dir).resolve()
-    if out.resolve() == src or src in out.resolve().parents:
+    if _inside(out, model_dir):
         raise errors.OutputDirError(
-            f"new_model_dir {str(out)!r} is inside the input model {str(src)!r}: write the "
+            f"new_model_dir {str(out)!r} is inside the input model {model_dir!r}: write the "
             "compiled model somewhere else")
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_ancestor(out.parent)
     if not parent.is_dir():
         raise errors.OutputDirError(
             f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a directory; "
             "choose a new_model_dir under a directory")
     _probe_writable(out, parent)
     return out
+
+
+def _inside(path: Path, model_dir: str) -> bool:
+    src = Path(model_dir).resolve()
+    return path.resolve() == src or src in path.resolve().parents
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def check_workdir(model_dir: str, workdir) -> Path | None:
@@ -60,14 +68,12 @@ def check_workdir(model_dir: str, workdir) -> Path | None:
     if path.exists() and not path.is_dir():
         raise errors.OutputDirError(f"compiler_workdir {str(path)!r} is a file: give a "
                                     "directory (it is created if missing)")
-    src = Path(model_dir).resolve()
-    if path.resolve() == src or src in path.resolve().parents:
+    if _inside(path, model_dir):
         raise errors.OutputDirError(
-            f"compiler_workdir {str(path)!r} is inside the input model {str(src)!r}, which "
-            "fuseflow never modifies: choose a workdir somewhere else")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
+            f"compiler_workdir {str(path)!r} is inside the input model "
+            f"{str(Path(model_dir).resolve())!r}, which fuseflow never modifies: choose a "
+            "workdir somewhere else")
+    parent = _existing_ancestor(path)
     if not parent.is_dir():
         raise errors.OutputDirError(
             f"cannot create compiler_workdir {str(path)!r}: {str(parent)!r} is a file, not a "

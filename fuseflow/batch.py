@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
 from fuseflow.tf_compat import tf
@@ -272,18 +273,8 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
     compiled_out = _run(final, model.init_nodes, feeds, fetches)
     if compiled_out is None:
         return False
-    return all(a.shape == b.shape and _relative_error(a, b) <= tolerance
+    return all(a.shape == b.shape and relative_error(a, b) <= tolerance
                for a, b in zip(original, compiled_out) if a.dtype.kind in "fciub")
-
-
-def _relative_error(want: np.ndarray, got: np.ndarray) -> float:
-    """Largest difference relative to the output's magnitude (how backends are judged)."""
-    want, got = want.astype(np.float64), got.astype(np.float64)
-    finite = np.isfinite(want) & np.isfinite(got)
-    if not np.array_equal(np.isfinite(want), np.isfinite(got)):
-        return np.inf
-    scale = float(np.max(np.abs(want[finite]), initial=0.0)) + 1e-6
-    return float(np.max(np.abs(want[finite] - got[finite]), initial=0.0)) / scale
 
 
 def _run(graph_def, init_nodes, feeds, fetches):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fuseflow.backends.base import Artifact, Backend, SegmentGraph
+from fuseflow.backends.base import Artifact, Backend, SegmentGraph, relative_error
 from fuseflow.options import CompilerOptions
 
 
@@ -71,14 +71,9 @@ def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,
         want, got = np.asarray(want), np.asarray(got)
         if want.shape != got.shape:
             raise ValueError(f"output {port.name} has shape {got.shape}, TF gives {want.shape}")
-        if want.dtype.kind in "fc":
-            finite = np.isfinite(want)
-            if not np.array_equal(finite, np.isfinite(got)):
-                raise ValueError(f"output {port.name}: non-finite values differ from TF")
-            scale = float(np.max(np.abs(want[finite]), initial=0.0)) + 1e-6
-            error = float(np.max(np.abs(want[finite] - got[finite]), initial=0.0)) / scale
-        else:
-            error = float(np.mean(want != got))
+        error = relative_error(want, got)
+        if error == float("inf"):
+            raise ValueError(f"output {port.name}: non-finite values differ from TF")
         if error > tolerance:
             raise ValueError(f"output {port.name} differs from TF by {error:.2e} (relative; "
                              f"tolerance {tolerance:.0e})")

@@ -214,8 +214,8 @@ def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, opti
             excluded[n.name] = Reason.CONTROL_FLOW
         elif any(is_control(i) for i in n.input):
             excluded[n.name] = Reason.CONTROL_INPUT
-        elif dtype_reason(n) is not None:
-            excluded[n.name] = dtype_reason(n)
+        elif (reason := dtype_reason(n)) is not None:
+            excluded[n.name] = reason
         elif support.get(n.name) is not None and n.name not in options.force_fuse_ops:
             excluded[n.name] = support[n.name]
     return excluded

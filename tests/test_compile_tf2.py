@@ -117,6 +117,7 @@ def test_compiled_model_runs_in_cpp_loader(backend, tmp_path, rng):
     compile_model(backend, tmp_path / "m", tmp_path / "c")
     name = model.inputs[0].name
     feeds = {name: rng.random((1, 16, 16, 3), np.float32)}
-    ops = [fuseflow.native.library_path()] if hasattr(fuseflow, "native") else []
-    assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
-                         run_saved_model_cpp(tmp_path / "c", feeds, op_libs=ops), atol=1e-4)
+    assert_outputs_close(
+        run_saved_model(tmp_path / "m", feeds),
+        run_saved_model_cpp(tmp_path / "c", feeds, op_libs=[fuseflow.native.library_path()]),
+        atol=1e-4)

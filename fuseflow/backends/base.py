@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
 
@@ -80,3 +82,18 @@ class Backend(ABC):
     def runtime_info(self) -> dict[str, str]:
         """What a compiled model needs at load time (for reports and inspect)."""
         return {"backend": self.name}
+
+
+def relative_error(want, got) -> float:
+    """How far got is from want, as backends are judged: the largest difference relative
+    to the output's magnitude (floats), the fraction of unequal elements (others); inf
+    when the two disagree on which values are finite."""
+    want, got = np.asarray(want), np.asarray(got)
+    if want.dtype.kind not in "fc":
+        return float(np.mean(want != got)) if want.size else 0.0
+    want, got = want.astype(np.float64), got.astype(np.float64)
+    finite = np.isfinite(want)
+    if not np.array_equal(finite, np.isfinite(got)):
+        return float("inf")
+    scale = float(np.max(np.abs(want[finite]), initial=0.0)) + 1e-6
+    return float(np.max(np.abs(want[finite] - got[finite]), initial=0.0)) / scale

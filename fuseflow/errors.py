@@ -66,7 +66,7 @@ def reason(e: BaseException) -> str:
         line = line.strip()
         if line.startswith("Original stack trace"):
             break
-        if line and not line.endswith(":") and not line.startswith(("Node:", "[[")):
+        if line and not line.endswith(":") and not line.startswith(("Node:", "[[", "File \"")):
             text = line.rstrip(".")
             break
     node = getattr(getattr(e, "node_def", None), "name", "")

@@ -254,11 +254,14 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
         _load_into_session(sess, model_dir, tag_list)
+        _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig)
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
         # Inputs too: an input no output reads must still exist to be fed.
         keep = sorted({node_name(t.tensor_name) for t in inputs + outputs} | set(init_nodes))
-        unfrozen = _too_large_to_freeze(full)
+        # Only variables the signature reads count: a TF2 model may hold unused copies.
+        unfrozen = _too_large_to_freeze(
+            tf.compat.v1.graph_util.extract_sub_graph(full, keep))
         try:
             frozen = convert_to_constants.convert_variables_to_constants_from_session_graph(
                 sess, full, keep, variable_names_denylist=sorted(unfrozen))
@@ -410,6 +413,48 @@ def _check_signature_tensors(graph_def, key: str, specs: list[TensorSpec]) -> No
                 f"signature {key!r} maps {spec.key!r} to tensor {spec.tensor_name!r}, but the "
                 f"graph has no node {node_name(spec.tensor_name)!r}: the signature does not "
                 "match the graph; re-export the model")
+
+
+def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key: str,
+                               sig) -> None:
+    """Give values to variables that the v1 restore left uninitialized.
+
+    A Keras 3 model held by a tf.Module saves its weights through object-graph keys
+    whose restore op writes other handles than the ones the signature reads; only
+    TF2's object-based loader binds the two. Here that loader supplies the values of
+    the signature function's captured variables, matched by position to the inputs
+    of the call node that computes the signature's outputs.
+    """
+    handles = [op for op in graph.get_operations() if op.type == "VarHandleOp"]
+    if not handles:
+        return
+    flags = sess.run([tf.raw_ops.VarIsInitializedOp(resource=op.outputs[0]) for op in handles])
+    missing = {op.name for op, ok in zip(handles, flags) if not ok}
+    if not missing:
+        return
+    calls = {node_name(t.name) for t in sig.outputs.values()}
+    from tensorflow.python.eager import context
+
+    nodes = [graph.get_operation_by_name(n) for n in sorted(calls)]
+    values: dict[str, np.ndarray] = {}
+    with context.eager_mode():
+        try:
+            loaded = tf.saved_model.load(model_dir, tags=tags)
+            captured = list(loaded.signatures[key].captured_inputs)
+        except Exception as e:  # nothing to add: freezing then names the variable
+            log.debug("TF2's loader could not supply variable values: %s", e)
+            return
+        for node in nodes:
+            if node.type not in _CALL_OPS:
+                continue
+            args = list(node.inputs)[len(node.inputs) - len(captured):]
+            for arg, value in zip(args, captured):
+                if arg.op.name in missing and value.dtype == tf.resource:
+                    values[arg.op.name] = tf.raw_ops.ReadVariableOp(
+                        resource=value, dtype=arg.op.get_attr("dtype")).numpy()
+    for name, array in values.items():
+        handle = graph.get_operation_by_name(name).outputs[0]
+        sess.run(tf.raw_ops.AssignVariableOp(resource=handle, value=array))
 
 
 def _load_into_session(sess, model_dir: str, tags: list[str]) -> None:

@@ -1,0 +1,50 @@
+"""TF2 SavedModels whose v1 restore leaves the signature's variables unbound.
+
+A Keras 3 model held by a tf.Module saves each weight twice in the graph: the restore
+op writes one set of handles, the signature reads another, and only TF2's object-based
+loader binds them. Found by the zoo's detector (tf.Module around a Keras backbone).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_outputs_close, run_fresh, run_saved_model
+
+import fuseflow
+
+
+class _Wrapper(tf.Module):
+    def __init__(self):
+        super().__init__()
+        tf.keras.utils.set_random_seed(0)
+        x = tf.keras.Input((8,))
+        h = tf.keras.layers.Dense(16, activation="relu")(x)
+        self.net = tf.keras.Model(x, tf.keras.layers.Dense(4)(h))
+
+    @tf.function
+    def __call__(self, x):
+        return {"y": tf.nn.softmax(self.net(x))}
+
+
+def _save(path):
+    module = _Wrapper()
+    fn = module.__call__.get_concrete_function(tf.TensorSpec([None, 8], tf.float32, "x"))
+    tf.saved_model.save(module, str(path), signatures={"serving_default": fn})
+    return path
+
+
+@pytest.mark.parametrize("freeze_limit_mb", [None, "0.0001"])
+def test_module_around_keras_model(tmp_path, rng, monkeypatch, freeze_limit_mb):
+    """Frozen, or (with a tiny freeze budget) kept as variables: either way the values
+    are the trained ones, and unused duplicate handles are not read."""
+    if freeze_limit_mb:
+        monkeypatch.setenv("FUSEFLOW_FREEZE_LIMIT_MB", freeze_limit_mb)
+    src = _save(tmp_path / "model")
+    feeds = {"x": rng.standard_normal((1, 8)).astype(np.float32)}
+    want = run_saved_model(src, feeds)
+    result = fuseflow.saved_model.compile(str(src), str(tmp_path / "out"),
+                                          compiler_args=["--backend", "openvino"])
+    assert result["num_segments"] == 1
+    assert_outputs_close(want, run_fresh(tmp_path / "out", feeds, tmp_path))

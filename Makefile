@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install native browser demo test test-all bench fuzz lint clean
+.PHONY: install native browser demo test test-all bench fuzz zoo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -48,6 +48,14 @@ bench: install $(BENCH_STAMP)
 fuzz: install
 	FUSEFLOW_FUZZ_EXAMPLES=500 $(PY) -m pytest -q --timeout=0 tests/test_fuzz.py \
 		--hypothesis-show-statistics
+
+# Every zoo model on every backend it is pinned for, then the README table (coverage, error,
+# batch-1 speed-up measured side by side).
+ZOO_OUT := .build/zoo
+zoo: install
+	rm -rf $(ZOO_OUT)
+	FUSEFLOW_ZOO_OUT=$(abspath $(ZOO_OUT)) $(PY) -m pytest -q -rs tests/zoo; status=$$?; \
+	  $(PY) -m bench.zoo $(ZOO_OUT) && exit $$status
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

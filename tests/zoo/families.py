@@ -147,9 +147,11 @@ def vit_like(path: Path, size: int = 32, patch: int = 8, dim: int = 64, heads: i
     x = keras.ops.transpose(x, (0, 1, 3, 2, 4, 5))
     x = keras.ops.reshape(x, (-1, grid * grid, patch * patch * 3))
     x = keras.layers.Dense(dim)(x)
-    cls = keras.ops.zeros_like(x[:, :1]) + keras.layers.Dense(dim)(keras.ops.ones_like(x[:, :1, :1]))
+    tokens = grid * grid + 1
+    cls = keras.ops.zeros_like(x[:, :1]) + keras.layers.Dense(dim)(
+        keras.ops.ones_like(x[:, :1, :1]))
     x = keras.ops.concatenate([cls, x], axis=1)
-    x = x + keras.layers.Embedding(grid * grid + 1, dim)(keras.ops.arange(grid * grid + 1)[None])
+    x = x + keras.layers.Embedding(tokens, dim)(keras.ops.arange(tokens)[None])
     for _ in range(layers):
         x = _transformer_block(x, dim, heads, causal=False)
     model = keras.Model(image, keras.layers.Dense(10)(x[:, 0]))

@@ -23,12 +23,37 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     Shape(x) of an input-dependent x; with the input shapes now fixed those
     are constants, and folding them removes whole shape-computing subgraphs.
     """
+    _allow_inlining(graph_def)
     graph_def = _grappler(graph_def, keep_nodes)
     _strip_output_shapes(graph_def)
     if _materialize_shapes(graph_def, set(keep_nodes)):
         graph_def = _grappler(graph_def, keep_nodes)
         _strip_output_shapes(graph_def)
     return graph_def
+
+
+_JIT_ATTRS = ("_noinline", "_XlaMustCompile", "_XlaCompile")
+
+
+def _allow_inlining(graph_def) -> None:
+    """Let Grappler inline functions the model marked for jit compilation.
+
+    Keras 3 wraps some layers (e.g. ConvNeXt's depthwise conv) in a
+    `jit_compile=True` function, which TF saves as a `_noinline` call with
+    `_XlaMustCompile`. Left as a call, it is opaque to the partitioner and
+    splits the model; the backend compiles its ops anyway, and where they stay
+    in TF they compute the same without the jit.
+    """
+    for function in graph_def.library.function:
+        for name in _JIT_ATTRS:
+            function.attr.pop(name, None)
+    for node in graph_def.node:
+        for name in _JIT_ATTRS:
+            node.attr.pop(name, None)
+    for function in graph_def.library.function:
+        for node in function.node_def:
+            for name in _JIT_ATTRS:
+                node.attr.pop(name, None)
 
 
 def _strip_output_shapes(graph_def) -> None:

@@ -48,3 +48,36 @@ def test_module_around_keras_model(tmp_path, rng, monkeypatch, freeze_limit_mb):
                                           compiler_args=["--backend", "openvino"])
     assert result["num_segments"] == 1
     assert_outputs_close(want, run_fresh(tmp_path / "out", feeds, tmp_path))
+
+
+class _JitInside(tf.Module):
+    """A layer computed by a jit_compile function, as Keras 3's depthwise conv is."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.w = tf.Variable(rng.standard_normal((3, 3, 4, 1)).astype(np.float32))
+        self.v = tf.Variable(rng.standard_normal((4, 2)).astype(np.float32))
+
+    @tf.function(jit_compile=True)
+    def depthwise(self, x):
+        return tf.nn.depthwise_conv2d(x, self.w, [1, 1, 1, 1], "SAME")
+
+    @tf.function
+    def __call__(self, x):
+        h = tf.nn.relu(self.depthwise(tf.nn.relu(x)))
+        return {"y": tf.matmul(tf.reduce_mean(h, axis=[1, 2]), self.v)}
+
+
+def test_jit_compiled_inner_function_is_inlined(tmp_path, rng):
+    """Before, the _noinline call stayed in TF and split the model in two."""
+    module = _JitInside()
+    fn = module.__call__.get_concrete_function(
+        tf.TensorSpec([None, 8, 8, 4], tf.float32, "x"))
+    tf.saved_model.save(module, str(tmp_path / "model"), signatures={"serving_default": fn})
+    feeds = {"x": rng.standard_normal((1, 8, 8, 4)).astype(np.float32)}
+    want = run_saved_model(tmp_path / "model", feeds)
+    result = fuseflow.saved_model.compile(str(tmp_path / "model"), str(tmp_path / "out"),
+                                          compiler_args=["--backend", "openvino"])
+    assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0, result
+    assert_outputs_close(want, run_fresh(tmp_path / "out", feeds, tmp_path))

@@ -41,7 +41,7 @@ def _concat(x):
 
 
 def _pack(x):
-    return tf.stack([x, tf.nn.relu(x)], axis=_const(1)) * 2.0
+    return tf.stack([x, tf.nn.relu(x)], axis=1) * _const(2, tf.float32)
 
 
 def _reshape(x):
@@ -162,7 +162,7 @@ def test_keras_dense_blocks_compile_into_one_segment(tmp_path, rng):
             y = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(y)
             x = tf.keras.layers.Concatenate()([x, y])
         if block == 0:
-            x = tf.keras.layers.AveragePooling2D()(tf.keras.layers.Conv2D(8, 1)(x))
+            x = tf.keras.layers.AveragePooling2D(2)(tf.keras.layers.Conv2D(8, 1)(x))
     outputs = tf.keras.layers.Dense(3, activation="softmax")(
         tf.keras.layers.GlobalAveragePooling2D()(x))
     model = tf.keras.Model(inputs, outputs)

@@ -397,7 +397,8 @@ def _measure_synthesized(graph, infos: dict[str, TensorInfo], input_map: dict,
     """Measure the shapes still unknown by running the graph on synthesized inputs of the
     compile shapes. A shape that depends on the input values (boolean_mask, Unique,
     Where) differs between random and all-zero inputs, so only the dims that agree in
-    all three runs are kept; a run that fails measures nothing."""
+    all three runs are kept; a run that fails measures nothing. A shape measured wrong
+    costs speed, not answers: a FuseflowOp given other shapes runs its TF fallback."""
     wanted = _measurable(graph, infos, set(input_map))
     if not wanted:
         return
@@ -415,8 +416,12 @@ def _measure_synthesized(graph, infos: dict[str, TensorInfo], input_map: dict,
         shapes = {r[k] for r in runs}
         if len({len(s) for s in shapes}) != 1:
             continue
-        dims = tuple(dims[0] if len(set(dims)) == 1 else None for dims in zip(*shapes))
-        infos[name] = TensorInfo(infos[name].dtype, dims)
+        # An empty dim says "nothing selected" on these inputs, not "always empty".
+        dims = [d[0] if len(set(d)) == 1 and d[0] > 0 else None for d in zip(*shapes)]
+        static = infos[name].shape
+        if static is not None and len(static) == len(dims):
+            dims = [s if s is not None else d for s, d in zip(static, dims)]
+        infos[name] = TensorInfo(infos[name].dtype, tuple(dims))
 
 
 def node_tensors(node, infos: dict[str, TensorInfo]) -> list[str]:

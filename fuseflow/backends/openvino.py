@@ -213,11 +213,17 @@ class OpenVinoBackend(Backend):
         try:
             unconverted = frontend_unsupported(
                 probe_graph(graph_def, candidates, tensor_infos, constants)) & candidates
-            if unconverted:
-                result.update(_refusal_reasons(graph_def, unconverted, tensor_infos, constants))
         except Exception as e:  # compile() still decides per segment
             log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
                         "support per segment at compile time", str(e).splitlines()[0])
+            return result
+        if unconverted:
+            try:
+                result.update(_refusal_reasons(graph_def, unconverted, tensor_infos, constants))
+            except Exception as e:
+                log.warning("OpenVINO's frontend failed on a refused node alone (%s)",
+                            str(e).splitlines()[0])
+                result.update(dict.fromkeys(unconverted, Reason.UNSUPPORTED_OP))
         return result
 
     def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path

@@ -1,8 +1,10 @@
 """Stage 2: batch_size / shape feeds / feed dict -> every tensor's shape.
 
 Priority as in the reference: model_feed_dict > model_shape_feed_dict >
-batch_size. Static shape inference does most of the work; with a feed dict
-the graph is also run so that data-dependent shapes become known.
+batch_size. Static shape inference does most of the work; op semantics fill
+in where TF's shape functions give up (table lookups); what is still unknown
+is measured by running the graph, on the feed dict or, for numeric inputs, on
+synthesized ones (see infer_tensor_shapes).
 """
 
 from __future__ import annotations

@@ -193,3 +193,29 @@ def test_an_operand_computed_at_run_time_is_named(backend):
     assert support["runtime"] is Reason.RUNTIME_OPERAND
     assert support["constant"] is None
     assert support["mul"] is None  # the int arithmetic itself is fine
+
+
+def test_probe_and_segment_carry_the_same_constant_chains():
+    """An operand computed from constants by ops outside the segment (here a chain
+    Grappler did not fold) is copied into the segment, and into the probe the backend
+    is asked about, as the same nodes: never a Placeholder."""
+    from fuseflow.backends.base import probe_graph
+    from fuseflow.extract import extract_segment
+    from fuseflow.partition import Segment
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [2, 3], name="x")
+        axis = tf.identity(tf.constant(1, name="one") + tf.constant(0, name="zero"), name="axis")
+        tf.reduce_sum(tf.nn.relu(x, name="relu"), axis, name="sum")
+    graph_def, infos = graph.as_graph_def(), _infos(graph)
+    segment = extract_segment(graph_def, Segment("s", ["relu", "sum"], 2), infos, {},
+                              {"sum:0"}, None)
+    inside = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+    probe = probe_graph(graph_def, {"relu", "sum"}, infos)
+    for built in (inside, probe):
+        ops = {n.name: n.op for n in built.node}
+        assert {k: ops.get(k) for k in ("one", "zero", "add", "axis")} == {
+            "one": "Const", "zero": "Const", "add": "AddV2", "axis": "Identity"}
+        assert sorted(ops.values()).count("Placeholder") == 1  # x only
+    assert [p.name for p in segment.inputs] == ["fuseflow_input_0"]

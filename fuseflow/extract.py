@@ -1,7 +1,9 @@
 """Cut a proposed segment out of the graph as a GraphDef that stands alone.
 
-Constants a segment reads are copied into it (never passed in as inputs:
-backends drop constant-only ports and fold constants best themselves).
+Constants a segment reads are copied into it, with the chains of ops that
+compute them from Consts alone (never passed in as inputs: backends drop
+constant-only ports, fold constants best themselves, and need operands such
+as a concat axis or a reshape shape to be constants).
 Every node of the segment that is read from outside keeps its name in the
 main graph through an IdentityN, so no consumer needs rewiring.
 """
@@ -10,7 +12,15 @@ from __future__ import annotations
 
 from fuseflow.backends.base import Port, SegmentGraph
 from fuseflow.batch import BatchInfo
-from fuseflow.graph_util import called_functions, is_control, node_name, output_index
+from fuseflow.graph_util import (
+    called_functions,
+    constant_chain,
+    constant_nodes,
+    copy_constant,
+    is_control,
+    node_name,
+    output_index,
+)
 from fuseflow.partition import Segment
 from fuseflow.shapes import TensorInfo
 from fuseflow.tf_compat import tf
@@ -19,9 +29,14 @@ INPUT_PREFIX = "fuseflow_input_"
 
 def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
                     consumers: dict[str, set[str]], fetch_tensors: set[str],
-                    batch_info: BatchInfo | None) -> SegmentGraph:
-    """A standalone GraphDef for the segment, with its ports at their compiled shapes."""
+                    batch_info: BatchInfo | None, constants: set[str] | None = None
+                    ) -> SegmentGraph:
+    """A standalone GraphDef for the segment, with its ports at their compiled shapes.
+
+    constants: graph_util.constant_nodes(graph_def), computed here when not given."""
     nodes = {n.name: n for n in graph_def.node}
+    if constants is None:
+        constants = constant_nodes(graph_def)
     members = set(segment.nodes)
     out = tf.compat.v1.GraphDef()
     out.versions.CopyFrom(graph_def.versions)
@@ -37,14 +52,10 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
             src = node_name(inp)
             if src in members:
                 node.input.append(inp)
-            elif nodes[src].op == "Const":
-                if src not in copied_consts:
-                    copied_consts.add(src)
-                    const = tf.compat.v1.NodeDef()
-                    const.CopyFrom(nodes[src])
-                    const.ClearField("device")
-                    const.ClearField("input")  # control inputs of consts are not needed
-                    body.append(const)
+            elif src in constants:
+                for c in constant_chain(nodes, src, (members, copied_consts)):
+                    copied_consts.add(c)
+                    body.append(copy_constant(nodes[c]))
                 node.input.append(inp)
             else:
                 t = f"{src}:{output_index(inp)}"

@@ -60,3 +60,78 @@ def count_ops(graph_def) -> int:
         calls = [f for f in called_functions(node.attr.values()) if f in functions]
         total += sum(body_count(f) for f in calls) if calls else node.op not in NON_COMPUTE_OPS
     return total
+
+
+# TF1 control flow: a value inside a frame is not a graph constant even if its inputs are.
+_FRAME_OPS = frozenset({"Enter", "Exit", "Switch", "Merge", "NextIteration", "LoopCond",
+                        "RefEnter", "RefExit", "RefSwitch", "RefMerge", "RefNextIteration"})
+
+
+def constant_nodes(graph_def) -> set[str]:
+    """Nodes whose every output is a graph constant: Consts, and the stateless chains
+    computed from Consts alone that Grappler left unfolded (e.g. results over its size
+    limit). Backends need such operands (axis, perm, shape...) as constants in a segment."""
+    from tensorflow.python.framework import op_def_registry
+
+    nodes = {n.name: n for n in graph_def.node}
+    memo: dict[str, bool] = {}
+
+    def constant(name: str) -> bool:
+        stack = [name]
+        while stack:  # iterative: chains can be deep
+            top = stack[-1]
+            if top in memo:
+                stack.pop()
+                continue
+            node = nodes[top]
+            if node.op == "Const":
+                memo[top] = True
+                stack.pop()
+                continue
+            op_def = op_def_registry.get(node.op)
+            if (op_def is None or op_def.is_stateful or node.op in _FRAME_OPS
+                    or node.op in NON_COMPUTE_OPS or not node.input
+                    or any(is_control(i) for i in node.input)
+                    or called_functions(node.attr.values())):
+                memo[top] = False
+                stack.pop()
+                continue
+            pending = [node_name(i) for i in node.input if node_name(i) not in memo]
+            if pending:
+                stack += pending
+                continue
+            memo[top] = all(memo[node_name(i)] for i in node.input)
+            stack.pop()
+        return memo[name]
+
+    return {n.name for n in graph_def.node if constant(n.name)}
+
+
+def constant_chain(nodes: dict, name: str, skip: tuple[set[str], ...] = ()) -> list[str]:
+    """The nodes that compute constant node `name`, inputs first, leaving out those in
+    any set of `skip` (nodes already in the graph being built)."""
+    order, seen, stack = [], set(), [(name, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if any(current in s for s in skip) or (current in seen and not expanded):
+            continue
+        if expanded:
+            order.append(current)
+            continue
+        seen.add(current)
+        stack.append((current, True))
+        if nodes[current].op != "Const":
+            stack += [(node_name(i), False) for i in nodes[current].input]
+    return order
+
+
+def copy_constant(node):
+    """A constant node as it goes into a segment: no device, no control inputs."""
+    from fuseflow.tf_compat import tf
+
+    copy = tf.compat.v1.NodeDef()
+    copy.CopyFrom(node)
+    copy.ClearField("device")
+    if node.op == "Const":
+        copy.ClearField("input")  # control inputs of consts are not needed
+    return copy

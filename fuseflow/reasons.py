@@ -6,6 +6,7 @@ from enum import Enum
 class Reason(str, Enum):
     UNSUPPORTED_OP = "not supported by the backend"
     DTYPE = "dtype not supported by the backend"
+    RUNTIME_OPERAND = "needs a constant operand that is computed at run time"
     UNKNOWN_SHAPE = "unknown shape"
     STRING = "operates on strings"
     CONTROL_INPUT = "has control inputs"

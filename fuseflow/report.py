@@ -182,6 +182,8 @@ _HINTS = {
     Reason.UNSUPPORTED_OP: "the backend has no kernel for it: try the other backend",
     Reason.DTYPE: "the backend has no kernel for this dtype: cast in the model, or try the "
                   "other backend",
+    Reason.RUNTIME_OPERAND: "an axis/shape/size operand is computed from the data: compute "
+                            "it from constants or static shapes in the model",
     Reason.UNKNOWN_SHAPE: "pass model_feed_dict with real inputs: the model is run once to "
                           "measure every shape",
     Reason.STRING: "string ops never compile: move string handling out of the model's middle",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fuseflow.backends.base import Backend, SegmentGraph
 from fuseflow.compile import CompiledSegment
-from fuseflow.graph_util import node_name
+from fuseflow.graph_util import constant_nodes, node_name
 from fuseflow.options import CompilerOptions
 from fuseflow.tf_compat import tf
 
@@ -78,10 +78,12 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _prune_dead_constants(graph_def, keep_nodes: set[str]) -> None:
-    """Constants copied into segments and no longer read elsewhere."""
-    used = {node_name(i) for n in graph_def.node for i in n.input}
-    kept = [n for n in graph_def.node
-            if n.op != "Const" or n.name in used or n.name in keep_nodes]
-    if len(kept) != len(graph_def.node):
+    """Constants (and constant chains) copied into segments and no longer read elsewhere."""
+    constants = constant_nodes(graph_def) - keep_nodes
+    while True:
+        used = {node_name(i) for n in graph_def.node for i in n.input}
+        kept = [n for n in graph_def.node if n.name not in constants or n.name in used]
+        if len(kept) == len(graph_def.node):
+            return
         del graph_def.node[:]
         graph_def.node.extend(kept)

@@ -21,7 +21,7 @@ from fuseflow.export import (
     write_saved_model,
 )
 from fuseflow.extract import consumers_outside, extract_segment
-from fuseflow.graph_util import node_name, tensor_name
+from fuseflow.graph_util import constant_nodes, node_name, tensor_name
 from fuseflow.load import load_saved_model, model_path
 from fuseflow.optimize import optimize_graph
 from fuseflow.options import parse_compiler_args
@@ -116,7 +116,8 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             graph_def, topological_order(graph_def), infos,
             [tensor_name(s.tensor_name) for s in model.inputs],
             _batch_dim(inputs.shapes))
-    segments = [extract_segment(graph_def, s, infos, consumers, fetches, batch_info)
+    constants = constant_nodes(graph_def)
+    segments = [extract_segment(graph_def, s, infos, consumers, fetches, batch_info, constants)
                 for s in partition.segments]
 
     with _workdir(workdir) as work:

@@ -1,8 +1,10 @@
 """Stage 2: batch_size / shape feeds / feed dict -> every tensor's shape.
 
 Priority as in the reference: model_feed_dict > model_shape_feed_dict >
-batch_size. Static shape inference does most of the work; with a feed dict
-the graph is also run so that data-dependent shapes become known.
+batch_size. Static shape inference does most of the work; op semantics fill
+in where TF's shape functions give up (table lookups); what is still unknown
+is measured by running the graph, on the feed dict or, for numeric inputs, on
+synthesized ones (see infer_tensor_shapes).
 """
 
 from __future__ import annotations
@@ -204,47 +206,172 @@ def guard_input_shapes(graph_def, model: LoadedModel, shapes: dict[str, tuple]):
 
 def infer_tensor_shapes(graph_def, model: LoadedModel, inputs: InputShapes
                         ) -> dict[str, TensorInfo]:
-    """Static shape and dtype of every tensor; with feeds, unknown ones are measured.
+    """Shape and dtype of every tensor, found in three steps:
 
-    Signature inputs in the middle of the graph (not Placeholders) are mapped
-    to fixed-shape placeholders so their consumers' shapes become known too.
+    1. TF's static shape inference. Signature inputs in the middle of the
+       graph (not Placeholders) are mapped to fixed-shape placeholders so
+       their consumers' shapes become known too.
+    2. Where TF's shape function gives up on an op whose semantics fix its
+       output shape (a table lookup: the keys' shape plus the value shape),
+       that shape is set and TF's inference runs again downstream of it.
+    3. Still unknown: with model_feed_dict the graph is run on it; without,
+       if every input is numeric, it is run on synthesized inputs of the
+       compile shapes, and only the dims that every run agrees on are kept.
     """
+    refined: dict[str, TensorInfo] = {}
+    while True:
+        graph, input_map = _import(graph_def, model, inputs, refined)
+        infos = _static_infos(graph, input_map, refined)
+        found = _semantic_shapes(graph, infos)
+        if not found:
+            break
+        refined.update({t: TensorInfo(infos[t].dtype, shape) for t, shape in found.items()})
+    if refined:
+        log.info("shapes from op semantics: %s", ", ".join(
+            f"{t} {_fmt(i.shape)}" for t, i in sorted(refined.items())))
+        graph, input_map = _import(graph_def, model, inputs, {})  # runnable: no stand-ins
+    if inputs.feeds:
+        feed_dict = {input_map[tensor_name(k)]: v for k, v in inputs.feeds.items()}
+        _measure_unknown(graph, infos, feed_dict, set(input_map), model.init_nodes)
+    elif all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in model.inputs):
+        _measure_synthesized(graph, infos, input_map, model, inputs)
+    return infos
+
+
+_FEED_PREFIX = "fuseflow_shape_feed_"
+_REFINED_PREFIX = "fuseflow_shape_refined_"
+
+
+def _import(graph_def, model: LoadedModel, inputs: InputShapes,
+            refined: dict[str, TensorInfo]):
+    """The graph with signature inputs (and tensors whose shapes were refined) replaced
+    by placeholders of their shapes, and the signature inputs' placeholders."""
     graph = tf.Graph()
     with graph.as_default():
         input_map = {
             tensor_name(s.tensor_name): tf.compat.v1.placeholder(
                 s.dtype, inputs.shapes[s.key], name=f"{_FEED_PREFIX}{k}")
             for k, s in enumerate(model.inputs)}
-        tf.graph_util.import_graph_def(graph_def, input_map=input_map, name="")
+        stand_ins = {t: tf.compat.v1.placeholder(info.dtype, info.shape,
+                                                 name=f"{_REFINED_PREFIX}{k}")
+                     for k, (t, info) in enumerate(sorted(refined.items()))}
+        tf.graph_util.import_graph_def(graph_def, input_map={**stand_ins, **input_map},
+                                       name="")
+    return graph, input_map
+
+
+def _static_infos(graph, input_map: dict, refined: dict) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for op in graph.get_operations():
-        if op.name.startswith(_FEED_PREFIX):
+        if op.name.startswith((_FEED_PREFIX, _REFINED_PREFIX)):
             continue
         for t in op.outputs:
             shape = None if t.shape.rank is None else tuple(t.shape.as_list())
             infos[t.name] = TensorInfo(t.dtype, shape)
     for name, placeholder in input_map.items():
         infos[name] = TensorInfo(placeholder.dtype, tuple(placeholder.shape.as_list()))
-    if inputs.feeds:
-        feed_dict = {input_map[tensor_name(k)]: v for k, v in inputs.feeds.items()}
-        _measure_unknown(graph, infos, feed_dict, set(input_map))
+    infos.update(refined)
     return infos
 
 
-_FEED_PREFIX = "fuseflow_shape_feed_"
+def _semantic_shapes(graph, infos: dict[str, TensorInfo]) -> dict[str, tuple]:
+    """Output shapes TF's shape functions leave unknown but the op's meaning fixes."""
+    found = {}
+    for op in graph.get_operations():
+        rule = _SHAPE_RULES.get(op.type)
+        if rule is None:
+            continue
+        for k, shape in rule(op).items():
+            t = op.outputs[k].name
+            if (shape is not None and shape.is_fully_defined() and t in infos
+                    and not infos[t].fully_defined):
+                found[t] = tuple(shape.as_list())
+    return found
 
 
-def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[str]) -> None:
+def _lookup_shape(op) -> dict[int, tf.TensorShape | None]:
+    """A lookup answers per key: the keys' shape plus the table's value shape, which
+    is the default value's shape (scalar-valued tables may also take one default per
+    key, so a non-scalar default counts only where the table declares value_shape)."""
+    keys, default = op.inputs[1].shape, op.inputs[2].shape
+    if default.rank == 0:
+        return {0: keys}
+    table = op.inputs[0].op
+    if "value_shape" in table.node_def.attr:
+        return {0: keys.concatenate(tf.TensorShape(table.get_attr("value_shape")))}
+    return {0: None}
+
+
+def _parse_example_shapes(op) -> dict[int, tf.TensorShape | None]:
+    """Dense outputs: the batch (serialized's shape) plus each fixed dense_shape."""
+    batch = op.inputs[0].shape
+    num_sparse = op.get_attr("num_sparse")
+    shapes = {}
+    for k, dense in enumerate(op.get_attr("dense_shapes")):
+        dense = tf.TensorShape(dense)
+        if dense.is_fully_defined():
+            shapes[3 * num_sparse + k] = batch.concatenate(dense)
+    return shapes
+
+
+def _parse_single_example_shapes(op) -> dict[int, tf.TensorShape | None]:
+    num_sparse = op.get_attr("num_sparse")
+    return {3 * num_sparse + k: tf.TensorShape(d)
+            for k, d in enumerate(op.get_attr("dense_shapes"))}
+
+
+_SHAPE_RULES = {
+    "LookupTableFindV2": _lookup_shape,
+    "LookupTableFind": _lookup_shape,
+    "ParseExampleV2": _parse_example_shapes,
+    "ParseSingleExample": _parse_single_example_shapes,
+}
+
+
+def _measurable(graph, infos: dict[str, TensorInfo], fed: set[str]) -> list[str]:
+    """Tensors still unknown that a session can fetch: not resources or variants, not
+    inside TF1 loop/cond frames (those never enter a segment anyway)."""
+    inside = _inside_v1_frames(graph)
+    return [name for name, info in infos.items()
+            if not info.fully_defined and name not in fed
+            and info.dtype not in (tf.resource, tf.variant)
+            and graph.get_tensor_by_name(name).op.name not in inside]
+
+
+_V1_FRAME_OPS = frozenset({"Switch", "Merge", "Enter", "NextIteration", "LoopCond",
+                           "RefSwitch", "RefMerge", "RefEnter", "RefNextIteration"})
+
+
+def _inside_v1_frames(graph) -> set[str]:
+    """Ops of TF1 loops and conds and everything after them, up to a loop's Exit."""
+    stack = [op for op in graph.get_operations() if op.type in _V1_FRAME_OPS]
+    inside = {op.name for op in stack}
+    while stack:
+        for t in stack.pop().outputs:
+            for consumer in t.consumers():
+                if consumer.name not in inside and consumer.type not in ("Exit", "RefExit"):
+                    inside.add(consumer.name)
+                    stack.append(consumer)
+    return inside
+
+
+def _run(graph, fetches: list[str], feed_dict, init_nodes: list[str]) -> list:
+    with tf.compat.v1.Session(graph=graph) as sess:
+        names = {op.name for op in graph.get_operations()}
+        init = [n for n in init_nodes if n in names]
+        if init:  # table initializers (main_op): lookups fail without them
+            sess.run([graph.get_operation_by_name(n) for n in init])
+        return sess.run(fetches, feed_dict=feed_dict)
+
+
+def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[str],
+                     init_nodes: list[str]) -> None:
     """Run the graph once with the user's feeds to learn data-dependent shapes."""
-    wanted = [name for name, info in infos.items()
-              if not info.fully_defined and name not in fed
-              and info.dtype != tf.resource and info.dtype != tf.variant
-              and not _in_control_flow(graph, name)]
+    wanted = _measurable(graph, infos, fed)
     if not wanted:
         return
     try:
-        with tf.compat.v1.Session(graph=graph) as sess:
-            values = sess.run(wanted, feed_dict=feed_dict)
+        values = _run(graph, wanted, feed_dict, init_nodes)
     except Exception as e:
         raise errors.ShapeError(
             f"running the model on model_feed_dict failed: {errors.reason(e)}. Check that the feed "
@@ -253,9 +380,50 @@ def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[st
         infos[name] = TensorInfo(infos[name].dtype, tuple(np.shape(value)))
 
 
-def _in_control_flow(graph, name: str) -> bool:
-    return graph.get_tensor_by_name(name).op.type in {
-        "Switch", "Merge", "Enter", "Exit", "NextIteration", "LoopCond"}
+def _synthesized(dtype: tf.DType, shape: tuple[int, ...], run: int) -> np.ndarray:
+    """Run 0 and 1: random values (ints 0 or 1: valid indices and ids for any table);
+    run 2: all zeros, which changes any size that counts or selects values."""
+    want = dtype.as_numpy_dtype
+    if run == 2:
+        return np.zeros(shape, want)
+    rng = np.random.default_rng(run)
+    if dtype.is_floating or dtype.is_complex:
+        return rng.standard_normal(shape).astype(want)
+    if dtype == tf.bool:
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 2, shape).astype(want)
+
+
+def _measure_synthesized(graph, infos: dict[str, TensorInfo], input_map: dict,
+                         model: LoadedModel, inputs: InputShapes) -> None:
+    """Measure the shapes still unknown by running the graph on synthesized inputs of the
+    compile shapes. A shape that depends on the input values (boolean_mask, Unique,
+    Where) differs between random and all-zero inputs, so only the dims that agree in
+    all three runs are kept; a run that fails measures nothing. A shape measured wrong
+    costs speed, not answers: a FuseflowOp given other shapes runs its TF fallback."""
+    wanted = _measurable(graph, infos, set(input_map))
+    if not wanted:
+        return
+    runs = []
+    for run in range(3):
+        feed_dict = {input_map[tensor_name(s.tensor_name)]:
+                     _synthesized(s.dtype, inputs.shapes[s.key], run) for s in model.inputs}
+        try:
+            runs.append([np.shape(v) for v in _run(graph, wanted, feed_dict, model.init_nodes)])
+        except Exception as e:
+            log.info("shapes left unknown: the model did not run on synthesized inputs (%s)",
+                     errors.reason(e))
+            return
+    for k, name in enumerate(wanted):
+        shapes = {r[k] for r in runs}
+        if len({len(s) for s in shapes}) != 1:
+            continue
+        # An empty dim says "nothing selected" on these inputs, not "always empty".
+        dims = [d[0] if len(set(d)) == 1 and d[0] > 0 else None for d in zip(*shapes)]
+        static = infos[name].shape
+        if static is not None and len(static) == len(dims):
+            dims = [s if s is not None else d for s, d in zip(static, dims)]
+        infos[name] = TensorInfo(infos[name].dtype, tuple(dims))
 
 
 def node_tensors(node, infos: dict[str, TensorInfo]) -> list[str]:

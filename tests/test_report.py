@@ -33,6 +33,12 @@ def _dtype():
     return {"x": x}, {"y": tf.tanh(tf.cast(total, tf.float32))}
 
 
+def _runtime_operand():
+    x = _x()
+    axis = tf.compat.v1.placeholder(tf.int32, [1], name="axis")
+    return {"x": x, "axis": axis}, {"y": tf.tanh(tf.reverse(tf.nn.relu(x), axis) * 2.0)}
+
+
 def _unknown_shape():
     x = _x()
     picked = tf.boolean_mask(x, x > 0.3)  # as many values as pass: unknown statically
@@ -83,6 +89,7 @@ CASES = {
     "unsupported": (_unsupported, {}, "HistogramFixedWidth", "UNSUPPORTED_OP"),
     "dtype": (_dtype, {}, "Cumsum", "DTYPE"),
     "unknown_shape": (_unknown_shape, {}, "Relu", "UNKNOWN_SHAPE"),
+    "runtime_operand": (_runtime_operand, {}, "ReverseV2", "RUNTIME_OPERAND"),
     "string": (_string, {}, "AsString", "STRING"),
     "control_input": (_control_input, {}, "Sigmoid", "CONTROL_INPUT"),
     "control_flow": (_control_flow, {}, "Tanh", "CONTROL_FLOW"),

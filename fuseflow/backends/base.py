@@ -13,8 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
+from fuseflow.graph_util import (
+    constant_chain,
+    constant_nodes,
+    copy_constant,
+    is_control,
+    node_name,
+    tensor_name,
+)
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
+from fuseflow.tf_compat import tf
 
 
 @dataclass(frozen=True)
@@ -97,3 +106,46 @@ def relative_error(want, got) -> float:
         return float("inf")
     scale = float(np.max(np.abs(want[finite]), initial=0.0)) + 1e-6
     return float(np.max(np.abs(want[finite] - got[finite]), initial=0.0)) / scale
+
+
+def probe_graph(graph_def, keep: set[str], infos, constants: set[str] | None = None):
+    """The nodes in keep as extract.py would put them into segments: constants (and the
+    chains computing them) copied in, every other outside input a Placeholder. Strings,
+    resources and stateful ops thus never reach (and crash) the frontend."""
+    if constants is None:
+        constants = constant_nodes(graph_def)
+    nodes = {n.name: n for n in graph_def.node}
+    probe = tf.compat.v1.GraphDef()
+    probe.versions.CopyFrom(graph_def.versions)
+    placeholders: dict[str, str] = {}
+    copied: set[str] = set()
+    for node in graph_def.node:
+        if node.name not in keep:
+            continue
+        copy = probe.node.add()
+        copy.CopyFrom(node)
+        copy.ClearField("device")
+        del copy.input[:]
+        for inp in node.input:
+            src = node_name(inp)
+            if is_control(inp):
+                continue
+            if src in keep:
+                copy.input.append(inp)
+                continue
+            if src in constants:
+                for c in constant_chain(nodes, src, (keep, copied)):
+                    copied.add(c)
+                    probe.node.add().CopyFrom(copy_constant(nodes[c]))
+                copy.input.append(inp)
+                continue
+            tensor = tensor_name(inp)
+            if tensor not in placeholders:
+                placeholders[tensor] = f"fuseflow_probe_{len(placeholders)}"
+                info = infos[tensor]
+                ph = probe.node.add(name=placeholders[tensor], op="Placeholder")
+                ph.attr["dtype"].type = info.dtype.as_datatype_enum
+                if info.shape is not None:
+                    ph.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
+            copy.input.append(placeholders[tensor])
+    return probe

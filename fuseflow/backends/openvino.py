@@ -57,13 +57,11 @@ import openvino as ov
 from tensorflow.python.framework import op_def_registry
 
 from fuseflow import errors
-from fuseflow.backends.base import Artifact, Backend, SegmentGraph
+from fuseflow.backends.base import Artifact, Backend, SegmentGraph, probe_graph
 from fuseflow.graph_util import (
     NON_COMPUTE_OPS,
     called_functions,
-    is_control,
-    node_name,
-    tensor_name,
+    constant_nodes,
 )
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
@@ -137,57 +135,59 @@ def _as_map(props) -> dict[str, str]:
 
 # Run in a separate interpreter: the frontend aborts the whole process on some
 # graphs (seen with ParseExampleV2), and the user's process must survive that.
+# "partial" GRAPH: the names of the nodes the frontend leaves unconverted.
+# "whole" GRAPH...: per one-node graph "ok", "constant" (an operand that must be
+# a constant is not) or "unsupported".
 _PROBE = """
 import json, sys
 from openvino.frontend import FrontEndManager
 frontend = FrontEndManager().load_by_framework("tf")
-model = frontend.convert_partially(frontend.load(sys.argv[1]))
-print(json.dumps([op.get_friendly_name() for op in model.get_ordered_ops()
-                  if op.get_type_name() == "TFFrameworkNode"]))
+if sys.argv[1] == "partial":
+    model = frontend.convert_partially(frontend.load(sys.argv[2]))
+    print(json.dumps([op.get_friendly_name() for op in model.get_ordered_ops()
+                      if op.get_type_name() == "TFFrameworkNode"]))
+else:
+    verdicts = []
+    for path in sys.argv[2:]:
+        try:
+            frontend.convert(frontend.load(path))
+            verdicts.append("ok")
+        except Exception as e:
+            verdicts.append("constant" if "cannot be folded to Constant" in str(e)
+                            else "unsupported")
+    print(json.dumps(verdicts))
 """
+
+
+def _run_probe(mode: str, graph_defs: list) -> list:
+    """The child's JSON answer for graph_defs (see _PROBE)."""
+    with tempfile.TemporaryDirectory(prefix="fuseflow-ov-") as tmp:
+        paths = [str(Path(tmp) / f"graph_{k}.pb") for k in range(len(graph_defs))]
+        for path, graph_def in zip(paths, graph_defs):
+            Path(path).write_bytes(graph_def.SerializeToString())
+        proc = subprocess.run([sys.executable, "-c", _PROBE, mode, *paths],
+                              capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        raise RuntimeError(f"the frontend failed (exit code {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def frontend_unsupported(graph_def) -> set[str]:
     """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted."""
-    with tempfile.TemporaryDirectory(prefix="fuseflow-ov-") as tmp:
-        path = Path(tmp) / "graph.pb"
-        path.write_bytes(graph_def.SerializeToString())
-        proc = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True,
-                              text=True, timeout=600)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-        raise RuntimeError(f"the frontend failed (exit code {proc.returncode}): {tail}")
-    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return set(_run_probe("partial", [graph_def]))
 
 
-def _probe_graph(graph_def, keep: set[str], infos):
-    """Only the nodes OpenVINO might take, others' outputs replaced by Placeholders:
-    strings, resources and stateful ops never reach (and crash) the frontend."""
-    probe = tf.compat.v1.GraphDef()
-    probe.versions.CopyFrom(graph_def.versions)
-    placeholders: dict[str, str] = {}
-    for node in graph_def.node:
-        if node.name not in keep and node.op != "Const":
-            continue
-        copy = probe.node.add()
-        copy.CopyFrom(node)
-        del copy.input[:]
-        for inp in node.input:
-            src = node_name(inp)
-            if src in keep or is_control(inp):
-                if not is_control(inp):
-                    copy.input.append(inp)
-                continue
-            tensor = tensor_name(inp)
-            if tensor not in placeholders:
-                placeholders[tensor] = f"fuseflow_probe_{len(placeholders)}"
-                info = infos[tensor]
-                ph = probe.node.add(name=placeholders[tensor], op="Placeholder")
-                ph.attr["dtype"].type = info.dtype.as_datatype_enum
-                if info.shape is not None:
-                    ph.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
-            copy.input.append(placeholders[tensor])
-    return probe
+def _refusal_reasons(graph_def, refused: set[str], infos, constants: set[str]
+                     ) -> dict[str, Reason | None]:
+    """Why the frontend refused each node, asked of the node alone (its constants copied
+    in, its other inputs Placeholders of their compiled shapes): a node refused only
+    because its context gave it a dynamic input converts alone and is supported."""
+    names = sorted(refused)
+    verdicts = _run_probe("whole", [probe_graph(graph_def, {n}, infos, constants)
+                                    for n in names])
+    table = {"ok": None, "constant": Reason.RUNTIME_OPERAND, "unsupported": Reason.UNSUPPORTED_OP}
+    return {n: table[v] for n, v in zip(names, verdicts)}
 
 
 class OpenVinoBackend(Backend):
@@ -209,14 +209,21 @@ class OpenVinoBackend(Backend):
             else:
                 result[node.name] = None
         candidates = {n for n, r in result.items() if r is None}
+        constants = constant_nodes(graph_def)
         try:
-            unconverted = frontend_unsupported(_probe_graph(graph_def, candidates, tensor_infos))
+            unconverted = frontend_unsupported(
+                probe_graph(graph_def, candidates, tensor_infos, constants)) & candidates
         except Exception as e:  # compile() still decides per segment
             log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
                         "support per segment at compile time", str(e).splitlines()[0])
-            unconverted = set()
-        for name in unconverted & candidates:
-            result[name] = Reason.UNSUPPORTED_OP
+            return result
+        if unconverted:
+            try:
+                result.update(_refusal_reasons(graph_def, unconverted, tensor_infos, constants))
+            except Exception as e:
+                log.warning("OpenVINO's frontend failed on a refused node alone (%s)",
+                            str(e).splitlines()[0])
+                result.update(dict.fromkeys(unconverted, Reason.UNSUPPORTED_OP))
         return result
 
     def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from fuseflow.backends.base import Artifact, Backend, SegmentGraph
+from fuseflow.backends.base import Artifact, Backend, Port, SegmentGraph, probe_graph
+from fuseflow.graph_util import constant_nodes, is_control, node_name, tensor_name
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
 from fuseflow.shapes import node_shapes_known
@@ -84,7 +85,48 @@ class XlaBackend(Backend):
                 result[node.name] = Reason.UNKNOWN_SHAPE
             else:
                 result[node.name] = None
+        self._refuse_runtime_operands(graph_def, tensor_infos, result)
         return result
+
+    def _refuse_runtime_operands(self, graph_def, infos, result) -> None:
+        """XLA needs axis/shape/size operands as compile-time constants. Constants are
+        copied into segments (extract.py); a node with an integer operand computed at run
+        time is lowered alone, once per op type and operand slots, to ask XLA whether it
+        takes that operand from data."""
+        constants = constant_nodes(graph_def)
+        groups: dict[tuple[str, tuple[int, ...]], list] = {}
+        for node in graph_def.node:
+            if result.get(node.name) is not None:
+                continue
+            slots = tuple(k for k, inp in enumerate(i for i in node.input if not is_control(i))
+                          if node_name(inp) not in constants
+                          and infos[tensor_name(inp)].dtype.is_integer)
+            if slots:
+                groups.setdefault((node.op, slots), []).append(node)
+        for members in groups.values():
+            if self._needs_constant(graph_def, members[0], infos, constants):
+                for node in members:
+                    result[node.name] = Reason.RUNTIME_OPERAND
+
+    def _needs_constant(self, graph_def, node, infos, constants) -> bool:
+        probe = probe_graph(graph_def, {node.name}, infos, constants)
+        placeholders = [n for n in probe.node if n.op == "Placeholder"]
+        outputs, k = [], 0
+        while (t := f"{node.name}:{k}") in infos:
+            outputs.append(Port(t, infos[t].dtype.as_datatype_enum, tuple(infos[t].shape), -1))
+            k += 1
+        segment = SegmentGraph(
+            name="fuseflow_probe", graph_def_bytes=probe.SerializeToString(),
+            inputs=tuple(Port(p.name, p.attr["dtype"].type,
+                              tuple(tf.TensorShape(p.attr["shape"].shape).as_list()), -1)
+                         for p in placeholders),
+            outputs=tuple(outputs), op_types=(node.op,), node_count=1)
+        try:
+            fn, specs = self._trace(segment)
+            fn.experimental_get_compiler_ir(*specs)(stage="hlo")
+        except Exception as e:
+            return "compile-time constant" in str(e)
+        return False
 
     def _jit_function(self, segment: SegmentGraph):
         """The segment as a jit_compile=True tf.function, and its input specs."""

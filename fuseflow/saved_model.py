@@ -7,6 +7,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow import errors
@@ -21,11 +22,13 @@ from fuseflow.export import (
     write_saved_model,
 )
 from fuseflow.extract import consumers_outside, extract_segment
-from fuseflow.graph_util import node_name, tensor_name
-from fuseflow.load import load_saved_model, model_path
+from fuseflow.graph_util import NON_COMPUTE_OPS, node_name, tensor_name
+from fuseflow.load import LoadedModel, load_saved_model, model_path
+from fuseflow.logs import shown_info, tf_quiet
 from fuseflow.optimize import optimize_graph
-from fuseflow.options import parse_compiler_args
+from fuseflow.options import CompilerOptions, parse_compiler_args
 from fuseflow.partition import (
+    Partition,
     PartitionOptions,
     default_minimum_segment_size,
     partition_graph,
@@ -35,6 +38,7 @@ from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
+    InputShapes,
     apply_input_shapes,
     guard_input_shapes,
     infer_tensor_shapes,
@@ -70,18 +74,24 @@ def default_backend() -> str:
     return "xla" if has_gpu() else "openvino"
 
 
-def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
-            model_feed_dict=None, tags=None, signature_def_key=None, minimum_segment_size=None,
-            no_fuse_ops=None, compiler_args=None, compiler_workdir=None, *, backend=None,
-            force_fuse_ops=None) -> dict:
-    """Compile a SavedModel into a new one whose supported segments run on a backend.
+@dataclass
+class _Plan:
+    """Everything decided before compiling: the graph, its shapes and the proposed segments."""
 
-    Returns {'OnNeuronRatio': ..., and the counts behind it}.
-    """
-    options = parse_compiler_args(compiler_args, compiler_workdir, backend)
-    model_dir = model_path(model_dir)
-    out = check_output_dir(model_dir, new_model_dir)
-    workdir = check_workdir(model_dir, options.workdir)
+    model: LoadedModel
+    inputs: InputShapes
+    serving: dict[str, tuple]
+    graph_def: object
+    infos: dict
+    partition: Partition
+    backend_name: str
+    options: CompilerOptions
+
+
+def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
+          signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
+          subgraph_builder_function, options: CompilerOptions) -> _Plan:
+    """Load, fix shapes, optimize and partition: the stages before any compiler runs."""
     no_fuse = _names(no_fuse_ops, "no_fuse_ops")
     force_fuse = _names(force_fuse_ops, "force_fuse_ops")
     if minimum_segment_size is not None and (
@@ -89,6 +99,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             or minimum_segment_size < 1):
         raise errors.OptionError(
             f"minimum_segment_size must be a positive integer, got {minimum_segment_size!r}")
+    if subgraph_builder_function is not None and not callable(subgraph_builder_function):
+        raise errors.OptionError("subgraph_builder_function must be a callable taking a "
+                                 f"NodeDef and returning a bool, got {subgraph_builder_function!r}")
     backend_name = options.backend or default_backend()
     chosen = get_backend(backend_name)
 
@@ -98,6 +111,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
     graph_def = optimize_graph(graph_def, model.fetch_nodes)
     _check_names(graph_def, no_fuse | force_fuse)
+    if subgraph_builder_function is not None:
+        chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)
+        force_fuse, no_fuse = force_fuse | chosen_on, no_fuse | chosen_off
     infos = infer_tensor_shapes(graph_def, model, inputs)
 
     partition = partition_graph(
@@ -107,6 +123,50 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
             no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
         dtype_reason=lambda node: _dtype_reason(node, infos))
+    return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options)
+
+
+def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
+    """subgraph_builder_function(node_def) -> bool over the computing nodes: (on, off)."""
+    on, off = set(), set()
+    for node in graph_def.node:
+        if node.op in NON_COMPUTE_OPS:
+            continue
+        (on if builder(node) else off).add(node.name)
+    return frozenset(on), frozenset(off)
+
+
+def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
+            model_feed_dict=None, tags=None, signature_def_key=None, minimum_segment_size=None,
+            no_fuse_ops=None, compiler_args=None, compiler_workdir=None, *, backend=None,
+            force_fuse_ops=None, subgraph_builder_function=None) -> dict:
+    """Compile a SavedModel into a new one whose supported segments run on a backend.
+
+    Returns {'OnNeuronRatio': ..., and the counts behind it}.
+    subgraph_builder_function(node_def) -> bool, when given, is asked about every
+    computing node of the optimized graph: True forces it into a segment (as
+    force_fuse_ops), False keeps it in TensorFlow (as no_fuse_ops).
+    """
+    options = parse_compiler_args(compiler_args, compiler_workdir, backend)
+    model_dir = model_path(model_dir)
+    out = check_output_dir(model_dir, new_model_dir)
+    workdir = check_workdir(model_dir, options.workdir)
+    with tf_quiet():
+        plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
+                     signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
+                     subgraph_builder_function, options)
+        result = _compile_plan(plan, out, workdir)
+    with shown_info():
+        log.info("Successfully converted %s to %s", model_dir, new_model_dir)
+    return result
+
+
+def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
+    """Extract, compile, rewrite, check the batch, report and write the planned model."""
+    model, inputs, graph_def, infos, options = (plan.model, plan.inputs, plan.graph_def,
+                                                plan.infos, plan.options)
+    serving, partition, backend_name = plan.serving, plan.partition, plan.backend_name
+    chosen = get_backend(backend_name)
     members_of = {n: s.name for s in partition.segments for n in s.nodes}
     consumers = consumers_outside(graph_def, members_of)
     fetches = {tensor_name(s.tensor_name) for s in model.outputs}
@@ -139,7 +199,8 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
                           tensor_infos=infos)
     report.dynamic_batch = serving != inputs.shapes
-    log_report(report)
+    with shown_info():
+        log_report(report)
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)
         _write_report(path, report, chosen.runtime_info())

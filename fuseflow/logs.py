@@ -28,12 +28,13 @@ def _has_real_handler(logger: logging.Logger) -> bool:
 
 
 @contextlib.contextmanager
-def shown_info() -> Iterator[None]:
-    """INFO lines of the "fuseflow" logger are printed inside this block."""
+def shown(level: int = logging.INFO) -> Iterator[None]:
+    """Lines of the "fuseflow" logger at `level` and above are printed inside this block
+    (Python's default, a logger with only a NullHandler, prints nothing at all)."""
     saved_level = log.level
     handler = None
-    if log.level == logging.NOTSET and log.getEffectiveLevel() > logging.INFO:
-        log.setLevel(logging.INFO)
+    if log.level == logging.NOTSET and log.getEffectiveLevel() > level:
+        log.setLevel(level)
     if not _has_real_handler(log):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
@@ -44,6 +45,11 @@ def shown_info() -> Iterator[None]:
         if handler is not None:
             log.removeHandler(handler)
         log.setLevel(saved_level)
+
+
+def shown_info():
+    """The reference's way for its count lines: INFO visible for this block only."""
+    return shown(logging.INFO)
 
 
 @contextlib.contextmanager

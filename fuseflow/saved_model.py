@@ -24,7 +24,7 @@ from fuseflow.export import (
 from fuseflow.extract import consumers_outside, extract_segment
 from fuseflow.graph_util import NON_COMPUTE_OPS, node_name, tensor_name
 from fuseflow.load import LoadedModel, load_saved_model, model_path
-from fuseflow.logs import shown_info, tf_quiet
+from fuseflow.logs import shown, shown_info, tf_quiet
 from fuseflow.optimize import optimize_graph
 from fuseflow.options import CompilerOptions, parse_compiler_args
 from fuseflow.partition import (
@@ -147,17 +147,17 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     computing node of the optimized graph: True forces it into a segment (as
     force_fuse_ops), False keeps it in TensorFlow (as no_fuse_ops).
     """
-    options = parse_compiler_args(compiler_args, compiler_workdir, backend)
-    model_dir = model_path(model_dir)
-    out = check_output_dir(model_dir, new_model_dir)
-    workdir = check_workdir(model_dir, options.workdir)
-    with tf_quiet():
+    with shown(logging.WARNING), tf_quiet():
+        options = parse_compiler_args(compiler_args, compiler_workdir, backend)
+        model_dir = model_path(model_dir)
+        out = check_output_dir(model_dir, new_model_dir)
+        workdir = check_workdir(model_dir, options.workdir)
         plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                      signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
                      subgraph_builder_function, options)
         result = _compile_plan(plan, out, workdir)
-    with shown_info():
-        log.info("Successfully converted %s to %s", model_dir, new_model_dir)
+        with shown_info():
+            log.info("Successfully converted %s to %s", model_dir, new_model_dir)
     return result
 
 

@@ -1,4 +1,5 @@
-"""Small GraphDef helpers shared by the pipeline stages."""
+"""Small GraphDef helpers shared by the pipeline stages, and the reference's
+`graph_util.inference_graph_from_session` (as TF's own graph_util mixes both)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,8 @@ def count_ops(graph_def) -> int:
         calls = [f for f in called_functions(node.attr.values()) if f in functions]
         total += sum(body_count(f) for f in calls) if calls else node.op not in NON_COMPUTE_OPS
     return total
+
+
+
+# The reference's public graph_util entry point (it compiles a live session's graph).
+from fuseflow.session_compile import inference_graph_from_session  # noqa: E402,F401

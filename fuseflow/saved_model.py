@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -127,12 +128,15 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
 
 
 def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
-    """subgraph_builder_function(node_def) -> bool over the computing nodes: (on, off)."""
+    """subgraph_builder_function(node_def) -> bool over the computing nodes: (on, off).
+    None means no opinion: fuseflow decides as without the function."""
     on, off = set(), set()
     for node in graph_def.node:
         if node.op in NON_COMPUTE_OPS:
             continue
-        (on if builder(node) else off).add(node.name)
+        choice = builder(node)
+        if choice is not None:
+            (on if choice else off).add(node.name)
     return frozenset(on), frozenset(off)
 
 
@@ -207,6 +211,35 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     return report.result()
 
 
+def simple_save(session, export_dir, inputs, outputs, legacy_init_op=None, batch_size=1,
+                **kwargs) -> dict:
+    """Compile a live session's graph and save it with a serving_default signature.
+
+    Deprecated in the reference as TF's own simple_save is; kept so its scripts
+    run. kwargs are compile()'s (shape_feed_dict/feed_dict, the reference's
+    names, are taken as model_shape_feed_dict/model_feed_dict).
+    Returns what compile() returns.
+    """
+    from fuseflow.session_compile import save_session
+
+    with shown(logging.WARNING), tf_quiet():
+        model_path(export_dir)
+        if os.path.exists(os.fspath(export_dir)):
+            raise errors.OutputDirError(
+                f"export_dir {os.fspath(export_dir)!r} already exists: fuseflow never "
+                "overwrites; remove it or choose another path")
+        for theirs, ours in (("shape_feed_dict", "model_shape_feed_dict"),
+                             ("feed_dict", "model_feed_dict")):
+            if theirs in kwargs:
+                value = kwargs.pop(theirs)
+                kwargs[ours] = None if value is None else {
+                    getattr(k, "name", k): v for k, v in value.items()}
+        with tempfile.TemporaryDirectory(prefix="fuseflow-simple-save-") as tmp:
+            saved = os.path.join(tmp, "model")
+            save_session(session, saved, inputs, outputs, legacy_init_op)
+            return compile(saved, export_dir, batch_size=batch_size, **kwargs)
+
+
 def _batch_dim(shapes: dict[str, tuple]) -> int:
     dims = [s[0] for s in shapes.values() if s]
     return dims[0] if dims and all(d == dims[0] for d in dims) else -1
@@ -247,3 +280,10 @@ def _write_report(path: Path, report: CompileReport, runtime: dict) -> None:
     extra.mkdir(exist_ok=True)
     data = {**report.to_json(), "runtime": runtime}
     (extra / "fuseflow_report.json").write_text(json.dumps(data, indent=2))
+
+
+# The rest of the reference's saved_model module, each in its own file.
+from fuseflow.core_binding import inspect_core_binding, set_core_binding  # noqa: E402
+from fuseflow.profiling import profile  # noqa: E402
+
+__all__ = ["compile", "simple_save", "profile", "set_core_binding", "inspect_core_binding"]

@@ -24,10 +24,15 @@ CORE_GROUP_ATTR = "_fuseflow_core_group"
 log = logging.getLogger("fuseflow")
 
 
-def _fused_nodes(proto) -> list:
-    from fuseflow.inspect_model import is_fused
+def _is_fused(node) -> bool:
+    """inspect_model.is_fused without inserting an empty attr (map access would)."""
+    return node.op == "FuseflowOp" or (
+        node.op in ("PartitionedCall", "StatefulPartitionedCall")
+        and "_XlaMustCompile" in node.attr and node.attr["_XlaMustCompile"].b)
 
-    return [n for mg in proto.meta_graphs for n in mg.graph_def.node if is_fused(n)]
+
+def _fused_nodes(proto) -> list:
+    return [n for mg in proto.meta_graphs for n in mg.graph_def.node if _is_fused(n)]
 
 
 def set_core_binding(model_dir, index_list) -> None:

@@ -44,6 +44,11 @@ class TracedModel(tf.Module):
                                             name="on_neuron_ratio")
         self._input_specs = tuple(input_specs)
         self.__call__.get_concrete_function(*self._input_specs)  # what saving keeps
+        # The serving_default signature that tf.saved_model.save picks by itself:
+        # flat inputs input_0.., outputs output_0.., as the traced SavedModel had.
+        flat = [tf.TensorSpec(s.shape, s.dtype, name=f"input_{k}")
+                for k, s in enumerate(tf.nest.flatten(self._input_specs))]
+        self.serve = tf.function(self._serve, input_signature=flat)
 
     @property
     def on_neuron_ratio(self) -> float:
@@ -61,6 +66,11 @@ class TracedModel(tf.Module):
             c.graph_def, input_map=dict(zip(c.input_names, flat)),
             return_elements=c.output_names, name="fuseflow")
         return tf.nest.pack_sequence_as(c.output_structure, outputs)
+
+    def _serve(self, *flat):
+        outputs = tf.nest.flatten(self.__call__(*tf.nest.pack_sequence_as(
+            self._input_specs, list(flat))))
+        return {f"output_{k}": t for k, t in enumerate(outputs)}
 
     def save(self, path, *args, **kwargs) -> None:
         """Keras' model.save spelling: writes a SavedModel directory."""

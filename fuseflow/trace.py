@@ -39,7 +39,7 @@ class TracedModel(tf.Module):
 
     def __init__(self, compiled: _Compiled, input_specs: list, on_neuron_ratio: float):
         super().__init__(name="fuseflow_traced")
-        self._compiled = compiled
+        self._compiled = _unique_functions(compiled)
         self._on_neuron_ratio = tf.Variable(float(on_neuron_ratio), trainable=False,
                                             name="on_neuron_ratio")
         self._input_specs = tuple(input_specs)
@@ -80,6 +80,42 @@ class TracedModel(tf.Module):
                 "Keras file; pass a directory path and reload it with tf.saved_model.load")
         with tf_quiet():
             tf.saved_model.save(self, os.fspath(path))
+
+
+def _unique_functions(compiled: _Compiled) -> _Compiled:
+    """The graph with its library functions renamed after its content.
+
+    Calling the model imports its graph into TF's one process-wide function
+    library, where two traced models' `fuseflow_segment_0_native` would clash.
+    """
+    import hashlib
+
+    graph_def = type(compiled.graph_def)()
+    graph_def.CopyFrom(compiled.graph_def)
+    suffix = hashlib.sha1(graph_def.SerializeToString()).hexdigest()[:12]
+    renamed = {f.signature.name: f"{f.signature.name}_{suffix}" for f in graph_def.library.function}
+
+    def rename(attrs) -> None:
+        for value in attrs.values():
+            if value.HasField("func") and value.func.name in renamed:
+                value.func.name = renamed[value.func.name]
+            elif value.HasField("list"):
+                for f in value.list.func:
+                    f.name = renamed.get(f.name, f.name)
+
+    for node in graph_def.node:
+        rename(node.attr)
+    for function in graph_def.library.function:
+        function.signature.name = renamed[function.signature.name]
+        for node in function.node_def:
+            rename(node.attr)
+            if node.op in renamed:
+                node.op = renamed[node.op]
+    for node in graph_def.node:
+        if node.op in renamed:
+            node.op = renamed[node.op]
+    return _Compiled(graph_def, compiled.input_names, compiled.output_names,
+                     compiled.output_structure)
 
 
 def _example_args(example_inputs) -> tuple:

@@ -116,6 +116,23 @@ def _as_list(compiler_args) -> list[str]:
     return [str(a) for a in args]
 
 
+def reference_keywords(max_num_compilers=None, compiler_timeout=None, compiler_recovery=True,
+                       compiler_verbose=None, dynamic_batch_size=False) -> list[str]:
+    """tensorflow-neuron's compile keywords, as the flags that mean the same here."""
+    args = []
+    if max_num_compilers is not None:
+        args += ["--workers", str(max_num_compilers)]
+    if compiler_timeout is not None:
+        args += ["--timeout", str(compiler_timeout)]
+    if not compiler_recovery:
+        args.append("--must-compile")
+    if compiler_verbose is not None:
+        args += ["--verbose", str(compiler_verbose)]
+    if dynamic_batch_size:
+        args.append("--dynamic-batch-size")
+    return args
+
+
 def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
                         environ=None) -> CompilerOptions:
     """compiler_args + env flags + keywords -> CompilerOptions, or CompilerArgsError."""

@@ -27,7 +27,12 @@ from fuseflow.graph_util import NON_COMPUTE_OPS, node_name, tensor_name
 from fuseflow.load import LoadedModel, load_saved_model, model_path
 from fuseflow.logs import shown, shown_info, tf_quiet
 from fuseflow.optimize import optimize_graph
-from fuseflow.options import CompilerOptions, parse_compiler_args
+from fuseflow.options import (
+    CompilerOptions,
+    _as_list,
+    parse_compiler_args,
+    reference_keywords,
+)
 from fuseflow.partition import (
     Partition,
     PartitionOptions,
@@ -141,18 +146,33 @@ def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]
 
 
 def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
-            model_feed_dict=None, tags=None, signature_def_key=None, minimum_segment_size=None,
-            no_fuse_ops=None, compiler_args=None, compiler_workdir=None, *, backend=None,
-            force_fuse_ops=None, subgraph_builder_function=None) -> dict:
+            model_feed_dict=None, tags=None, signature_def_key=None, strip_default_attrs=False,
+            config_proto=None, minimum_segment_size=None, no_fuse_ops=None, compiler_args=None,
+            compiler_workdir=None, *, backend=None, force_fuse_ops=None,
+            subgraph_builder_function=None, supported_op_types=None, dynamic_batch_size=False,
+            compiler_timeout=None, compiler_recovery=True, compiler_verbose=None,
+            max_num_compilers=None) -> dict:
     """Compile a SavedModel into a new one whose supported segments run on a backend.
 
     Returns {'OnNeuronRatio': ..., and the counts behind it}.
+    The reference's keywords are taken too: strip_default_attrs and
+    config_proto need nothing (default attrs are always stripped; no session
+    config is needed); dynamic_batch_size, compiler_timeout, compiler_recovery,
+    compiler_verbose and max_num_compilers are the flags --dynamic-batch-size,
+    --timeout, --must-compile (when False), --verbose and --workers;
+    supported_op_types keeps every other op type in TensorFlow.
     subgraph_builder_function(node_def) -> bool, when given, is asked about every
     computing node of the optimized graph: True forces it into a segment (as
     force_fuse_ops), False keeps it in TensorFlow (as no_fuse_ops).
     """
     with shown(logging.WARNING), tf_quiet():
-        options = parse_compiler_args(compiler_args, compiler_workdir, backend)
+        args = _as_list(compiler_args) + reference_keywords(
+            max_num_compilers, compiler_timeout, compiler_recovery, compiler_verbose,
+            dynamic_batch_size)
+        options = parse_compiler_args(args, compiler_workdir, backend)
+        if supported_op_types is not None:
+            subgraph_builder_function = _only_types(supported_op_types,
+                                                    subgraph_builder_function)
         model_dir = model_path(model_dir)
         out = check_output_dir(model_dir, new_model_dir)
         workdir = check_workdir(model_dir, options.workdir)
@@ -163,6 +183,18 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
     return result
+
+
+def _only_types(types, builder):
+    """supported_op_types as a subgraph_builder_function: other types stay in TensorFlow."""
+    allowed = _names(types, "supported_op_types")
+
+    def choose(node):
+        if node.op not in allowed:
+            return False
+        return None if builder is None else builder(node)
+
+    return choose
 
 
 def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:

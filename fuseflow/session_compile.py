@@ -65,7 +65,6 @@ def inference_graph_from_session(
     and protected_op_names (fuseflow never removes signature tensors or init
     ops) need nothing.
     """
-    from fuseflow.options import _as_list
     from fuseflow.saved_model import compile as compile_model
 
     sess = sess or tf.compat.v1.get_default_session()
@@ -79,19 +78,6 @@ def inference_graph_from_session(
         raise errors.OptionError("output_tensors is required: the tensors the graph computes")
     ins = [_tensor(graph, t, "input_tensors") for t in (input_tensors or [])]
     outs = [_tensor(graph, t, "output_tensors") for t in output_tensors]
-    args = _as_list(compiler_args)
-    if max_num_compilers is not None:
-        args += ["--workers", str(max_num_compilers)]
-    if compiler_timeout is not None:
-        args += ["--timeout", str(compiler_timeout)]
-    if not compiler_recovery:
-        args.append("--must-compile")
-    if compiler_verbose is not None:
-        args += ["--verbose", str(compiler_verbose)]
-    if dynamic_batch_size:
-        args.append("--dynamic-batch-size")
-    types = None if supported_op_types is None else frozenset(supported_op_types)
-    builder = None if types is None else (lambda node: None if node.op in types else False)
 
     def by_name(mapping, what):
         return None if mapping is None else {
@@ -105,8 +91,11 @@ def inference_graph_from_session(
                                                                      "shape_feed_dict"),
                       model_feed_dict=by_name(feed_dict, "feed_dict"),
                       minimum_segment_size=minimum_segment_size, no_fuse_ops=no_fuse_ops,
-                      force_fuse_ops=force_fuse_ops, compiler_args=args,
-                      compiler_workdir=compiler_workdir, subgraph_builder_function=builder)
+                      force_fuse_ops=force_fuse_ops, compiler_args=compiler_args,
+                      compiler_workdir=compiler_workdir, supported_op_types=supported_op_types,
+                      dynamic_batch_size=dynamic_batch_size, compiler_timeout=compiler_timeout,
+                      compiler_recovery=compiler_recovery, compiler_verbose=compiler_verbose,
+                      max_num_compilers=max_num_compilers)
         return compiled_graph(compiled)
 
 

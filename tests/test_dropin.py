@@ -364,3 +364,18 @@ def test_auto_multicore_cli_on_a_compiled_dir(compiled_dense, tmp_path, rng):
                          run_fresh(out, feeds, tmp_path))
     with pytest.raises(errors.OptionError):
         fuseflow.auto_multicore(str(compiled_dense / "c"), None, 0, new_model_dir=tmp_path / "z")
+
+
+def test_compile_takes_the_reference_keywords(compiled_dense, tmp_path, rng):
+    """tensorflow-neuron's positional order and its graph-pass keywords."""
+    out = tmp_path / "c"
+    result = fuseflow.saved_model.compile(
+        str(compiled_dense / "m"), str(out), 1, None, None, None, None, True, None,
+        dynamic_batch_size=True, compiler_recovery=False, compiler_timeout=600,
+        max_num_compilers=1, compiler_verbose="INFO", supported_op_types=["MatMul", "AddV2"])
+    assert 0 < result["OnNeuronRatio"] < 1
+    kept = op_types(saved_graph(out))
+    assert "FuseflowOp" in kept and "Relu" in kept
+    feeds = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    assert_outputs_close(run_fresh(compiled_dense / "m", feeds, tmp_path),
+                         run_fresh(out, feeds, tmp_path))

@@ -1,9 +1,9 @@
 """saved_model.set_core_binding / inspect_core_binding: which core group each fused op uses.
 
 On Inferentia the index names a NeuronCore group. Here it names a CPU core
-group: with G groups of equal size over the machine's C cores, group i is
-cores [i*C/G, (i+1)*C/G); the group size is the segment's thread count
-(`--neuroncore-pipeline-cores`, all cores by default). -1 means no binding.
+group: group i is the i-th block of S consecutive cores, cores [i*S, (i+1)*S),
+S being the segment's thread count (`--neuroncore-pipeline-cores`; all the
+machine's cores when unset, so that only group 0 exists). -1 means no binding.
 
 The index is stored, as in the reference, on each fused node of
 saved_model.pb (attr `_fuseflow_core_group`; a leading underscore so any

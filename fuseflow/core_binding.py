@@ -57,11 +57,27 @@ def set_core_binding(model_dir, index_list) -> None:
                                  "first")
     for node, index in zip(nodes, indices):
         node.attr[CORE_GROUP_ATTR].i = index
+        groups = _group_count(node)
+        if index >= groups:
+            log.warning("%s: core group %d does not exist on this machine (%d group(s) of "
+                        "the segment's threads); kept, for the machine that serves it",
+                        node.name, index, groups)
     path = os.path.join(model_dir, "saved_model.pb")
     tmp = path + ".fuseflow-tmp"
     with open(tmp, "wb") as f:
         f.write(proto.SerializeToString())
     os.replace(tmp, path)
+
+
+def _group_count(node) -> int:
+    """How many groups of the segment's thread count this machine's cores make."""
+    cores = os.cpu_count() or 1
+    threads = cores
+    for prop in node.attr["properties"].list.s if node.op == "FuseflowOp" else ():
+        key, _, value = prop.decode().partition("=")
+        if key == "INFERENCE_NUM_THREADS" and value.isdigit() and int(value) > 0:
+            threads = int(value)
+    return max(1, cores // threads)
 
 
 def core_bindings(model_dir) -> dict[str, int]:

@@ -25,6 +25,13 @@ from fuseflow import errors
 from fuseflow.options import IGNORED_FLAGS, parse_compiler_args
 
 
+@pytest.fixture(autouse=True)
+def _openvino(monkeypatch):
+    """These tests prove the OpenVINO path (the default on CPU) also where a GPU would
+    make XLA the default; the env var reaches the fresh processes too."""
+    monkeypatch.setenv("FUSEFLOW_CC_FLAGS", "--backend openvino")
+
+
 def _dense_tf1(rng):
     """x[?, 8] -> relu(x @ w + b) -> y[?, 4], weights in variables."""
     x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="x")
@@ -188,7 +195,7 @@ def compiled_dense(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dense")
     rng = np.random.default_rng(1)
     save_tf1(tmp / "m", lambda: (lambda xy: ({"x": xy[0]}, {"y": xy[1]}))(_dense_tf1(rng)))
-    fuseflow.saved_model.compile(tmp / "m", tmp / "c")
+    fuseflow.saved_model.compile(tmp / "m", tmp / "c", backend="openvino")
     return tmp
 
 

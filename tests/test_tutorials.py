@@ -21,7 +21,9 @@ TUTORIALS = Path(__file__).parent / "tutorials"
 def test_tutorial_runs_unchanged(tmp_path, script, expect):
     proc = subprocess.run([sys.executable, str(TUTORIALS / script)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO),
+                               # the OpenVINO path even where a GPU makes XLA the default
+                               "FUSEFLOW_CC_FLAGS": "--backend openvino"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert expect in proc.stdout
     assert "Number of operations placed on" in proc.stderr  # the lines users know

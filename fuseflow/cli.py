@@ -1,4 +1,4 @@
-"""The command line: `fuseflow compile | inspect | bench`, over the same functions as the API.
+"""The command line: `fuseflow compile | inspect | bench | auto-multicore`, over the API.
 
 Exit codes: 0 ok, 1 bad input (a FuseflowError, shown as one line), 2 bad
 usage (argparse), 3 a bug in fuseflow, 130 interrupted, 141 stdout closed
@@ -26,6 +26,7 @@ examples:
   fuseflow compile mobilenet/ mobilenet_compiled/
   fuseflow inspect mobilenet_compiled/
   fuseflow bench mobilenet/ mobilenet_compiled/
+  fuseflow auto-multicore mobilenet_compiled/ --num-cores 4 --new-model-dir mobilenet_4/
 
 Run `fuseflow COMMAND --help` for each command's options and more examples.
 exit codes: 0 ok, 1 bad input (one-line error; --debug for the traceback),
@@ -84,7 +85,21 @@ def _parser() -> argparse.ArgumentParser:
         "bench", parents=[common], formatter_class=raw, epilog=_BENCH_HELP,
         help="latency and throughput of a model and its compiled version",
         description="Time a model and its compiled version on the same inputs."))
+    _auto_multicore_parser(commands.add_parser(
+        "auto-multicore", parents=[common], formatter_class=raw,
+        help="serve concurrent calls of a compiled model on N streams",
+        description="auto_multicore on the command line (tf-neuron-auto-multicore): "
+                    "each OpenVINO segment runs N streams with a pool of N infer requests."))
     return parser
+
+
+def _auto_multicore_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="COMPILED_DIR", help="a SavedModel written by fuseflow")
+    p.add_argument("--num-cores", "--num_cores", type=int, required=True, metavar="N",
+                   help="independent streams: N calls in flight run side by side")
+    p.add_argument("--new-model-dir", "--new_model_dir", required=True, metavar="DIR",
+                   help="where to write (must not exist)")
+    p.set_defaults(run=run_auto_multicore)
 
 
 def _compile_parser(p: argparse.ArgumentParser) -> None:
@@ -206,6 +221,14 @@ def run_compile(args) -> int:
 
         print(f"wrote {args.new_model_dir} in {time.monotonic() - start:.1f} s: "
               f"{summary_line(result)}")
+    return EXIT_OK
+
+
+def run_auto_multicore(args) -> int:
+    from fuseflow.multicore import auto_multicore
+
+    out = auto_multicore(args.model_dir, None, args.num_cores, new_model_dir=args.new_model_dir)
+    print(f"wrote {out} ({args.num_cores} streams per segment)")
     return EXIT_OK
 
 

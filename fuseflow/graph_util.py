@@ -1,4 +1,5 @@
-"""Small GraphDef helpers shared by the pipeline stages."""
+"""Small GraphDef helpers shared by the pipeline stages, and the reference's
+`graph_util.inference_graph_from_session` (as TF's own graph_util mixes both)."""
 
 from __future__ import annotations
 
@@ -135,3 +136,7 @@ def copy_constant(node):
     if node.op == "Const":
         copy.ClearField("input")  # control inputs of consts are not needed
     return copy
+
+
+# The reference's public graph_util entry point (it compiles a live session's graph).
+from fuseflow.session_compile import inference_graph_from_session  # noqa: E402,F401

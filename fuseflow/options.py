@@ -3,11 +3,16 @@
 compiler_args keep the reference's neuron-cc spelling so tensorflow-neuron
 scripts run unchanged; each flag is mapped onto the chosen backend.
 FUSEFLOW_CC_FLAGS (or the reference's NEURON_CC_FLAGS) adds flags.
+
+neuron-cc flags that tune Inferentia hardware (SRAM, replication, binaries
+format) mean nothing on OpenVINO or XLA: they are accepted, so scripts run
+unchanged, and named in one warning. Any other flag is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 from dataclasses import dataclass
@@ -20,6 +25,19 @@ FAST_MATH_CHOICES = ("all", "none", "fp32-cast-all", "fp32-cast-matmult", "no-fp
                      "fast-relayout", "no-fast-relayout")
 ENV_FLAGS = ("FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS")
 DEFAULT_TIMEOUT_S = 18000.0
+VERBOSE_LEVELS = {"DEBUG": 2, "INFO": 1, "WARN": 0, "WARNING": 0, "ERROR": 0}
+
+# neuron-cc / tensorflow-neuron flags with no meaning on these backends: flag -> nargs
+# (0: a switch, 1: one value, "?": an optional value).
+IGNORED_FLAGS: dict[str, int | str] = {
+    "--static-weights": 0, "--enable-saturate-infinity": 0,
+    "--enable-fast-loading-neuron-binaries": 0, "--enable-fast-context-switch": 0,
+    "--enable-replication": "?", "--batching_en": 0, "--max-batch-size": 1,
+    "--model-type": 1, "--sb_size": 1, "--spill_dis": 0, "--rematerialization_en": 0,
+    "--framework": 1, "--io-config": 1, "--output": 1, "--extract-weights": "?",
+}
+
+log = logging.getLogger("fuseflow")
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,7 @@ class CompilerOptions:
     fast_math: tuple[str, ...] = ()
     max_segments: int | None = None
     dynamic_batch: bool = True
+    ignored_flags: tuple[str, ...] = ()  # accepted neuron-cc flags that mean nothing here
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,13 +70,34 @@ def _parser() -> _Parser:
     p.add_argument("--timeout", type=float)
     p.add_argument("--workers", type=int)
     p.add_argument("--workdir")
-    p.add_argument("--verbose", type=int, nargs="?", const=1)
-    p.add_argument("--neuroncore-pipeline-cores", type=int, dest="cores")
+    p.add_argument("--verbose", type=_verbose_level, nargs="?", const=1)
+    p.add_argument("--neuroncore-pipeline-cores", "--num-neuroncores", type=int, dest="cores")
     p.add_argument("--fp32-cast", choices=FP32_CAST_CHOICES)
     p.add_argument("--fast-math", nargs="+", choices=FAST_MATH_CHOICES)
     p.add_argument("--max-segments", type=int)
     p.add_argument("--no-dynamic-batch", action="store_true")
+    p.add_argument("--dynamic-batch-size", action="store_true")
+    for flag, nargs in IGNORED_FLAGS.items():
+        dest = "ignored_" + flag.strip("-").replace("-", "_")
+        if nargs == 0:
+            p.add_argument(flag, action="store_true", dest=dest)
+        elif nargs == 1:
+            p.add_argument(flag, dest=dest)
+        else:
+            p.add_argument(flag, nargs="?", const="", dest=dest)
     return p
+
+
+def _verbose_level(text: str) -> int:
+    """neuron-cc takes a level name (DEBUG, INFO, WARN, ERROR) or a number."""
+    if text.upper() in VERBOSE_LEVELS:
+        return VERBOSE_LEVELS[text.upper()]
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid level {text!r}: give a number or one of "
+            f"{', '.join(VERBOSE_LEVELS)}") from None
 
 
 def _as_list(compiler_args) -> list[str]:
@@ -76,6 +116,23 @@ def _as_list(compiler_args) -> list[str]:
     return [str(a) for a in args]
 
 
+def reference_keywords(max_num_compilers=None, compiler_timeout=None, compiler_recovery=True,
+                       compiler_verbose=None, dynamic_batch_size=False) -> list[str]:
+    """tensorflow-neuron's compile keywords, as the flags that mean the same here."""
+    args = []
+    if max_num_compilers is not None:
+        args += ["--workers", str(max_num_compilers)]
+    if compiler_timeout is not None:
+        args += ["--timeout", str(compiler_timeout)]
+    if not compiler_recovery:
+        args.append("--must-compile")
+    if compiler_verbose is not None:
+        args += ["--verbose", str(compiler_verbose)]
+    if dynamic_batch_size:
+        args.append("--dynamic-batch-size")
+    return args
+
+
 def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
                         environ=None) -> CompilerOptions:
     """compiler_args + env flags + keywords -> CompilerOptions, or CompilerArgsError."""
@@ -91,12 +148,22 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             f"unknown compiler flag(s) {unknown}: fuseflow understands --backend, "
             "--must-compile, --timeout, --workers, --workdir, --verbose, "
             "--neuroncore-pipeline-cores, --fp32-cast, --fast-math, --max-segments, "
-            "--no-dynamic-batch")
+            "--no-dynamic-batch, --dynamic-batch-size and the neuron-cc flags listed in the "
+            "README")
     for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
                         ("--neuroncore-pipeline-cores", ns.cores),
                         ("--max-segments", ns.max_segments)):
         if value is not None and not value > 0:
             raise errors.CompilerArgsError(f"{name} must be positive, got {value}")
+    if ns.dynamic_batch_size and ns.no_dynamic_batch:
+        raise errors.CompilerArgsError(
+            "--dynamic-batch-size contradicts --no-dynamic-batch: give one of them")
+    ignored = tuple(flag for flag in IGNORED_FLAGS
+                    if getattr(ns, "ignored_" + flag.strip("-").replace("-", "_")) not in
+                    (None, False))
+    if ignored:
+        log.warning("neuron-cc flags with no meaning on the OpenVINO and XLA backends, "
+                    "ignored: %s", " ".join(ignored))
     if backend is not None and ns.backend is not None and backend != ns.backend:
         raise errors.CompilerArgsError(
             f"backend={backend!r} contradicts --backend {ns.backend}: give one of them")
@@ -112,4 +179,5 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
         fast_math=tuple(ns.fast_math or ()),
         max_segments=ns.max_segments,
         dynamic_batch=not ns.no_dynamic_batch,
+        ignored_flags=ignored,
     )

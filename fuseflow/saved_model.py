@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow import errors
@@ -21,11 +23,18 @@ from fuseflow.export import (
     write_saved_model,
 )
 from fuseflow.extract import consumers_outside, extract_segment
-from fuseflow.graph_util import constant_nodes, node_name, tensor_name
-from fuseflow.load import load_saved_model, model_path
+from fuseflow.graph_util import NON_COMPUTE_OPS, constant_nodes, node_name, tensor_name
+from fuseflow.load import LoadedModel, load_saved_model, model_path
+from fuseflow.logs import shown, shown_info, tf_quiet
 from fuseflow.optimize import optimize_graph
-from fuseflow.options import parse_compiler_args
+from fuseflow.options import (
+    CompilerOptions,
+    _as_list,
+    parse_compiler_args,
+    reference_keywords,
+)
 from fuseflow.partition import (
+    Partition,
     PartitionOptions,
     default_minimum_segment_size,
     partition_graph,
@@ -35,6 +44,7 @@ from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
+    InputShapes,
     apply_input_shapes,
     guard_input_shapes,
     infer_tensor_shapes,
@@ -70,18 +80,24 @@ def default_backend() -> str:
     return "xla" if has_gpu() else "openvino"
 
 
-def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
-            model_feed_dict=None, tags=None, signature_def_key=None, minimum_segment_size=None,
-            no_fuse_ops=None, compiler_args=None, compiler_workdir=None, *, backend=None,
-            force_fuse_ops=None) -> dict:
-    """Compile a SavedModel into a new one whose supported segments run on a backend.
+@dataclass
+class _Plan:
+    """Everything decided before compiling: the graph, its shapes and the proposed segments."""
 
-    Returns {'OnNeuronRatio': ..., and the counts behind it}.
-    """
-    options = parse_compiler_args(compiler_args, compiler_workdir, backend)
-    model_dir = model_path(model_dir)
-    out = check_output_dir(model_dir, new_model_dir)
-    workdir = check_workdir(model_dir, options.workdir)
+    model: LoadedModel
+    inputs: InputShapes
+    serving: dict[str, tuple]
+    graph_def: object
+    infos: dict
+    partition: Partition
+    backend_name: str
+    options: CompilerOptions
+
+
+def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
+          signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
+          subgraph_builder_function, options: CompilerOptions) -> _Plan:
+    """Load, fix shapes, optimize and partition: the stages before any compiler runs."""
     no_fuse = _names(no_fuse_ops, "no_fuse_ops")
     force_fuse = _names(force_fuse_ops, "force_fuse_ops")
     if minimum_segment_size is not None and (
@@ -89,6 +105,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             or minimum_segment_size < 1):
         raise errors.OptionError(
             f"minimum_segment_size must be a positive integer, got {minimum_segment_size!r}")
+    if subgraph_builder_function is not None and not callable(subgraph_builder_function):
+        raise errors.OptionError("subgraph_builder_function must be a callable taking a "
+                                 f"NodeDef and returning a bool, got {subgraph_builder_function!r}")
     backend_name = options.backend or default_backend()
     chosen = get_backend(backend_name)
 
@@ -98,6 +117,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
     graph_def = optimize_graph(graph_def, model.fetch_nodes)
     _check_names(graph_def, no_fuse | force_fuse)
+    if subgraph_builder_function is not None:
+        chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)
+        force_fuse, no_fuse = force_fuse | chosen_on, no_fuse | chosen_off
     infos = infer_tensor_shapes(graph_def, model, inputs)
 
     partition = partition_graph(
@@ -107,6 +129,80 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
             no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
         dtype_reason=lambda node: _dtype_reason(node, infos))
+    return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options)
+
+
+def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
+    """subgraph_builder_function(node_def) -> bool over the computing nodes: (on, off).
+    None means no opinion: fuseflow decides as without the function."""
+    on, off = set(), set()
+    for node in graph_def.node:
+        if node.op in NON_COMPUTE_OPS:
+            continue
+        choice = builder(node)
+        if choice is not None:
+            (on if choice else off).add(node.name)
+    return frozenset(on), frozenset(off)
+
+
+def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
+            model_feed_dict=None, tags=None, signature_def_key=None, strip_default_attrs=False,
+            config_proto=None, minimum_segment_size=None, no_fuse_ops=None, compiler_args=None,
+            compiler_workdir=None, *, backend=None, force_fuse_ops=None,
+            subgraph_builder_function=None, supported_op_types=None, dynamic_batch_size=False,
+            compiler_timeout=None, compiler_recovery=True, compiler_verbose=None,
+            max_num_compilers=None) -> dict:
+    """Compile a SavedModel into a new one whose supported segments run on a backend.
+
+    Returns {'OnNeuronRatio': ..., and the counts behind it}.
+    The reference's keywords are taken too: strip_default_attrs and
+    config_proto need nothing (default attrs are always stripped; no session
+    config is needed); dynamic_batch_size, compiler_timeout, compiler_recovery,
+    compiler_verbose and max_num_compilers are the flags --dynamic-batch-size,
+    --timeout, --must-compile (when False), --verbose and --workers;
+    supported_op_types keeps every other op type in TensorFlow.
+    subgraph_builder_function(node_def) -> bool, when given, is asked about every
+    computing node of the optimized graph: True forces it into a segment (as
+    force_fuse_ops), False keeps it in TensorFlow (as no_fuse_ops).
+    """
+    with shown(logging.WARNING), tf_quiet():
+        args = _as_list(compiler_args) + reference_keywords(
+            max_num_compilers, compiler_timeout, compiler_recovery, compiler_verbose,
+            dynamic_batch_size)
+        options = parse_compiler_args(args, compiler_workdir, backend)
+        if supported_op_types is not None:
+            subgraph_builder_function = _only_types(supported_op_types,
+                                                    subgraph_builder_function)
+        model_dir = model_path(model_dir)
+        out = check_output_dir(model_dir, new_model_dir)
+        workdir = check_workdir(model_dir, options.workdir)
+        plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
+                     signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
+                     subgraph_builder_function, options)
+        result = _compile_plan(plan, out, workdir)
+        with shown_info():
+            log.info("Successfully converted %s to %s", model_dir, new_model_dir)
+    return result
+
+
+def _only_types(types, builder):
+    """supported_op_types as a subgraph_builder_function: other types stay in TensorFlow."""
+    allowed = _names(types, "supported_op_types")
+
+    def choose(node):
+        if node.op not in allowed:
+            return False
+        return None if builder is None else builder(node)
+
+    return choose
+
+
+def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
+    """Extract, compile, rewrite, check the batch, report and write the planned model."""
+    model, inputs, graph_def, infos, options = (plan.model, plan.inputs, plan.graph_def,
+                                                plan.infos, plan.options)
+    serving, partition, backend_name = plan.serving, plan.partition, plan.backend_name
+    chosen = get_backend(backend_name)
     members_of = {n: s.name for s in partition.segments for n in s.nodes}
     consumers = consumers_outside(graph_def, members_of)
     fetches = {tensor_name(s.tensor_name) for s in model.outputs}
@@ -140,11 +236,41 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
                           tensor_infos=infos)
     report.dynamic_batch = serving != inputs.shapes
-    log_report(report)
+    with shown_info():
+        log_report(report)
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)
         _write_report(path, report, chosen.runtime_info())
     return report.result()
+
+
+def simple_save(session, export_dir, inputs, outputs, legacy_init_op=None, batch_size=1,
+                **kwargs) -> dict:
+    """Compile a live session's graph and save it with a serving_default signature.
+
+    Deprecated in the reference as TF's own simple_save is; kept so its scripts
+    run. kwargs are compile()'s (shape_feed_dict/feed_dict, the reference's
+    names, are taken as model_shape_feed_dict/model_feed_dict).
+    Returns what compile() returns.
+    """
+    from fuseflow.session_compile import save_session
+
+    with shown(logging.WARNING), tf_quiet():
+        model_path(export_dir)
+        if os.path.exists(os.fspath(export_dir)):
+            raise errors.OutputDirError(
+                f"export_dir {os.fspath(export_dir)!r} already exists: fuseflow never "
+                "overwrites; remove it or choose another path")
+        for theirs, ours in (("shape_feed_dict", "model_shape_feed_dict"),
+                             ("feed_dict", "model_feed_dict")):
+            if theirs in kwargs:
+                value = kwargs.pop(theirs)
+                kwargs[ours] = None if value is None else {
+                    getattr(k, "name", k): v for k, v in value.items()}
+        with tempfile.TemporaryDirectory(prefix="fuseflow-simple-save-") as tmp:
+            saved = os.path.join(tmp, "model")
+            save_session(session, saved, inputs, outputs, legacy_init_op)
+            return compile(saved, export_dir, batch_size=batch_size, **kwargs)
 
 
 def _batch_dim(shapes: dict[str, tuple]) -> int:
@@ -187,3 +313,10 @@ def _write_report(path: Path, report: CompileReport, runtime: dict) -> None:
     extra.mkdir(exist_ok=True)
     data = {**report.to_json(), "runtime": runtime}
     (extra / "fuseflow_report.json").write_text(json.dumps(data, indent=2))
+
+
+# The rest of the reference's saved_model module, each in its own file.
+from fuseflow.core_binding import inspect_core_binding, set_core_binding  # noqa: E402
+from fuseflow.profiling import profile  # noqa: E402
+
+__all__ = ["compile", "simple_save", "profile", "set_core_binding", "inspect_core_binding"]

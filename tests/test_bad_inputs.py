@@ -436,7 +436,7 @@ CASES = [
          kwargs={"compiler_args": 5}),
     Case("flag_from_env", errors.CompilerArgsError, r"unknown compiler flag\(s\) \['--fast'\]",
          env={"FUSEFLOW_CC_FLAGS": "--fast"}),
-    Case("flag_from_neuron_env", errors.CompilerArgsError, r"--verbose: invalid int",
+    Case("flag_from_neuron_env", errors.CompilerArgsError, r"--verbose: invalid level",
          env={"NEURON_CC_FLAGS": "--verbose=loud"}),
     Case("must_compile_timeout", errors.SegmentCompileError,
          r"failed to compile: \['fuseflow_segment_0'\].*timed out.*Drop --must-compile",

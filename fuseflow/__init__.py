@@ -8,9 +8,10 @@ compiled with the OpenVINO backend load (as `import tensorflow.neuron` did).
 import logging
 
 from fuseflow import errors, native, saved_model
+from fuseflow.runtime import runtime_stats
 
 __version__ = "0.1.0"
-__all__ = ["errors", "native", "saved_model", "__version__"]
+__all__ = ["errors", "native", "runtime_stats", "saved_model", "__version__"]
 
 _log = logging.getLogger("fuseflow")
 _log.addHandler(logging.NullHandler())

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "openvino_model.h"
+#include "runtime_stats.h"
 #include "tensorflow/core/framework/function.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -177,30 +178,43 @@ class FuseflowOp : public AsyncOpKernel {
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
-    if (std::shared_ptr<CompiledSegment> segment = Segment(ctx)) {
+    std::string kind, reason;
+    if (std::shared_ptr<CompiledSegment> segment = Segment(ctx, &kind, &reason)) {
       std::vector<Tensor> outputs;
       absl::Status status = RunOpenVino(ctx, *segment, &outputs);
       if (status.ok()) {
         for (size_t o = 0; o < outputs.size(); ++o) ctx->set_output(o, outputs[o]);
         GlobalCounters().openvino_runs++;
+        RecordRun(name(), segment->recompiled ? RunPath::kRecompiled : RunPath::kCompiled, "",
+                  segment->recompile_reason);
         done();
         return;
       }
-      WarnOnce(status.code() == absl::StatusCode::kFailedPrecondition ? "shape" : "infer",
-               absl::StrCat(status.message(), "; running this call with TensorFlow"));
+      kind = status.code() == absl::StatusCode::kFailedPrecondition ? "shape" : "infer";
+      reason = std::string(status.message());
+      WarnOnce(kind, absl::StrCat(reason, "; running this call with TensorFlow"));
     }
+    RecordRun(name(), RunPath::kFallback, kind, reason);
     RunNative(ctx, std::move(done));
   }
 
  private:
-  // The compiled segment, loaded on first use; null when TensorFlow must run it.
-  std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx) {
+  // The compiled segment, loaded on first use; null when TensorFlow must run it,
+  // with the reason's kind and text.
+  std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx, std::string* kind,
+                                           std::string* why) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!executable_) return segment_;  // already tried
+    if (!executable_) {  // already tried
+      *kind = load_failure_kind_;
+      *why = load_failure_;
+      return segment_;
+    }
     std::string reason;
     if (backend_ != "openvino") {
+      load_failure_kind_ = "unknown_backend";
       reason = absl::StrCat("unknown backend '", backend_, "'");
     } else if (executable_->empty()) {
+      load_failure_kind_ = "not_compiled";
       reason = "the segment was not compiled (empty executable)";
     } else {
       FunctionLibraryRuntime* lib = ctx->function_library();
@@ -211,12 +225,16 @@ class FuseflowOp : public AsyncOpKernel {
         segment_ = *segment;
         batch_rows_ = BatchRows(*segment_);
       } else {
+        load_failure_kind_ = "load_failed";
         reason = std::string(segment.status().message());
       }
     }
     if (!reason.empty()) {
       LOG(WARNING) << "FuseflowOp '" << name() << "' runs its segment with TensorFlow: " << reason;
     }
+    load_failure_ = reason;
+    *kind = load_failure_kind_;
+    *why = load_failure_;
     executable_.reset();  // the cache holds the bytes an imported model needs
     return segment_;
   }
@@ -460,6 +478,7 @@ class FuseflowOp : public AsyncOpKernel {
   std::shared_ptr<const std::string> executable_;  // reset once loading was tried
   std::shared_ptr<CompiledSegment> segment_;
   int64_t batch_rows_ = -1;  // written once under mu_ before segment_ is handed out
+  std::string load_failure_kind_, load_failure_;  // why segment_ is null
   std::set<std::string> warned_;
 
   std::mutex native_mu_;

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import pytest
+from conftest import assert_ran
 
 from fuseflow import native
 from fuseflow.errors import NativeOpError
@@ -380,7 +381,8 @@ def test_cpp_saved_model_loader(lib, float_segment, tmp_path):
         outputs = {}
         for key, executable in executables.items():
             y, s = lib.fuseflow_op([x, b], backend="openvino", executable=executable,
-                                   native_segment=float_segment.concrete, **float_segment.attrs)
+                                   native_segment=float_segment.concrete, name=key,
+                                   **float_segment.attrs)
             outputs[f"{key}_y"], outputs[f"{key}_s"] = y, s
         signature = tf.compat.v1.saved_model.predict_signature_def({"x": x, "b": b}, outputs)
         builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "model"))
@@ -388,8 +390,11 @@ def test_cpp_saved_model_loader(lib, float_segment, tmp_path):
                                              signature_def_map={"serving_default": signature})
         builder.save()
     arrays = _float_inputs(np.random.default_rng(12), 5)
-    got = run_saved_model_cpp(tmp_path / "model", {"x": arrays[0], "b": arrays[1]},
-                              op_libs=[library_path()])
+    got, stats = run_saved_model_cpp(tmp_path / "model", {"x": arrays[0], "b": arrays[1]},
+                                     op_libs=[library_path()], with_stats=True)
+    assert_ran(stats, "openvino", list(executables),
+               path={"compiled": "compiled", "recompiled": "recompiled", "native": "fallback"},
+               reason="not_compiled")
     want_y, want_s = _reference(float_segment, *arrays)
     for key in executables:
         np.testing.assert_allclose(got[f"{key}_y"], want_y, rtol=1e-5, atol=1e-5)

@@ -46,7 +46,7 @@ bench: install $(BENCH_STAMP)
 
 # Many more random graphs than make test's 10 fixed ones, from a new seed each run.
 fuzz: install
-	FUSEFLOW_FUZZ_EXAMPLES=500 $(PY) -m pytest -q --timeout=0 tests/test_fuzz.py \
+	FUSEFLOW_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q --timeout=0 tests/test_fuzz.py \
 		--hypothesis-show-statistics
 
 lint: $(STAMP)

@@ -122,7 +122,7 @@ def _inspect_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="COMPILED_DIR", help="a SavedModel written by fuseflow")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--graph-html", metavar="FILE", help="also draw the graph here")
-    p.add_argument("--run", action="store_true",
+    p.add_argument("--run", action="store_true", dest="run_once",
                    help="also run the model once on random inputs (batch 1) and show which "
                         "path each fused op took: compiled, recompiled or TF fallback")
     p.set_defaults(run=run_inspect)
@@ -216,7 +216,7 @@ def run_inspect(args) -> int:
     from fuseflow.inspect_model import format_inspect, inspect_model
 
     info = inspect_model(args.model_dir)
-    if args.run:
+    if args.run_once:
         info["run"] = _run_once(args.model_dir, info)
     if args.graph_html:
         _write_html(args.model_dir, args.graph_html)

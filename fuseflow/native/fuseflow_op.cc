@@ -175,6 +175,7 @@ class FuseflowOp : public AsyncOpKernel {
     max_requests_ = max_requests > 0 ? static_cast<int>(max_requests)
                                      : std::max(1u, std::thread::hardware_concurrency());
     executable_ = std::make_shared<const std::string>(std::move(executable));
+    stats_ = RunStatsFor(name());
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
@@ -185,8 +186,11 @@ class FuseflowOp : public AsyncOpKernel {
       if (status.ok()) {
         for (size_t o = 0; o < outputs.size(); ++o) ctx->set_output(o, outputs[o]);
         GlobalCounters().openvino_runs++;
-        RecordRun(name(), segment->recompiled ? RunPath::kRecompiled : RunPath::kCompiled, "",
-                  segment->recompile_reason);
+        if (segment->recompiled) {
+          stats_->Recompiled();
+        } else {
+          stats_->Compiled();
+        }
         done();
         return;
       }
@@ -194,7 +198,7 @@ class FuseflowOp : public AsyncOpKernel {
       reason = std::string(status.message());
       WarnOnce(kind, absl::StrCat(reason, "; running this call with TensorFlow"));
     }
-    RecordRun(name(), RunPath::kFallback, kind, reason);
+    stats_->Fallback(kind, reason);
     RunNative(ctx, std::move(done));
   }
 
@@ -224,6 +228,7 @@ class FuseflowOp : public AsyncOpKernel {
       if (segment.ok()) {
         segment_ = *segment;
         batch_rows_ = BatchRows(*segment_);
+        if (segment_->recompiled) stats_->SetRecompileReason(segment_->recompile_reason);
       } else {
         load_failure_kind_ = "load_failed";
         reason = std::string(segment.status().message());
@@ -473,6 +478,7 @@ class FuseflowOp : public AsyncOpKernel {
   tensorflow::NameAttrList native_segment_;
   std::vector<int64_t> input_batch_axis_, output_batch_axis_;
   int max_requests_;
+  std::shared_ptr<OpRunStats> stats_;
 
   std::mutex mu_;
   std::shared_ptr<const std::string> executable_;  // reset once loading was tried

@@ -12,20 +12,9 @@
 namespace fuseflow {
 namespace {
 
-struct Reason {
-  int64_t calls = 0;
-  std::string message;  // the first call's: later ones differ only in shapes
-};
-
-struct OpStats {
-  int64_t compiled = 0, recompiled = 0, fallback = 0;
-  std::string recompile_reason;
-  std::map<std::string, Reason> fallback_reasons;  // by kind
-};
-
 struct Registry {
   std::mutex mu;
-  std::map<std::string, OpStats> ops;
+  std::map<std::string, std::shared_ptr<OpRunStats>> ops;
   std::map<std::string, int64_t> xla_cluster_compilations;  // from TF's activity broadcast
 };
 
@@ -90,26 +79,39 @@ int64_t CounterTotal(const tsl::monitoring::CollectedMetrics& metrics,
 
 }  // namespace
 
-void RecordRun(const std::string& op, RunPath path, const std::string& reason_kind,
-               const std::string& reason) {
+void OpRunStats::SetRecompileReason(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (recompile_reason_.empty()) recompile_reason_ = reason;
+}
+
+void OpRunStats::Fallback(const std::string& kind, const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  fallback_++;
+  Reason& why = fallback_reasons_[kind];
+  if (why.calls++ == 0) why.message = reason;
+}
+
+std::string OpRunStats::Json() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::string json = absl::StrCat("{\"compiled\": ", compiled_.load(), ", \"recompiled\": ",
+                                  recompiled_.load(), ", \"fallback\": ", fallback_.load(),
+                                  ", \"recompile_reason\": ", Quote(recompile_reason_),
+                                  ", \"fallback_reasons\": {");
+  const char* sep = "";
+  for (const auto& [kind, why] : fallback_reasons_) {
+    absl::StrAppend(&json, sep, Quote(kind), ": {\"calls\": ", why.calls,
+                    ", \"message\": ", Quote(why.message), "}");
+    sep = ", ";
+  }
+  return json + "}}";
+}
+
+std::shared_ptr<OpRunStats> RunStatsFor(const std::string& op) {
   Registry& registry = GlobalRegistry();
   std::lock_guard<std::mutex> lock(registry.mu);
-  OpStats& stats = registry.ops[op];
-  switch (path) {
-    case RunPath::kCompiled:
-      stats.compiled++;
-      break;
-    case RunPath::kRecompiled:
-      stats.recompiled++;
-      if (stats.recompile_reason.empty()) stats.recompile_reason = reason;
-      break;
-    case RunPath::kFallback: {
-      stats.fallback++;
-      Reason& why = stats.fallback_reasons[reason_kind];
-      if (why.calls++ == 0) why.message = reason;
-      break;
-    }
-  }
+  std::shared_ptr<OpRunStats>& stats = registry.ops[op];
+  if (!stats) stats = std::make_shared<OpRunStats>();
+  return stats;
 }
 
 std::string RuntimeStatsJson() {
@@ -121,17 +123,8 @@ std::string RuntimeStatsJson() {
   std::string json = "{\"ops\": {";
   const char* sep = "";
   for (const auto& [name, stats] : registry.ops) {
-    absl::StrAppend(&json, sep, Quote(name), ": {\"compiled\": ", stats.compiled,
-                    ", \"recompiled\": ", stats.recompiled, ", \"fallback\": ", stats.fallback,
-                    ", \"recompile_reason\": ", Quote(stats.recompile_reason),
-                    ", \"fallback_reasons\": {");
-    const char* sep2 = "";
-    for (const auto& [kind, why] : stats.fallback_reasons) {
-      absl::StrAppend(&json, sep2, Quote(kind), ": {\"calls\": ", why.calls,
-                      ", \"message\": ", Quote(why.message), "}");
-      sep2 = ", ";
-    }
-    json += "}}";
+    if (stats->Calls() == 0) continue;  // built, never called
+    absl::StrAppend(&json, sep, Quote(name), ": ", stats->Json());
     sep = ", ";
   }
   absl::StrAppend(&json, "}, \"xla\": {\"compilations\": ",

@@ -3,17 +3,41 @@
 #ifndef FUSEFLOW_NATIVE_RUNTIME_STATS_H_
 #define FUSEFLOW_NATIVE_RUNTIME_STATS_H_
 
+#include <atomic>
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
 
 namespace fuseflow {
 
-enum class RunPath { kCompiled, kRecompiled, kFallback };
+// The calls of one fused op (by node name, the segment name), shared by every
+// instance of that name. Compiled calls cost one atomic increment.
+class OpRunStats {
+ public:
+  void Compiled() { compiled_++; }
+  void Recompiled() { recompiled_++; }
+  // Why this op's executable was recompiled; the first reason is kept.
+  void SetRecompileReason(const std::string& reason);
+  // A call that TensorFlow ran; `kind` groups the reasons, the first text is kept.
+  void Fallback(const std::string& kind, const std::string& reason);
+  int64_t Calls() const { return compiled_ + recompiled_ + fallback_; }
+  std::string Json() const;
 
-// Counts one call of the fused op `op` (its node name, the segment name).
-// `reason_kind` and `reason` say why a call fell back, or why the op recompiled.
-void RecordRun(const std::string& op, RunPath path, const std::string& reason_kind = "",
-               const std::string& reason = "");
+ private:
+  struct Reason {
+    int64_t calls = 0;
+    std::string message;
+  };
+  std::atomic<int64_t> compiled_{0}, recompiled_{0}, fallback_{0};
+  mutable std::mutex mu_;
+  std::string recompile_reason_;
+  std::map<std::string, Reason> fallback_reasons_;
+};
+
+// The process-wide stats of the op named `op`, created on first use.
+std::shared_ptr<OpRunStats> RunStatsFor(const std::string& op);
 
 // Every op's counts, TF's XLA compilation and launch counters and the clusters
 // XLA compiled, as one JSON object (see fuseflow/runtime.py for its fields).

@@ -10,11 +10,12 @@ import logging
 
 from fuseflow import errors, graph_util, native, saved_model
 from fuseflow.multicore import auto_multicore
+from fuseflow.runtime import runtime_stats
 from fuseflow.trace import TracedModel, analyze_model, trace
 
 __version__ = "0.1.0"
-__all__ = ["errors", "graph_util", "native", "saved_model", "trace", "analyze_model",
-           "auto_multicore", "TracedModel", "__version__"]
+__all__ = ["errors", "graph_util", "native", "runtime_stats", "saved_model", "trace",
+           "analyze_model", "auto_multicore", "TracedModel", "__version__"]
 
 _log = logging.getLogger("fuseflow")
 _log.addHandler(logging.NullHandler())

@@ -137,6 +137,9 @@ def _inspect_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model_dir", metavar="COMPILED_DIR", help="a SavedModel written by fuseflow")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--graph-html", metavar="FILE", help="also draw the graph here")
+    p.add_argument("--run", action="store_true", dest="run_once",
+                   help="also run the model once on random inputs (batch 1) and show which "
+                        "path each fused op took: compiled, recompiled or TF fallback")
     p.set_defaults(run=run_inspect)
 
 
@@ -236,10 +239,23 @@ def run_inspect(args) -> int:
     from fuseflow.inspect_model import format_inspect, inspect_model
 
     info = inspect_model(args.model_dir)
+    if args.run_once:
+        info["run"] = _run_once(args.model_dir, info)
     if args.graph_html:
         _write_html(args.model_dir, args.graph_html)
     print(json.dumps(info, indent=2) if args.json else format_inspect(info))
     return EXIT_OK
+
+
+def _run_once(model_dir: str, info: dict) -> dict:
+    """One call on random inputs; fuseflow.runtime_stats() of that call alone."""
+    from fuseflow.runtime import runtime_stats, since
+
+    fn = _load_signature(model_dir, ",".join(info["tags"]), info["signature"])
+    feeds = _random_feeds(fn, 1)
+    before = runtime_stats()
+    _call(fn, feeds)
+    return {"batch_size": _batch_of(feeds), **since(before)}
 
 
 def _write_html(model_dir: str, path: str) -> None:

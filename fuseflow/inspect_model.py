@@ -25,6 +25,7 @@ from fuseflow.report import (
     segment_table,
     summary_line,
 )
+from fuseflow.runtime import summary_lines
 
 _NO_REPORT = "unknown: the model has no fuseflow_report.json"
 
@@ -224,6 +225,9 @@ def format_inspect(info: dict) -> str:
     if info["not_compiled"]:
         lines += ["", not_compiled_table(info["not_compiled"])]
     lines += [f"warning: {a}" for a in info["advice"]]
+    if "run" in info:
+        lines += ["", f"one call on random inputs (batch {info['run']['batch_size']}):"]
+        lines += ["  " + line for line in summary_lines(info["run"]) or ["no fused op ran"]]
     return "\n".join(lines)
 
 

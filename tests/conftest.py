@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -80,27 +82,121 @@ _FRESH = textwrap.dedent("""
             out = sess.run(fetch, {sig.inputs[k].name: v for k, v in feeds.items()})
     np.savez(args["out"], **{k: v.astype("S") if v.dtype == object else v
                              for k, v in out.items()})
+    with open(args["stats"], "w") as f:
+        json.dump(fuseflow.runtime_stats(), f)
 """)
 
 
 def run_fresh(model_dir, feeds: dict, tmp_path: Path, signature="serving_default", tags=None,
-              api="v2", env=None, with_log=False):
+              api="v2", env=None, with_log=False, backend=None, path="compiled",
+              with_stats=False):
     """Load and run a (compiled) model in a new Python process that imports fuseflow.
 
-    Returns the outputs, or (outputs, stderr) with with_log.
+    With `backend`, asserts (assert_ran) that every fused node of the model ran on `path`
+    in that process. Returns the outputs, then the child's stderr with with_log, then its
+    fuseflow.runtime_stats() with with_stats.
     """
     feeds_file, out_file = tmp_path / "feeds.npz", tmp_path / "out.npz"
+    stats_file = tmp_path / "stats.json"
     np.savez(feeds_file, **feeds)
     args = {"model": str(model_dir), "feeds": str(feeds_file), "out": str(out_file),
-            "signature": signature, "tags": list(tags) if tags else None, "api": api,
-            "repeat": 1}
+            "stats": str(stats_file), "signature": signature,
+            "tags": list(tags) if tags else None, "api": api, "repeat": 1}
     proc = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(args)], cwd=REPO,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
     assert proc.returncode == 0, f"fresh process failed:\n{proc.stderr[-4000:]}"
     with np.load(out_file) as data:
         outputs = dict(data)
-    return (outputs, proc.stderr) if with_log else outputs
+    stats = json.loads(stats_file.read_text())
+    feeds_file.unlink()
+    out_file.unlink()
+    stats_file.unlink()
+    if backend is not None:
+        assert_ran(stats, backend, fused_segments(model_dir, tags), path=path)
+    result = (outputs,) + ((proc.stderr,) if with_log else ()) + ((stats,) if with_stats else ())
+    return result if len(result) > 1 else outputs
+
+
+def fused_segments(model_dir, tags=None) -> dict[str, str]:
+    """{fused node name: the function it runs} of a compiled SavedModel (the meta graph
+    with `tags`, else every one): FuseflowOp's native_segment, or the XLA call's f."""
+    from fuseflow.load import read_saved_model_proto
+
+    proto = read_saved_model_proto(str(model_dir))
+    found = {}
+    for meta in proto.meta_graphs:
+        if tags and set(meta.meta_info_def.tags) != set(tags):
+            continue
+        graph = meta.graph_def
+        nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+        for n in nodes:
+            if n.op == "FuseflowOp":
+                found[n.name] = n.attr["native_segment"].func.name
+            elif n.op in ("PartitionedCall", "StatefulPartitionedCall") and \
+                    n.attr["_XlaMustCompile"].b:
+                found[n.name] = n.attr["f"].func.name
+    return found
+
+
+def _cluster_function(cluster: str) -> str:
+    """XLA names a cluster after its function; TF2's loader renames functions
+    `__inference_<name>_<k>`."""
+    match = re.fullmatch(r"__inference_(.+)_\d+", cluster)
+    return match.group(1) if match else cluster
+
+
+def assert_ran(stats: dict, backend: str, segments, path="compiled", reason=None):
+    """Proves which path ran, from fuseflow.runtime_stats() (or a fuseflow.runtime.since()
+    delta) of the process that ran the model.
+
+    segments: fused node names, or fused_segments()'s {name: function}; empty for a
+    model that must run entirely in TF. OpenVINO: exactly these fused ops ran, every
+    call on `path` ("compiled", "recompiled" or "fallback", the latter for `reason`'s
+    kind when given; or a {segment: path} dict). XLA: no FuseflowOp ran, and XLA
+    compiled every segment's function as a cluster and launched at least one; with no
+    segments, XLA launched nothing.
+    """
+    assert backend in ("openvino", "xla"), backend
+    ops = stats["ops"]
+    if backend == "openvino":
+        names = sorted(segments)
+        assert sorted(ops) == names, f"fused ops that ran {sorted(ops)} != {names}: {stats}"
+        paths = path if isinstance(path, dict) else dict.fromkeys(names, path)
+        for name in names:
+            op, want = ops[name], paths[name]
+            other = {p: op[p] for p in ("compiled", "recompiled", "fallback") if p != want}
+            assert op[want] >= 1 and not any(other.values()), \
+                f"{name}: expected every call on the {want} path: {op}"
+            if want == "fallback" and reason is not None:
+                assert set(op["fallback_reasons"]) == {reason}, op
+        return
+    assert not ops, f"FuseflowOps ran on the XLA backend: {ops}"
+    xla = stats["xla"]
+    compiled = {_cluster_function(c) for c in xla["clusters"]}
+    functions = set(segments.values()) if isinstance(segments, dict) else None
+    if not segments:
+        assert xla["launches"] == 0 and not compiled, f"XLA ran a cluster: {xla}"
+        return
+    assert xla["launches"] >= 1, f"XLA launched nothing: {xla}"
+    if functions is not None:
+        assert functions <= compiled, f"XLA did not compile {functions - compiled}: {xla}"
+    else:
+        assert len(compiled) >= len(segments), f"XLA compiled {compiled}, not {segments}"
+
+
+@contextlib.contextmanager
+def ran_in_process():
+    """`with ran_in_process() as ran: ...; assert_ran(ran.stats, ...)`: the runtime stats
+    of the calls made inside the block in this process."""
+    from fuseflow.runtime import runtime_stats, since
+
+    class Ran:
+        stats: dict = {}
+
+    ran, before = Ran(), runtime_stats()
+    yield ran
+    ran.stats = since(before)
 
 
 def assert_outputs_close(expected: dict, actual: dict, rtol=1e-4, atol=1e-5):

@@ -2,6 +2,7 @@
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -64,8 +65,11 @@ def run_saved_model_cpp(
     signature: str = "serving_default",
     tags=("serve",),
     op_libs=(),
-) -> dict[str, np.ndarray]:
-    """Run one signature with tensorflow::LoadSavedModel; returns outputs by key."""
+    with_stats=False,
+):
+    """Run one signature with tensorflow::LoadSavedModel; returns outputs by key, and
+    with_stats also fuseflow's runtime stats of that process (needs fuseflow's op
+    library in op_libs)."""
     binary = build_runner()
     with tempfile.TemporaryDirectory(prefix="run_saved_model_") as tmp:
         tmp = Path(tmp)
@@ -100,4 +104,9 @@ def run_saved_model_cpp(
             raise AssertionError(
                 f"run_saved_model failed (exit {result.returncode}):\n{result.stderr}"
             )
-        return {p.stem: np.load(p) for p in out_dir.glob("*.npy")}
+        outputs = {p.stem: np.load(p) for p in out_dir.glob("*.npy")}
+        if not with_stats:
+            return outputs
+        stats_file = out_dir / "runtime_stats.json"
+        assert stats_file.exists(), f"no runtime stats from the op libraries {op_libs}"
+        return outputs, json.loads(stats_file.read_text())

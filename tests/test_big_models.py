@@ -31,7 +31,8 @@ def test_large_variables_are_kept_out_of_the_graph(backend, tmp_path, monkeypatc
     assert (tmp_path / "c" / "variables" / "variables.index").exists()
     feeds = {"ids": rng.integers(0, 4096, (2, 4)).astype(np.int32),
              "x": rng.random((2, 64), np.float32)}
-    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+    assert_outputs_close(run_saved_model(src, feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))
 
 
 @pytest.mark.slow
@@ -41,4 +42,5 @@ def test_model_over_2gb_compiles_and_runs(tmp_path, rng):
     compile_model("openvino", src, tmp_path / "c", batch_size=2)
     feeds = {"ids": rng.integers(0, rows, (2, 4)).astype(np.int32),
              "x": rng.random((2, 64), np.float32)}
-    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+    assert_outputs_close(run_saved_model(src, feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend="openvino"))

@@ -6,13 +6,14 @@ import io
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, save_tf1, tf
+from conftest import REPO, assert_ran, fused_segments, save_tf1, tf
 
 from fuseflow import cli, progress
 
@@ -73,6 +74,19 @@ def test_inspect_prints_the_same_tables_and_json(compiled):
     assert info["segments"] == report["segments"]
     assert info["runtime"]["backend"] == "xla"
     assert (root / "i.html").stat().st_size > 1000
+
+
+def test_inspect_run_shows_the_path_each_segment_took(compiled):
+    root, _ = compiled
+    proc = fuseflow("inspect", root / "c", "--run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(proc.stdout)["run"]
+    assert_ran(run, "xla", fused_segments(root / "c"))
+    text = fuseflow("inspect", root / "c", "--run")
+    assert text.returncode == 0, text.stderr
+    assert "one call on random inputs" in text.stdout
+    assert re.search(r"XLA: \d+ compilations, \d+ launches; clusters compiled: "
+                     r".*fuseflow_segment_0", text.stdout), text.stdout
 
 
 def test_bench_compares_both_models_on_the_same_inputs(compiled):

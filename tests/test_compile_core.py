@@ -52,10 +52,10 @@ def test_two_input_conv_one_fused_op(backend, tmp_path, rng):
     feeds = {"x1": rng.random((2, 8, 8, 3), np.float32), "x2": rng.random((2, 8, 8, 4),
                                                                          np.float32)}
     expected = run_saved_model(src, feeds)
-    assert_outputs_close(expected, run_fresh(out, feeds, tmp_path))
-    assert_outputs_close(expected, run_fresh(out, feeds, tmp_path, api="v1"))
+    assert_outputs_close(expected, run_fresh(out, feeds, tmp_path, backend=backend))
+    assert_outputs_close(expected, run_fresh(out, feeds, tmp_path, backend=backend, api="v1"))
     # The input is never touched; the workdir was a temp dir, now gone.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "feeds.npz", "m", "out.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "m"]
 
 
 def test_shapes_from_model_feed_dict(backend, tmp_path, rng):
@@ -74,7 +74,7 @@ def test_shapes_from_model_feed_dict(backend, tmp_path, rng):
     sig = tf.saved_model.load(str(tmp_path / "c")).signatures["serving_default"]
     assert sig.structured_input_signature[1]["x"].shape.as_list() == [None, 6]
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
-                                                                tmp_path))
+                                                                tmp_path, backend=backend))
 
 
 def test_tags_signatures_and_swapped_inputs(backend, tmp_path, rng):
@@ -99,8 +99,9 @@ def test_tags_signatures_and_swapped_inputs(backend, tmp_path, rng):
     proto_sigs = tf.saved_model.load(str(out), tags=["serve", "gpu"]).signatures
     assert list(proto_sigs.keys()) == ["swapped"]
     expected = run_saved_model(src, feeds, signature="swapped", tags=["serve", "gpu"])
-    assert_outputs_close(expected, run_fresh(out, feeds, tmp_path, signature="swapped",
-                                             tags=["serve", "gpu"]))
+    assert_outputs_close(expected,
+                         run_fresh(out, feeds, tmp_path, backend=backend, signature="swapped",
+                                   tags=["serve", "gpu"]))
 
 
 def test_lookup_table_and_main_op_survive(backend, tmp_path, rng):
@@ -123,7 +124,7 @@ def test_lookup_table_and_main_op_survive(backend, tmp_path, rng):
     graph = saved_graph(tmp_path / "c")
     assert "LookupTableFindV2" in op_types(graph)
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
-                                                                tmp_path))
+                                                                tmp_path, backend=backend))
 
 
 def test_inputs_from_the_middle_of_the_graph(backend, tmp_path, rng):
@@ -141,7 +142,7 @@ def test_inputs_from_the_middle_of_the_graph(backend, tmp_path, rng):
     graph = saved_graph(tmp_path / "c")
     assert {"Relu", "IdentityN"} <= set(op_types(graph))
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
-                                                                tmp_path))
+                                                                tmp_path, backend=backend))
 
 
 def test_timeout_falls_back_to_tf_and_must_compile_raises(backend, tmp_path, rng):
@@ -154,7 +155,7 @@ def test_timeout_falls_back_to_tf_and_must_compile_raises(backend, tmp_path, rng
     assert result["OnNeuronRatio"] == 0.0
     assert "Conv2D" in op_types(saved_graph(tmp_path / "c"))
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
-                                                                tmp_path))
+                                                                tmp_path, backend=backend))
     with pytest.raises(errors.SegmentCompileError,
                        match=r"following subgraphs failed to compile: \['fuseflow_segment_0'\]"):
         compile_model(backend, str(src), str(tmp_path / "d"),
@@ -184,7 +185,8 @@ def test_large_constant_scalar_io_and_range_reshape(backend, tmp_path, rng):
     feeds = {"x": rng.random((1, 256), np.float32), "s": np.float32(0.5)}
     result = compile_model(backend, str(src), str(tmp_path / "c"))
     assert result["num_segments"] == 1
-    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path),
+    assert_outputs_close(run_saved_model(src, feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend),
                          rtol=1e-4, atol=1e-2)
 
 
@@ -205,7 +207,7 @@ def test_split_outputs_nchw_pool_explicit_padding_batch_matmul(backend, tmp_path
     graph = saved_graph(tmp_path / "c")
     assert "Split" not in op_types(graph) and "BatchMatMulV2" not in op_types(graph)
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
-                                                                tmp_path))
+                                                                tmp_path, backend=backend))
 
 
 def test_no_fuse_ops_and_unknown_flag(backend, tmp_path):
@@ -290,7 +292,8 @@ def test_classify_signature_with_tf_example_input(backend, tmp_path, rng):
     assert "ParseExampleV2" in op_types(saved_graph(tmp_path / "c"))
     feeds = {"inputs": examples}
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds, signature="classify"),
-                         run_fresh(tmp_path / "c", feeds, tmp_path, signature="classify"))
+                         run_fresh(tmp_path / "c", feeds, tmp_path,
+                                   backend=backend, signature="classify"))
 
 
 def test_vocabulary_file_asset_table(backend, tmp_path, rng):
@@ -323,4 +326,4 @@ def test_vocabulary_file_asset_table(backend, tmp_path, rng):
     compile_model(backend, tmp_path / "m", tmp_path / "c", batch_size=2)
     assert (tmp_path / "c" / "assets" / "vocab.txt").read_text().startswith("zero")
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
-                         run_fresh(tmp_path / "c", feeds, tmp_path))
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))

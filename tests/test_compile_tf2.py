@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_outputs_close, op_types, run_fresh, run_saved_model, saved_graph, tf
+from conftest import (
+    assert_outputs_close,
+    assert_ran,
+    fused_segments,
+    op_types,
+    run_fresh,
+    run_saved_model,
+    saved_graph,
+    tf,
+)
 from test_compile_core import compile_model, fused_nodes
 
 import fuseflow
@@ -48,8 +57,8 @@ def test_keras_export(backend, tmp_path, builder, rng):
     assert result["num_segments"] == 1, result
     assert result["OnNeuronRatio"] > 0.9
     assert len(fused_nodes(saved_graph(tmp_path / "c"))) == 1
-    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds,
-                                                                tmp_path), atol=1e-4)
+    assert_outputs_close(run_saved_model(src, feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend), atol=1e-4)
 
 
 def test_tf_module_with_resource_variables(backend, tmp_path, rng):
@@ -68,7 +77,7 @@ def test_tf_module_with_resource_variables(backend, tmp_path, rng):
     result = compile_model(backend, tmp_path / "m", tmp_path / "c")
     assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
-                         run_fresh(tmp_path / "c", feeds, tmp_path))
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))
 
 
 def _save_module(path, fn, spec):
@@ -90,7 +99,7 @@ def test_unsupported_op_in_the_middle_gives_two_segments(backend, tmp_path, rng)
     assert result["num_segments"] == 2, result
     assert "HistogramFixedWidth" in op_types(saved_graph(tmp_path / "c"))
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
-                         run_fresh(tmp_path / "c", feeds, tmp_path))
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))
 
 
 def test_naive_merge_would_make_a_cycle(backend, tmp_path, rng):
@@ -106,7 +115,7 @@ def test_naive_merge_would_make_a_cycle(backend, tmp_path, rng):
     result = compile_model(backend, tmp_path / "m", tmp_path / "c", minimum_segment_size=1)
     assert result["num_segments"] == 2, result
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
-                         run_fresh(tmp_path / "c", feeds, tmp_path))
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))
 
 
 def test_compiled_model_runs_in_cpp_loader(backend, tmp_path, rng):
@@ -117,7 +126,8 @@ def test_compiled_model_runs_in_cpp_loader(backend, tmp_path, rng):
     compile_model(backend, tmp_path / "m", tmp_path / "c")
     name = model.inputs[0].name
     feeds = {name: rng.random((1, 16, 16, 3), np.float32)}
-    assert_outputs_close(
-        run_saved_model(tmp_path / "m", feeds),
-        run_saved_model_cpp(tmp_path / "c", feeds, op_libs=[fuseflow.native.library_path()]),
-        atol=1e-4)
+    outputs, stats = run_saved_model_cpp(tmp_path / "c", feeds,
+                                         op_libs=[fuseflow.native.library_path()],
+                                         with_stats=True)
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), outputs, atol=1e-4)
+    assert_ran(stats, backend, fused_segments(tmp_path / "c"))

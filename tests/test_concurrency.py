@@ -15,7 +15,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import REPO, save_tf1, tf
+from conftest import REPO, assert_ran, fused_segments, save_tf1, tf
 from test_compile_core import compile_model
 
 THREADS, CALLS, WARMUP = 8, 500, 200
@@ -26,7 +26,7 @@ _SERVE = textwrap.dedent("""
     import gc, json, sys, threading, time
     import numpy as np
     import fuseflow
-    import fuseflow.native
+    from fuseflow.runtime import since
     import tensorflow as tf
 
     def rss_mb():
@@ -69,19 +69,16 @@ _SERVE = textwrap.dedent("""
             p.join()
         return time.perf_counter() - start
 
-    def runs():  # FuseflowOp calls by path (OpenVINO, or its TF fallback)
-        stats = fuseflow.native.load_op_library().fuseflow_op_stats()
-        return {"openvino_runs": int(stats.openvino_runs), "native_runs": int(stats.native_runs)}
-
-    rss_loaded = rss_mb()
+    rss_loaded, runs_loaded = rss_mb(), fuseflow.runtime_stats()
     warmup_s = run_threads(warmup // threads)
-    rss_warm, runs_warm = rss_mb(), runs()
+    rss_warm, runs_warm = rss_mb(), fuseflow.runtime_stats()
     serve_s = run_threads(calls)
-    rss_end, runs_end = rss_mb(), runs()
+    rss_end, runs_end = rss_mb(), fuseflow.runtime_stats()
     print(json.dumps({"rss_loaded_mb": rss_loaded, "rss_warm_mb": rss_warm,
                       "rss_end_mb": rss_end, "warmup_s": warmup_s, "serve_s": serve_s,
                       "calls": sum(done), "mismatches": mismatches[:10],
-                      "runs": {k: runs_end[k] - runs_warm[k] for k in runs_end},
+                      "runs": since(runs_loaded, runs_end),
+                      "serve_runs": since(runs_warm, runs_end),
                       "mismatch_count": len(mismatches)}))
 """)
 
@@ -114,5 +111,10 @@ def test_eight_threads_mixed_batches_same_answers_flat_memory(backend, tmp_path)
     assert stats["calls"] == WARMUP // THREADS * THREADS + THREADS * CALLS
     assert stats["mismatch_count"] == 0, stats["mismatches"]
     assert growth < MAX_RSS_GROWTH_MB, stats
-    if backend == "openvino":  # every call ran the compiled segment, none fell back to TF
-        assert stats["runs"] == {"openvino_runs": THREADS * CALLS, "native_runs": 0}, stats
+    # every call ran the compiled segment, none fell back to TF; XLA compiled the cluster
+    assert_ran(stats["runs"], backend, fused_segments(tmp_path / "c"))
+    if backend == "openvino":
+        (op,) = stats["serve_runs"]["ops"].values()
+        assert op["compiled"] == THREADS * CALLS and op["fallback"] == 0, stats["serve_runs"]
+    else:
+        assert stats["serve_runs"]["xla"]["launches"] >= THREADS * CALLS, stats["serve_runs"]

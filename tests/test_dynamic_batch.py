@@ -1,4 +1,5 @@
-"""Compiled at batch 3, run at many batch sizes from 8 threads at once, in a fresh process."""
+"""Compiled at one batch size, run at many, in a fresh process: right answers, and the
+path each batch size took (split into compiled chunks, or the intended TF fallback)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,69 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
-from conftest import REPO, save_tf1, tf
+from conftest import REPO, assert_ran, fused_segments, save_tf1, tf
 from test_compile_core import compile_model
 
+# One call per batch size alone (its run stats recorded), then `threads` threads calling
+# `calls` times each with batch sizes cycling through the list.
 _CHECK = textwrap.dedent("""
-    import sys, threading
+    import json, sys, threading
     import numpy as np
     import fuseflow
+    from fuseflow.runtime import runtime_stats, since
     import tensorflow as tf
-    original = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
-    compiled = tf.saved_model.load(sys.argv[2]).signatures["serving_default"]
-    batches = [int(b) for b in sys.argv[3].split(",")]
-    calls = int(sys.argv[4])
-    errors = []
+    args = json.loads(sys.argv[1])
+    original = tf.saved_model.load(args["original"]).signatures["serving_default"]
+    compiled = tf.saved_model.load(args["compiled"]).signatures["serving_default"]
+    batches, key, shape = args["batches"], args["key"], args["shape"]
+    errors, per_batch = [], {}
+
+    def make(rng, b):
+        if args["ints"]:
+            return tf.constant(rng.integers(0, 50, (b, *shape)).astype(np.int32))
+        return tf.constant(rng.random((b, *shape), np.float32))
+
+    def check(b, x):
+        want, got = original(**{key: x}), compiled(**{key: x})
+        for k in want:
+            w, g = want[k].numpy(), got[k].numpy()
+            if w.shape != g.shape or not np.allclose(w, g, rtol=1e-4, atol=1e-4):
+                diff = float(np.max(np.abs(w - g))) if w.shape == g.shape else None
+                errors.append((b, k, w.shape, g.shape, diff))
+
+    rng = np.random.default_rng(0)
+    for b in batches:
+        x = make(rng, b)
+        before = runtime_stats()
+        check(b, x)
+        per_batch[b] = since(before)
 
     def worker(seed):
         rng = np.random.default_rng(seed)
-        for k in range(calls):
+        for k in range(args["calls"]):
             b = batches[(seed + k) % len(batches)]
-            x = tf.constant(rng.random((b, 8, 8, 3), np.float32))
-            want, got = original(x=x)["y"].numpy(), compiled(x=x)["y"].numpy()
-            if want.shape != got.shape or not np.allclose(want, got, rtol=1e-4, atol=1e-5):
-                errors.append((b, want.shape, got.shape, float(np.max(np.abs(want - got)))))
+            check(b, make(rng, b))
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(args["threads"])]
     for t in threads: t.start()
     for t in threads: t.join()
-    print("mismatches", errors[:5])
-    sys.exit(1 if errors else 0)
+    print(json.dumps({"mismatches": errors[:5], "per_batch": per_batch}))
 """)
+
+
+def _run_batches(original_dir, compiled_dir, key: str, shape, batches, ints=False,
+                 threads=0, calls=0) -> dict[int, dict]:
+    """Runs both models at each batch size in a fresh process; returns each batch's
+    runtime stats, the compiled model's call alone (its original runs no fused op)."""
+    args = {"original": str(original_dir), "compiled": str(compiled_dir), "key": key,
+            "shape": list(shape), "batches": list(batches), "ints": ints,
+            "threads": threads, "calls": calls}
+    proc = subprocess.run([sys.executable, "-c", _CHECK, json.dumps(args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not result["mismatches"], result["mismatches"]
+    return {int(b): stats for b, stats in result["per_batch"].items()}
 
 
 def _cnn():
@@ -51,22 +85,12 @@ def test_batch_3_runs_at_any_batch_from_threads(backend, tmp_path):
     src = save_tf1(tmp_path / "m", _cnn)
     result = compile_model(backend, src, tmp_path / "c", batch_size=3)
     assert result["num_segments"] == 1
-    batches = "1,2,3,5,11,64,1023" if backend == "openvino" else "1,2,3,5,11"
-    proc = subprocess.run([sys.executable, "-c", _CHECK, str(src), str(tmp_path / "c"),
-                           batches, "7"], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-
-
-def _run_batches(original_dir, compiled_dir, key: str, make_input, batches) -> None:
-    original = tf.saved_model.load(str(original_dir)).signatures["serving_default"]
-    compiled = tf.saved_model.load(str(compiled_dir)).signatures["serving_default"]
-    for b in batches:
-        x = tf.constant(make_input(b))
-        want, got = original(**{key: x}), compiled(**{key: x})
-        for k in want:
-            np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=1e-4, atol=1e-4,
-                                       err_msg=f"batch {b}")
+    batches = [1, 2, 3, 5, 11, 64, 1023] if backend == "openvino" else [1, 2, 3, 5, 11]
+    per_batch = _run_batches(src, tmp_path / "c", "x", (8, 8, 3), batches, threads=8,
+                             calls=7)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:  # every batch size ran compiled (OpenVINO: in chunks of 3)
+        assert_ran(per_batch[b], backend, segments)
 
 
 def test_transformer_splits_per_sample(tmp_path):
@@ -77,14 +101,19 @@ def test_transformer_splits_per_sample(tmp_path):
     model.export(str(tmp_path / "m"), verbose=False)
     compile_model("openvino", tmp_path / "m", tmp_path / "c", batch_size=2)
     report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
+    assert len(report["segments"]) == 1
     assert [p["batch_axis"] for p in report["segments"][0]["inputs"]] == [0]
-    rng = np.random.default_rng(0)
-    _run_batches(tmp_path / "m", tmp_path / "c", model.inputs[0].name,
-                 lambda b: rng.integers(0, 50, (b, 16)).astype(np.int32), [1, 2, 3, 5])
+    batches = [1, 2, 3, 5]
+    per_batch = _run_batches(tmp_path / "m", tmp_path / "c", model.inputs[0].name, (16,),
+                             batches, ints=True)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        assert_ran(per_batch[b], "openvino", segments)
 
 
 def test_batch_statistics_are_never_split(tmp_path):
-    """x - mean(x over the batch) mixes samples: other batch sizes must run unsplit."""
+    """x - mean(x over the batch) mixes samples: other batch sizes must run unsplit,
+    i.e. on the embedded TF fallback, for the shape reason."""
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 6], name="x")
         return {"x": x}, {"y": tf.tanh(x - tf.reduce_mean(x, axis=0)) * 2.0}
@@ -92,7 +121,15 @@ def test_batch_statistics_are_never_split(tmp_path):
     src = save_tf1(tmp_path / "m", build)
     compile_model("openvino", src, tmp_path / "c", batch_size=3)
     report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
-    assert all(p["batch_axis"] == -1 for s in report["segments"] for p in s["inputs"])
-    rng = np.random.default_rng(0)
-    _run_batches(src, tmp_path / "c", "x", lambda b: rng.random((b, 6), np.float32),
-                 [1, 3, 5, 8])
+    inputs = [p for s in report["segments"] for p in s["inputs"]]
+    assert len(report["segments"]) == 1 and inputs
+    assert all(p["batch_axis"] == -1 for p in inputs)
+    batches = [1, 3, 5, 8]
+    per_batch = _run_batches(src, tmp_path / "c", "x", (6,), batches)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        if b == 3:
+            assert_ran(per_batch[b], "openvino", segments)
+        else:
+            assert_ran(per_batch[b], "openvino", segments, path="fallback", reason="shape")
+

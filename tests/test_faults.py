@@ -6,7 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_outputs_close, op_types, run_fresh, run_saved_model, saved_graph, tf
+from conftest import (
+    assert_outputs_close,
+    assert_ran,
+    op_types,
+    run_fresh,
+    run_saved_model,
+    saved_graph,
+    tf,
+)
 from test_compile_core import compile_model
 
 
@@ -36,7 +44,8 @@ def test_fault_in_one_segment_falls_back(backend, tmp_path, monkeypatch, fault, 
                and expected_reason in r["detail"] for r in report["not_compiled"])
     assert "Tanh" in op_types(saved_graph(tmp_path / "c"))
     feeds = {"x": rng.random((1, 6), np.float32)}
-    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+    assert_outputs_close(run_saved_model(src, feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))
 
 
 def test_garbage_from_the_compiler_is_caught(tmp_path, monkeypatch, rng):
@@ -50,7 +59,8 @@ def test_garbage_from_the_compiler_is_caught(tmp_path, monkeypatch, rng):
     report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
     assert not report["segments"][0]["compiled"]
     feeds = {"x": rng.random((1, 6), np.float32)}
-    assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+    assert_outputs_close(run_saved_model(src, feeds),
+                         run_fresh(tmp_path / "c", feeds, tmp_path, backend="openvino"))
 
 
 def test_corrupted_executable_still_runs_with_one_warning(tmp_path, rng):
@@ -69,6 +79,11 @@ def test_corrupted_executable_still_runs_with_one_warning(tmp_path, rng):
     fused[0].attr["executable"].s = bytes(blob)
     (tmp_path / "c" / "saved_model.pb").write_bytes(proto.SerializeToString())
     feeds = {"x": rng.random((3, 6), np.float32)}
-    out, log = run_fresh(tmp_path / "c", feeds, tmp_path, with_log=True)
+    out, log, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_log=True,
+                                with_stats=True)
     assert_outputs_close(run_saved_model(src, feeds), out)
     assert log.count("corrupted") == 1, log[-3000:]
+    # the damaged segment was recompiled from its embedded graph, the other imported
+    assert_ran(stats, "openvino", [fused[0].name, fused[1].name],
+               path={fused[0].name: "recompiled", fused[1].name: "compiled"})
+    assert "corrupted" in stats["ops"][fused[0].name]["recompile_reason"]

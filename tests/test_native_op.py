@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import pytest
+from conftest import assert_ran, ran_in_process
 
 from fuseflow import native
 from fuseflow.errors import NativeOpError
@@ -253,12 +254,16 @@ def test_corrupted_executable_is_recompiled(lib, float_segment, corrupt):
     runner = Runner(lib, float_segment, executable=corrupt(float_segment.blob))
     rng = np.random.default_rng(4)
     before = runner.counters()
-    for batch in (COMPILED_BATCH, 7):
-        arrays = _float_inputs(rng, batch)
-        _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
+    with ran_in_process() as ran:
+        for batch in (COMPILED_BATCH, 7):
+            arrays = _float_inputs(rng, batch)
+            _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
     delta = _delta(before, runner.counters())
     assert delta["recompiles"] == 1 and delta["imports"] == 0
     assert delta["openvino_runs"] == 2 and delta["native_runs"] == 0
+    (op,) = ran.stats["ops"].values()
+    assert (op["recompiled"], op["compiled"], op["fallback"]) == (2, 0, 0), op
+    assert op["recompile_reason"], op
     runner.close()
 
 
@@ -266,11 +271,16 @@ def test_empty_executable_runs_tensorflow(lib, float_segment):
     runner = Runner(lib, float_segment, executable=b"")
     rng = np.random.default_rng(5)
     before = runner.counters()
-    for batch in (COMPILED_BATCH, 10):
-        arrays = _float_inputs(rng, batch)
-        _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
+    with ran_in_process() as ran:
+        for batch in (COMPILED_BATCH, 10):
+            arrays = _float_inputs(rng, batch)
+            _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
     delta = _delta(before, runner.counters())
     assert delta == {"openvino_runs": 0, "native_runs": 2, "imports": 0, "recompiles": 0}
+    assert_ran(ran.stats, "openvino", [runner.outputs[0][0].op.name], path="fallback",
+               reason="not_compiled")
+    (op,) = ran.stats["ops"].values()
+    assert op["fallback_reasons"]["not_compiled"]["calls"] == 2, op
     runner.close()
 
 
@@ -280,12 +290,16 @@ def test_non_batchable_shape_runs_tensorflow(lib, float_segment):
     before = runner.counters()
     # b has batch axis -1: a [1] bias (broadcast by TF) can't run compiled for [16].
     arrays = _float_inputs(rng, 4, bias_size=1)
-    _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
-    # The op keeps using OpenVINO for shapes it can run.
-    arrays = _float_inputs(rng, 4)
-    _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
+    with ran_in_process() as ran:
+        _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
+        # The op keeps using OpenVINO for shapes it can run.
+        arrays = _float_inputs(rng, 4)
+        _assert_equal_to_tf(float_segment, arrays, runner.run(*arrays))
     delta = _delta(before, runner.counters())
     assert delta["native_runs"] == 1 and delta["openvino_runs"] == 1
+    (op,) = ran.stats["ops"].values()
+    assert (op["compiled"], op["fallback"]) == (1, 1), op
+    assert "fit neither" in op["fallback_reasons"]["shape"]["message"], op
     runner.close()
 
 
@@ -317,9 +331,12 @@ def test_unconvertible_segment_with_bad_blob_runs_tensorflow(lib):
     runner = Runner(lib, segment)
     arrays = (np.random.default_rng(8).standard_normal((2, 4)).astype(np.float32),)
     before = runner.counters()
-    _assert_equal_to_tf(segment, arrays, runner.run(*arrays))
+    with ran_in_process() as ran:
+        _assert_equal_to_tf(segment, arrays, runner.run(*arrays))
     delta = _delta(before, runner.counters())
     assert delta == {"openvino_runs": 0, "native_runs": 1, "imports": 0, "recompiles": 0}
+    (op,) = ran.stats["ops"].values()
+    assert "recompiling failed" in op["fallback_reasons"]["load_failed"]["message"], op
     runner.close()
 
 
@@ -380,7 +397,8 @@ def test_cpp_saved_model_loader(lib, float_segment, tmp_path):
         outputs = {}
         for key, executable in executables.items():
             y, s = lib.fuseflow_op([x, b], backend="openvino", executable=executable,
-                                   native_segment=float_segment.concrete, **float_segment.attrs)
+                                   native_segment=float_segment.concrete, name=key,
+                                   **float_segment.attrs)
             outputs[f"{key}_y"], outputs[f"{key}_s"] = y, s
         signature = tf.compat.v1.saved_model.predict_signature_def({"x": x, "b": b}, outputs)
         builder = tf.compat.v1.saved_model.Builder(str(tmp_path / "model"))
@@ -388,8 +406,11 @@ def test_cpp_saved_model_loader(lib, float_segment, tmp_path):
                                              signature_def_map={"serving_default": signature})
         builder.save()
     arrays = _float_inputs(np.random.default_rng(12), 5)
-    got = run_saved_model_cpp(tmp_path / "model", {"x": arrays[0], "b": arrays[1]},
-                              op_libs=[library_path()])
+    got, stats = run_saved_model_cpp(tmp_path / "model", {"x": arrays[0], "b": arrays[1]},
+                                     op_libs=[library_path()], with_stats=True)
+    assert_ran(stats, "openvino", list(executables),
+               path={"compiled": "compiled", "recompiled": "recompiled", "native": "fallback"},
+               reason="not_compiled")
     want_y, want_s = _reference(float_segment, *arrays)
     for key in executables:
         np.testing.assert_allclose(got[f"{key}_y"], want_y, rtol=1e-5, atol=1e-5)

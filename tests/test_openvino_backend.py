@@ -148,29 +148,49 @@ def _precision(props: list[str]) -> str:
     return next(p.split("=")[1] for p in props if p.startswith("INFERENCE_PRECISION_HINT="))
 
 
-def test_properties_mapping():
-    bf16 = "bf16" if "BF16" in cpu_capabilities() else "f32"
-    f16 = "f16" if "FP16" in cpu_capabilities() else "f32"
-    default = properties(CompilerOptions())
+# OPTIMIZATION_CAPABILITIES of CPUs with bf16 (Zen 4, Sapphire Rapids), with f16 (an
+# ARM or AMX-FP16 CPU), with both, and with neither (AVX2): whatever CPU runs the tests.
+_CPUS = {"bf16": ("FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"),
+         "f16": ("FP32", "FP16", "INT8", "EXPORT_IMPORT"),
+         "both": ("FP32", "BF16", "FP16", "INT8", "EXPORT_IMPORT"),
+         "neither": ("FP32", "INT8", "BIN", "EXPORT_IMPORT")}
+
+
+@pytest.mark.parametrize("cpu", sorted(_CPUS))
+def test_properties_mapping(cpu):
+    caps = _CPUS[cpu]
+    bf16 = "bf16" if cpu in ("bf16", "both") else "f32"
+    f16 = "f16" if cpu in ("f16", "both") else "f32"
+
+    def mapped(options):
+        return properties(options, caps)
+
+    default = mapped(CompilerOptions())
     assert default == ["INFERENCE_PRECISION_HINT=f32", "EXECUTION_MODE_HINT=ACCURACY",
                        "PERFORMANCE_HINT=LATENCY", "ENABLE_CPU_PINNING=NO"]
-    assert "INFERENCE_NUM_THREADS=3" in properties(CompilerOptions(cores=3))
+    assert "INFERENCE_NUM_THREADS=3" in mapped(CompilerOptions(cores=3))
     for cast in ("all", "matmult", "matmult-bf16"):
-        assert _precision(properties(CompilerOptions(fp32_cast=cast))) == bf16, cast
+        assert _precision(mapped(CompilerOptions(fp32_cast=cast))) == bf16, cast
     for cast in ("all-fp16", "matmult-fp16"):
-        assert _precision(properties(CompilerOptions(fp32_cast=cast))) == f16, cast
-    fast = properties(CompilerOptions(fast_math=("all",)))
+        assert _precision(mapped(CompilerOptions(fp32_cast=cast))) == f16, cast
+    fast = mapped(CompilerOptions(fast_math=("all",)))
     assert "EXECUTION_MODE_HINT=PERFORMANCE" in fast and _precision(fast) == bf16
-    assert _precision(properties(CompilerOptions(fast_math=("fp32-cast-matmult",)))) == bf16
+    assert _precision(mapped(CompilerOptions(fast_math=("fp32-cast-matmult",)))) == bf16
     for words in (("none",), ("all", "no-fp32-cast")):
-        props = properties(CompilerOptions(fp32_cast="all", fast_math=words))
+        props = mapped(CompilerOptions(fp32_cast="all", fast_math=words))
         assert _precision(props) == "f32", words
-    assert "EXECUTION_MODE_HINT=ACCURACY" in properties(CompilerOptions(fast_math=("none",)))
+    assert "EXECUTION_MODE_HINT=ACCURACY" in mapped(CompilerOptions(fast_math=("none",)))
+
+
+def test_properties_default_to_this_cpus_capabilities():
+    options = CompilerOptions(fp32_cast="all")
+    assert properties(options) == properties(options, cpu_capabilities())
 
 
 def test_bf16_blob_differs_from_f32(tmp_path):
-    if "BF16" not in cpu_capabilities():
-        pytest.skip("this CPU has no bf16")
+    if "BF16" not in cpu_capabilities():  # shown by pytest -rs (make test)
+        pytest.skip("this CPU has no bf16: OPTIMIZATION_CAPABILITIES "
+                    + " ".join(cpu_capabilities()))
     graph, feeds = _two_output_graph()
     segment = segment_of(graph, ["fuseflow_input_0:0", "fuseflow_input_1:0"], ["relu:0"])
     options = CompilerOptions(fp32_cast="all")

@@ -107,16 +107,20 @@ def _requested(options: CompilerOptions) -> tuple[str, bool]:
     return _PRECISION[cast], performance
 
 
-def precision(options: CompilerOptions) -> str:
-    """The inference precision: the one asked for if this CPU has it, else f32."""
+def precision(options: CompilerOptions, capabilities: tuple[str, ...] | None = None) -> str:
+    """The inference precision: the one asked for if the CPU has it, else f32.
+    `capabilities`: OPTIMIZATION_CAPABILITIES, this CPU's by default."""
     wanted, _ = _requested(options)
-    return wanted if wanted == "f32" or _CAPABILITY[wanted] in cpu_capabilities() else "f32"
+    have = cpu_capabilities() if capabilities is None else capabilities
+    return wanted if wanted == "f32" or _CAPABILITY[wanted] in have else "f32"
 
 
-def properties(options: CompilerOptions) -> list[str]:
-    """OpenVINO CPU properties for the options, as "KEY=VALUE" strings."""
+def properties(options: CompilerOptions,
+               capabilities: tuple[str, ...] | None = None) -> list[str]:
+    """OpenVINO CPU properties for the options, as "KEY=VALUE" strings (`capabilities`
+    as for precision())."""
     _, performance = _requested(options)
-    props = [f"INFERENCE_PRECISION_HINT={precision(options)}",
+    props = [f"INFERENCE_PRECISION_HINT={precision(options, capabilities)}",
              f"EXECUTION_MODE_HINT={'PERFORMANCE' if performance else 'ACCURACY'}",
              "PERFORMANCE_HINT=LATENCY", "ENABLE_CPU_PINNING=NO"]
     if options.cores:

@@ -26,8 +26,8 @@ NATIVE_DIR = Path(__file__).resolve().parent
 LIBRARY = NATIVE_DIR / "_fuseflow_op.so"
 STAMP = NATIVE_DIR / "_fuseflow_op.stamp"
 LOCK = NATIVE_DIR / "_fuseflow_op.lock"
-SOURCES = ("fuseflow_op.cc", "openvino_model.cc")
-HEADERS = ("openvino_model.h",)
+SOURCES = ("fuseflow_op.cc", "openvino_model.cc", "runtime_stats.cc")
+HEADERS = ("openvino_model.h", "runtime_stats.h")
 STDERR_TAIL_CHARS = 4000
 
 
@@ -74,6 +74,8 @@ def _command() -> tuple[list[str], str]:
         f"-I{ov_dir / 'include'}",
         *(str(NATIVE_DIR / source) for source in SOURCES),
         *link_flags,
+        # XLA's activity listener (per-cluster compilations) lives in the C++ API library.
+        "-l:libtensorflow_cc.so.2",
         f"-L{ov_libs}",
         f"-l:{_openvino_library(ov_libs)}",
         f"-Wl,-rpath,{tf_lib}",

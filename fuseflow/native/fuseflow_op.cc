@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "openvino_model.h"
+#include "runtime_stats.h"
 #include "tensorflow/core/framework/function.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -174,33 +175,50 @@ class FuseflowOp : public AsyncOpKernel {
     max_requests_ = max_requests > 0 ? static_cast<int>(max_requests)
                                      : std::max(1u, std::thread::hardware_concurrency());
     executable_ = std::make_shared<const std::string>(std::move(executable));
+    stats_ = RunStatsFor(name());
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
-    if (std::shared_ptr<CompiledSegment> segment = Segment(ctx)) {
+    std::string kind, reason;
+    if (std::shared_ptr<CompiledSegment> segment = Segment(ctx, &kind, &reason)) {
       std::vector<Tensor> outputs;
       absl::Status status = RunOpenVino(ctx, *segment, &outputs);
       if (status.ok()) {
         for (size_t o = 0; o < outputs.size(); ++o) ctx->set_output(o, outputs[o]);
         GlobalCounters().openvino_runs++;
+        if (segment->recompiled) {
+          stats_->Recompiled();
+        } else {
+          stats_->Compiled();
+        }
         done();
         return;
       }
-      WarnOnce(status.code() == absl::StatusCode::kFailedPrecondition ? "shape" : "infer",
-               absl::StrCat(status.message(), "; running this call with TensorFlow"));
+      kind = status.code() == absl::StatusCode::kFailedPrecondition ? "shape" : "infer";
+      reason = std::string(status.message());
+      WarnOnce(kind, absl::StrCat(reason, "; running this call with TensorFlow"));
     }
+    stats_->Fallback(kind, reason);
     RunNative(ctx, std::move(done));
   }
 
  private:
-  // The compiled segment, loaded on first use; null when TensorFlow must run it.
-  std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx) {
+  // The compiled segment, loaded on first use; null when TensorFlow must run it,
+  // with the reason's kind and text.
+  std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx, std::string* kind,
+                                           std::string* why) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!executable_) return segment_;  // already tried
+    if (!executable_) {  // already tried
+      *kind = load_failure_kind_;
+      *why = load_failure_;
+      return segment_;
+    }
     std::string reason;
     if (backend_ != "openvino") {
+      load_failure_kind_ = "unknown_backend";
       reason = absl::StrCat("unknown backend '", backend_, "'");
     } else if (executable_->empty()) {
+      load_failure_kind_ = "not_compiled";
       reason = "the segment was not compiled (empty executable)";
     } else {
       FunctionLibraryRuntime* lib = ctx->function_library();
@@ -210,13 +228,18 @@ class FuseflowOp : public AsyncOpKernel {
       if (segment.ok()) {
         segment_ = *segment;
         batch_rows_ = BatchRows(*segment_);
+        if (segment_->recompiled) stats_->SetRecompileReason(segment_->recompile_reason);
       } else {
+        load_failure_kind_ = "load_failed";
         reason = std::string(segment.status().message());
       }
     }
     if (!reason.empty()) {
       LOG(WARNING) << "FuseflowOp '" << name() << "' runs its segment with TensorFlow: " << reason;
     }
+    load_failure_ = reason;
+    *kind = load_failure_kind_;
+    *why = load_failure_;
     executable_.reset();  // the cache holds the bytes an imported model needs
     return segment_;
   }
@@ -455,11 +478,13 @@ class FuseflowOp : public AsyncOpKernel {
   tensorflow::NameAttrList native_segment_;
   std::vector<int64_t> input_batch_axis_, output_batch_axis_;
   int max_requests_;
+  std::shared_ptr<OpRunStats> stats_;
 
   std::mutex mu_;
   std::shared_ptr<const std::string> executable_;  // reset once loading was tried
   std::shared_ptr<CompiledSegment> segment_;
   int64_t batch_rows_ = -1;  // written once under mu_ before segment_ is handed out
+  std::string load_failure_kind_, load_failure_;  // why segment_ is null
   std::set<std::string> warned_;
 
   std::mutex native_mu_;

@@ -389,6 +389,7 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
                                                               *properties);
       segment = std::make_shared<CompiledSegment>(nullptr, compiled, max_requests);
       segment->recompiled = true;
+      segment->recompile_reason = import_error.what();
       GlobalCounters().recompiles++;
     } catch (const std::exception& compile_error) {
       return absl::InternalError(absl::StrCat("import failed (", import_error.what(),

@@ -90,6 +90,7 @@ struct CompiledSegment {
   std::shared_ptr<const std::string> blob;
   ov::CompiledModel compiled;
   bool recompiled = false;
+  std::string recompile_reason;  // the import error, when recompiled
   std::vector<ov::Output<const ov::Node>> inputs;   // op input order
   std::vector<ov::Output<const ov::Node>> outputs;  // op output order
   std::vector<ov::element::Type> input_types, output_types;

@@ -1,6 +1,8 @@
 // Loads a SavedModel with tensorflow::LoadSavedModel (the loader TF Serving
 // uses) and runs one signature, so tests can check that compiled models work
-// outside Python. Inputs and outputs are .npy files.
+// outside Python. Inputs and outputs are .npy files. An op library that
+// exports fuseflow_runtime_stats_json (fuseflow's) gets its run statistics
+// written to DIR/runtime_stats.json after the run.
 //
 // run_saved_model --model DIR --tags serve[,tag2] --signature KEY
 //                 [--op-lib PATH]... [--in KEY=FILE.npy]... --out-dir DIR
@@ -128,6 +130,7 @@ int Run(int argc, char** argv) {
   std::string model, signature, out_dir;
   std::unordered_set<std::string> tags;
   std::map<std::string, std::string> inputs;  // signature key -> npy path
+  int64_t (*stats_json)(char*, int64_t) = nullptr;  // from an --op-lib that has it
   for (int i = 1; i < argc; ++i) {
     std::string flag = argv[i];
     if (i + 1 >= argc) throw Fail("missing value for " + flag);
@@ -142,8 +145,10 @@ int Run(int argc, char** argv) {
       std::stringstream ss(value);
       for (std::string tag; std::getline(ss, tag, ',');) tags.insert(tag);
     } else if (flag == "--op-lib") {
-      if (!dlopen(value.c_str(), RTLD_NOW | RTLD_GLOBAL))
-        throw Fail("dlopen " + value + ": " + dlerror());
+      void* lib = dlopen(value.c_str(), RTLD_NOW | RTLD_GLOBAL);
+      if (!lib) throw Fail("dlopen " + value + ": " + dlerror());
+      if (void* f = dlsym(lib, "fuseflow_runtime_stats_json"))
+        stats_json = reinterpret_cast<int64_t (*)(char*, int64_t)>(f);
     } else if (flag == "--in") {
       size_t eq = value.find('=');
       if (eq == std::string::npos) throw Fail("--in needs KEY=FILE.npy: " + value);
@@ -192,6 +197,11 @@ int Run(int argc, char** argv) {
   Check(bundle.session->Run(feeds, fetches, {}, &outputs), "Session::Run");
   for (size_t i = 0; i < outputs.size(); ++i)
     WriteNpy(out_dir + "/" + out_keys[i] + ".npy", outputs[i]);
+  if (stats_json) {
+    std::string json(stats_json(nullptr, 0) + 256, '\0');
+    json.resize(stats_json(json.data(), static_cast<int64_t>(json.size())));
+    std::ofstream(out_dir + "/runtime_stats.json") << json;
+  }
   return 0;
 }
 

@@ -234,6 +234,11 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
     names = [nodes[i].name for i in order]
     edges = []
     for i in order:
+        if nodes[i].op == "Const":
+            # Constants are copied into the segments that read them, without their
+            # control inputs (inlined Keras functions add those): an edge into one
+            # would make a path around a merge and split the segment for nothing.
+            continue
         for inp in nodes[i].input:
             src = nodes[order[index[node_name(inp)]]]
             if src.op not in ("NextIteration", "RefNextIteration"):

@@ -129,3 +129,15 @@ def test_random_graphs_contract_to_a_dag(seed):
             visit(v)
     # Greedy merging along edges leaves few segments: far fewer than supported nodes.
     assert len(p.segments) < sum(support.values()) / 3
+
+
+def test_control_input_of_a_constant_does_not_split_a_segment():
+    """Inlined Keras functions give constants control inputs; constants are copied into
+    segments without them, so a->k(Const)->c is no path around the merge of a..c
+    (NASNetMobile compiled as 7 segments before)."""
+    g = graph("x>a", "a>b", "b>c", ops={"x": "Placeholder"})
+    const = g.node.add(name="k", op="Const", input=["^a"])
+    const.attr["dtype"].type = tf.float32.as_datatype_enum
+    const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(1.0))
+    next(n for n in g.node if n.name == "c").input.append("k")
+    assert segments_of(run(g)) == [["a", "b", "c"]]

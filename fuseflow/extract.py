@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from fuseflow.backends.base import Port, SegmentGraph
 from fuseflow.batch import BatchInfo
-from fuseflow.graph_util import called_functions, is_control, node_name, output_index
+from fuseflow.graph_util import (
+    copy_called_functions,
+    count_ops,
+    is_control,
+    node_name,
+    output_index,
+)
 from fuseflow.partition import Segment
 from fuseflow.shapes import TensorInfo
 from fuseflow.tf_compat import tf
@@ -73,7 +79,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
             info = infos[t]
             outputs.append(Port(t, info.dtype.as_datatype_enum, tuple(info.shape),
                                 _axis(t, batch_info)))
-    _copy_functions(graph_def, body, out)
+    copy_called_functions(graph_def, body, out)
     inputs_t, outputs_t = tuple(inputs), tuple(outputs)
     splittable = all(p.batch_axis == 0 for p in outputs_t) and all(
         p.batch_axis == 0 or t not in batch_info.dependent
@@ -84,7 +90,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
     return SegmentGraph(
         name=segment.name, graph_def_bytes=out.SerializeToString(), inputs=inputs_t,
         outputs=outputs_t, op_types=tuple(sorted({nodes[n].op for n in segment.nodes})),
-        node_count=len(segment.nodes),
+        node_count=count_ops(graph_def, members),
         node_names=tuple(segment.nodes), input_sources=tuple(placeholders))
 
 
@@ -94,20 +100,6 @@ def _axis(tensor: str, batch_info: BatchInfo | None) -> int:
     if batch_info.splittable(tensor):
         return 0
     return -1
-
-
-def _copy_functions(graph_def, body, out) -> None:
-    functions = {f.signature.name: f for f in graph_def.library.function}
-    stack = [f for n in body for f in called_functions(n.attr.values())]
-    seen = set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in functions:
-            continue
-        seen.add(name)
-        out.library.function.add().CopyFrom(functions[name])
-        for n in functions[name].node_def:
-            stack += called_functions(n.attr.values())
 
 
 def consumers_outside(graph_def, members_of: dict[str, str]) -> dict[str, set[str]]:

@@ -3,6 +3,16 @@
 Grappler runs only optimizers whose output every backend still reads as
 plain TF ops: no layout changes and no remapper (its _Fused* ops have no
 XLA kernel and are opaque to a partitioner).
+
+Functional control flow (While/If/Case and their Stateless forms) stays
+functional: Grappler's function optimizer inlines ordinary calls but would
+also lower every loop and conditional to TF1 Enter/Merge/Switch/Exit, which
+no backend takes as a unit. It leaves a node alone whose
+`_lower_using_switch_merge` attr is false, so that attr is set on every
+control-flow node, in the graph and in every function body. It stays set in
+the compiled model: TF's session-time Grappler would otherwise lower the
+loops inside a fused node's fallback function, which the native op
+recompiles from.
 """
 
 from __future__ import annotations
@@ -23,12 +33,29 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     Shape(x) of an input-dependent x; with the input shapes now fixed those
     are constants, and folding them removes whole shape-computing subgraphs.
     """
+    graph_def = keep_functional_control_flow(graph_def)
     graph_def = _grappler(graph_def, keep_nodes)
     _strip_output_shapes(graph_def)
     if _materialize_shapes(graph_def, set(keep_nodes)):
         graph_def = _grappler(graph_def, keep_nodes)
         _strip_output_shapes(graph_def)
     return graph_def
+
+
+FUNCTIONAL_CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case",
+                                     "StatelessCase"})
+_LOWER_ATTR = "_lower_using_switch_merge"
+
+
+def keep_functional_control_flow(graph_def):
+    """A copy in which no loop or conditional will be lowered to TF1 control flow."""
+    out = graph_def.__class__()
+    out.CopyFrom(graph_def)
+    for nodes in [out.node] + [f.node_def for f in out.library.function]:
+        for node in nodes:
+            if node.op in FUNCTIONAL_CONTROL_FLOW:
+                node.attr[_LOWER_ATTR].b = False
+    return out
 
 
 def _strip_output_shapes(graph_def) -> None:

@@ -9,11 +9,11 @@ The partitioner knows nothing of backends: it gets a {node: reason|None} map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from fuseflow import errors
-from fuseflow.graph_util import NON_COMPUTE_OPS, is_control, node_name
+from fuseflow.graph_util import NON_COMPUTE_OPS, is_control, node_name, tensor_name
 from fuseflow.reasons import Reason
 
 # Ops that never count toward a segment's size (the reference's rule).
@@ -221,14 +221,59 @@ def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, opti
     return excluded
 
 
+def _internal_groups(graph_def, internal: Collection[str]) -> list[set[str]]:
+    """Nodes joined by tensors that may not cross a segment boundary, as groups that go
+    into one segment together or stay in TF together."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for node in graph_def.node:
+        for inp in node.input:
+            if not is_control(inp) and tensor_name(inp) in internal:
+                parent[find(node.name)] = find(node_name(inp))
+    groups: dict[str, set[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: Iterable[str],
-                    options: PartitionOptions, dtype_reason=lambda node: None
-                    ) -> Partition:
-    """Propose segments: maximal cycle-free clusters of nodes the backend takes."""
-    nodes = graph_def.node
+                    options: PartitionOptions, dtype_reason=lambda node: None,
+                    internal_tensors: Collection[str] = ()) -> Partition:
+    """Propose segments: maximal cycle-free clusters of nodes the backend takes.
+
+    internal_tensors (e.g. TensorLists, dtype variant) may flow inside a segment but
+    never in or out of one: their producer and consumers join one segment or none.
+    Clustering alone can't promise that (another path may keep two of them apart),
+    so a group that came out split is kept in TF and the clustering is redone.
+    """
     order = topological_order(graph_def)
     excluded = _fixed_exclusions(graph_def, order, support, dtype_reason,
                                  set(input_nodes), options)
+    groups = _internal_groups(graph_def, set(internal_tensors))
+    while True:
+        for group in groups:
+            if any(name in excluded for name in group):
+                for name in group:
+                    excluded.setdefault(name, Reason.INTERNAL_PORT)
+        partition = _cluster(graph_def, order, dict(excluded), options)
+        segment_of = {n: s.name for s in partition.segments for n in s.nodes}
+        split = [g for g in groups if len({segment_of.get(n) for n in g}) > 1]
+        if not split:
+            return partition
+        for group in split:
+            for name in group:
+                excluded.setdefault(name, Reason.INTERNAL_PORT)
+
+
+def _cluster(graph_def, order: list[int], excluded: dict[str, Reason],
+             options: PartitionOptions) -> Partition:
+    nodes = graph_def.node
     position = {i: p for p, i in enumerate(order)}
     index = {n.name: position[i] for i, n in enumerate(nodes)}
     names = [nodes[i].name for i in order]

@@ -10,6 +10,8 @@ class Reason(str, Enum):
     STRING = "operates on strings"
     CONTROL_INPUT = "has control inputs"
     CONTROL_FLOW = "inside a TF1 control-flow loop/cond"
+    INTERNAL_PORT = "would pass a TensorList (variant) between a segment and TF"
+    BODY_UNSUPPORTED = "its loop/conditional body holds ops the backend does not take"
     NO_FUSE_OPS = "in no_fuse_ops"
     UPSTREAM_OF_INPUT = "upstream of a signature input"
     SMALL_SEGMENT = "segment smaller than minimum_segment_size"

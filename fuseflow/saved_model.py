@@ -23,6 +23,7 @@ from fuseflow.export import (
 from fuseflow.extract import consumers_outside, extract_segment
 from fuseflow.graph_util import node_name, tensor_name
 from fuseflow.load import load_saved_model, model_path
+from fuseflow.loops import refine_loop_shapes
 from fuseflow.optimize import optimize_graph
 from fuseflow.options import parse_compiler_args
 from fuseflow.partition import (
@@ -96,20 +97,21 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
     serving = serving_shapes(model, inputs, options.dynamic_batch)
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
-    graph_def = optimize_graph(graph_def, model.fetch_nodes)
+    graph_def = refine_loop_shapes(optimize_graph(graph_def, model.fetch_nodes))
     _check_names(graph_def, no_fuse | force_fuse)
     infos = infer_tensor_shapes(graph_def, model, inputs)
 
+    fetches = {tensor_name(s.tensor_name) for s in model.outputs}
     partition = partition_graph(
         graph_def, chosen.support(graph_def, infos, options),
         [node_name(s.tensor_name) for s in model.inputs],
         PartitionOptions(
             minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
             no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
-        dtype_reason=lambda node: _dtype_reason(node, infos))
+        dtype_reason=lambda node: _dtype_reason(node, infos),
+        internal_tensors=_variant_tensors(infos))
     members_of = {n: s.name for s in partition.segments for n in s.nodes}
     consumers = consumers_outside(graph_def, members_of)
-    fetches = {tensor_name(s.tensor_name) for s in model.outputs}
     batch_info = None
     if options.dynamic_batch:
         batch_info = batch_tensors(
@@ -152,13 +154,19 @@ def _batch_dim(shapes: dict[str, tuple]) -> int:
 
 
 def _dtype_reason(node, infos) -> Reason | None:
-    """Strings, resources and variants never enter a segment, whatever the backend says."""
+    """Strings and resources never enter a segment, whatever the backend says. Variants
+    (TensorLists around a loop) may, but only inside one: see _variant_tensors."""
     dtypes = {infos[t].dtype for t in node_tensors(node, infos) if t in infos}
     if tf.string in dtypes:
         return Reason.STRING
-    if dtypes & {tf.resource, tf.variant}:
+    if tf.resource in dtypes:
         return Reason.DTYPE
     return None
+
+
+def _variant_tensors(infos) -> set[str]:
+    """Tensors that may never be a segment port: no backend passes a TensorList."""
+    return {t for t, info in infos.items() if info.dtype == tf.variant}
 
 
 def _check_names(graph_def, names: frozenset[str]) -> None:

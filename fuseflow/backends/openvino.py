@@ -60,11 +60,14 @@ from fuseflow import errors
 from fuseflow.backends.base import Artifact, Backend, SegmentGraph
 from fuseflow.graph_util import (
     NON_COMPUTE_OPS,
+    body_nodes,
     called_functions,
+    copy_called_functions,
     is_control,
     node_name,
     tensor_name,
 )
+from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
 from fuseflow.shapes import node_shapes_known, node_tensors
@@ -142,8 +145,20 @@ import json, sys
 from openvino.frontend import FrontEndManager
 frontend = FrontEndManager().load_by_framework("tf")
 model = frontend.convert_partially(frontend.load(sys.argv[1]))
+
+def bodies(op):
+    if hasattr(op, "get_then_body"):
+        return [op.get_then_body(), op.get_else_body()]
+    return [op.get_function()] if hasattr(op, "get_function") else []
+
+def unconverted(model):
+    return any(op.get_type_name() == "TFFrameworkNode" or any(map(unconverted, bodies(op)))
+               for op in model.get_ordered_ops())
+
+# A loop or conditional is unconverted when anything in its bodies is.
 print(json.dumps([op.get_friendly_name() for op in model.get_ordered_ops()
-                  if op.get_type_name() == "TFFrameworkNode"]))
+                  if op.get_type_name() == "TFFrameworkNode"
+                  or any(map(unconverted, bodies(op)))]))
 """
 
 
@@ -187,7 +202,20 @@ def _probe_graph(graph_def, keep: set[str], infos):
                 if info.shape is not None:
                     ph.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
             copy.input.append(placeholders[tensor])
+    copy_called_functions(graph_def, probe.node, probe)
     return probe
+
+
+def _body_convertible(graph_def, node) -> bool:
+    """No stateful or unknown op in a loop's/conditional's bodies: they never reach (and
+    may crash) the frontend; the frontend judges the rest in the probe."""
+    for n in body_nodes(graph_def, node):
+        op_def = op_def_registry.get(n.op)
+        if n.op in FUNCTIONAL_CONTROL_FLOW:
+            continue
+        if op_def is None or op_def.is_stateful:
+            return False
+    return True
 
 
 class OpenVinoBackend(Backend):
@@ -198,10 +226,15 @@ class OpenVinoBackend(Backend):
         result: dict[str, Reason | None] = {}
         for node in graph_def.node:
             op_def = op_def_registry.get(node.op)
-            if (node.op in NON_COMPUTE_OPS or op_def is None or op_def.is_stateful
-                    or called_functions(node.attr.values())):
+            control_flow = node.op in FUNCTIONAL_CONTROL_FLOW
+            if (node.op in NON_COMPUTE_OPS or op_def is None
+                    or (op_def.is_stateful and not control_flow)
+                    or (called_functions(node.attr.values()) and not control_flow)):
                 result[node.name] = Reason.UNSUPPORTED_OP
+            elif control_flow and not _body_convertible(graph_def, node):
+                result[node.name] = Reason.BODY_UNSUPPORTED
             elif any(t in tensor_infos and tensor_infos[t].dtype.as_datatype_enum not in OV_TYPES
+                     and tensor_infos[t].dtype != tf.variant
                      for t in node_tensors(node, tensor_infos)):
                 result[node.name] = Reason.DTYPE
             elif not node_shapes_known(node, tensor_infos):
@@ -215,8 +248,10 @@ class OpenVinoBackend(Backend):
             log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
                         "support per segment at compile time", str(e).splitlines()[0])
             unconverted = set()
+        op_of = {n.name: n.op for n in graph_def.node}
         for name in unconverted & candidates:
-            result[name] = Reason.UNSUPPORTED_OP
+            result[name] = (Reason.BODY_UNSUPPORTED if op_of[name] in FUNCTIONAL_CONTROL_FLOW
+                            else Reason.UNSUPPORTED_OP)
         return result
 
     def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path

@@ -181,8 +181,9 @@ def _probe_graph(graph_def, keep: set[str], infos):
     probe = tf.compat.v1.GraphDef()
     probe.versions.CopyFrom(graph_def.versions)
     placeholders: dict[str, str] = {}
+    keep = keep | {n.name for n in graph_def.node if n.op == "Const"}  # axes stay constants
     for node in graph_def.node:
-        if node.name not in keep and node.op != "Const":
+        if node.name not in keep:
             continue
         copy = probe.node.add()
         copy.CopyFrom(node)

@@ -49,7 +49,10 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
                     const = tf.compat.v1.NodeDef()
                     const.CopyFrom(nodes[src])
                     const.ClearField("device")
-                    const.ClearField("input")  # control inputs of consts are not needed
+                    # Control inputs only place a constant inside a TF1 loop frame.
+                    del const.input[:]
+                    const.input.extend(i for i in nodes[src].input
+                                       if is_control(i) and node_name(i) in members)
                     body.append(const)
                 node.input.append(inp)
             else:
@@ -108,6 +111,8 @@ def consumers_outside(graph_def, members_of: dict[str, str]) -> dict[str, set[st
     for node in graph_def.node:
         own = members_of.get(node.name)
         for inp in node.input:
+            if node.op == "Const" and is_control(inp):
+                continue  # it only places the constant in a TF1 frame; segments copy it
             src = node_name(inp)
             seg = members_of.get(src)
             if seg is not None and seg != own:

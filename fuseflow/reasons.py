@@ -9,7 +9,7 @@ class Reason(str, Enum):
     UNKNOWN_SHAPE = "unknown shape"
     STRING = "operates on strings"
     CONTROL_INPUT = "has control inputs"
-    CONTROL_FLOW = "inside a TF1 control-flow loop/cond"
+    CONTROL_FLOW = "inside a TF1 loop/cond the backend cannot take whole"
     INTERNAL_PORT = "would pass a TensorList (variant) between a segment and TF"
     BODY_UNSUPPORTED = "its loop/conditional body holds ops the backend does not take"
     NO_FUSE_OPS = "in no_fuse_ops"

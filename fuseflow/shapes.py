@@ -227,19 +227,20 @@ def infer_tensor_shapes(graph_def, model: LoadedModel, inputs: InputShapes
         infos[name] = TensorInfo(placeholder.dtype, tuple(placeholder.shape.as_list()))
     if inputs.feeds:
         feed_dict = {input_map[tensor_name(k)]: v for k, v in inputs.feeds.items()}
-        _measure_unknown(graph, infos, feed_dict, set(input_map))
+        _measure_unknown(graph, infos, feed_dict, set(input_map), _in_control_flow(graph_def))
     return infos
 
 
 _FEED_PREFIX = "fuseflow_shape_feed_"
 
 
-def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[str]) -> None:
+def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[str],
+                     inside: set[str]) -> None:
     """Run the graph once with the user's feeds to learn data-dependent shapes."""
     wanted = [name for name, info in infos.items()
               if not info.fully_defined and name not in fed
               and info.dtype != tf.resource and info.dtype != tf.variant
-              and not _in_control_flow(graph, name)]
+              and node_name(name) not in inside]
     if not wanted:
         return
     try:
@@ -253,9 +254,11 @@ def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[st
         infos[name] = TensorInfo(infos[name].dtype, tuple(np.shape(value)))
 
 
-def _in_control_flow(graph, name: str) -> bool:
-    return graph.get_tensor_by_name(name).op.type in {
-        "Switch", "Merge", "Enter", "Exit", "NextIteration", "LoopCond"}
+def _in_control_flow(graph_def) -> set[str]:
+    """Nodes inside TF1 loops/conds, whose tensors session.run can't fetch (an Exit's can)."""
+    from fuseflow.partition import in_v1_control_flow, topological_order
+
+    return in_v1_control_flow(graph_def, topological_order(graph_def))
 
 
 def node_tensors(node, infos: dict[str, TensorInfo]) -> list[str]:

@@ -69,6 +69,7 @@ from fuseflow.graph_util import (
 )
 from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
 from fuseflow.options import CompilerOptions
+from fuseflow.partition import in_v1_control_flow, topological_order
 from fuseflow.reasons import Reason
 from fuseflow.shapes import node_shapes_known, node_tensors
 from fuseflow.tf_compat import tf
@@ -191,8 +192,8 @@ def _probe_graph(graph_def, keep: set[str], infos):
         for inp in node.input:
             src = node_name(inp)
             if src in keep or is_control(inp):
-                if not is_control(inp):
-                    copy.input.append(inp)
+                if src in keep and (not is_control(inp) or node.op == "Const"):
+                    copy.input.append(inp)  # a constant's control input: its TF1 loop frame
                 continue
             tensor = tensor_name(inp)
             if tensor not in placeholders:
@@ -225,6 +226,9 @@ class OpenVinoBackend(Backend):
     def support(self, graph_def, tensor_infos, options: CompilerOptions
                 ) -> dict[str, Reason | None]:
         result: dict[str, Reason | None] = {}
+        # Inside a TF1 loop TF knows no shapes (Enter gives none); the frontend infers
+        # them, and the frame goes whole into a segment whose ports have known shapes.
+        frames = in_v1_control_flow(graph_def, topological_order(graph_def))
         for node in graph_def.node:
             op_def = op_def_registry.get(node.op)
             control_flow = node.op in FUNCTIONAL_CONTROL_FLOW
@@ -238,7 +242,10 @@ class OpenVinoBackend(Backend):
                      and tensor_infos[t].dtype != tf.variant
                      for t in node_tensors(node, tensor_infos)):
                 result[node.name] = Reason.DTYPE
-            elif not node_shapes_known(node, tensor_infos):
+            elif not node_shapes_known(node, tensor_infos) and not (
+                    node.name in frames or node.op == "Exit" and all(
+                        tensor_infos[t].fully_defined for t in node_tensors(node, tensor_infos)
+                        if node_name(t) == node.name)):
                 result[node.name] = Reason.UNKNOWN_SHAPE
             else:
                 result[node.name] = None

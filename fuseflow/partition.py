@@ -22,6 +22,8 @@ _V1_CONTROL_FLOW = frozenset({"Enter", "Exit", "Switch", "Merge", "NextIteration
                               "LoopCond", "RefEnter", "RefExit", "RefSwitch", "RefMerge",
                               "RefNextIteration"})
 
+_BACKEND_REFUSALS = frozenset({Reason.UNSUPPORTED_OP, Reason.DTYPE, Reason.BODY_UNSUPPORTED})
+
 
 @dataclass(frozen=True)
 class PartitionOptions:
@@ -291,6 +293,9 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
     groups = [(g, Reason.INTERNAL_PORT) for g in _internal_groups(graph_def,
                                                                   set(internal_tensors))]
     groups += [(g, Reason.CONTROL_FLOW) for g in frames]
+    for frame in frames:  # the backend can't run the loop: that is the reason for all of it
+        if any(excluded.get(n) in _BACKEND_REFUSALS for n in frame):
+            excluded.update(dict.fromkeys(frame, Reason.CONTROL_FLOW))
     while True:
         for group, reason in groups:
             if any(name in excluded for name in group):

@@ -18,7 +18,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_outputs_close, run_saved_model, saved_graph, save_tf1, tf
+from conftest import REPO, assert_outputs_close, run_saved_model, save_tf1, saved_graph, tf
 from test_compile_core import compile_model, fused_nodes
 
 from fuseflow.reasons import Reason
@@ -166,3 +166,65 @@ def test_while_loop_with_data_dependent_trip_count(backend, tmp_path, rng):
     assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0, result
     calls = [{"x": (rng.random((2, 5)) * scale).astype(np.float32)} for scale in (0.3, 1, 4)]
     check_compiled(backend, src, tmp_path / "c", calls, tmp_path)
+
+
+def _tf1_loop():
+    x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
+    w = tf.compat.v1.get_variable("w", [4, 4])
+    steps = tf.cast(tf.reduce_max(tf.abs(x)) * 3.0, tf.int32)
+    _, y = tf.compat.v1.while_loop(lambda i, y: i < steps,
+                                   lambda i, y: (i + 1, tf.tanh(tf.matmul(y, w)) + x), (0, x))
+    return {"x": x}, {"y": tf.identity(y * 2.0, name="y")}
+
+
+def test_tf1_while_loop(backend, tmp_path, rng):
+    """OpenVINO converts a TF1 loop whole once its shapes are measured; XLA has no kernels
+    for Enter/Merge/Switch/Exit, and the report says so truthfully."""
+    tf.compat.v1.disable_control_flow_v2()
+    try:
+        src = save_tf1(tmp_path / "m", _tf1_loop)
+    finally:
+        tf.compat.v1.enable_control_flow_v2()
+    assert "Enter" in {n.op for n in saved_graph(src).node}
+    calls = [{"x": (rng.random((2, 4)) * scale).astype(np.float32)} for scale in (0.5, 2)]
+    out = tmp_path / "c"
+    result = compile_model(backend, src, out, model_feed_dict=calls[0])
+    report = json.loads((out / "assets.extra" / "fuseflow_report.json").read_text())
+    if backend == "openvino":
+        assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0, report
+        check_compiled(backend, src, out, calls, tmp_path)
+        return
+    loop_ops = {r["op_type"] for r in report["not_compiled"]
+                if r["code"] == Reason.CONTROL_FLOW.name}
+    assert {"Enter", "Merge", "Switch", "Exit", "MatMul", "Tanh"} <= loop_ops, report
+    assert any("OpenVINO converts" in line for line in report["advice"]), report["advice"]
+    without_shapes = compile_model("openvino", src, tmp_path / "c2")  # Exit's shape unknown
+    assert without_shapes["num_segments"] <= 1 and without_shapes["OnNeuronRatio"] < 0.5
+
+
+def test_loop_whose_body_the_backend_refuses_stays_whole_in_tf(backend, tmp_path, rng):
+    """A loop body op neither backend compiles (a string op) keeps the whole loop in TF,
+    with the body reason; the ops around it still compile."""
+    class Module(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def __call__(self, x):
+            y = tf.nn.relu(tf.matmul(x, tf.ones([3, 3]))) + 1.0
+
+            def body(i, v):
+                text = tf.strings.as_string(v)  # no backend takes strings
+                return i + 1, tf.strings.to_number(text) * 0.5
+            _, y = tf.while_loop(lambda i, v: i < 3, body, (0, y))
+            return {"y": tf.sigmoid(y * 2.0) + tf.tanh(y)}
+
+    module = Module()
+    src = tmp_path / "m"
+    tf.saved_model.save(module, str(src), signatures=module.__call__)
+    out = tmp_path / "c"
+    compile_model(backend, src, out, batch_size=2)
+    report = json.loads((out / "assets.extra" / "fuseflow_report.json").read_text())
+    rows = [r for r in report["not_compiled"] if r["op_type"] in ("While", "StatelessWhile")]
+    assert [r["code"] for r in rows] == [Reason.BODY_UNSUPPORTED.name], report["not_compiled"]
+    assert report["num_segments"] == 2, report
+    feeds = {"x": rng.random((2, 3)).astype(np.float32)}
+    got, _, _ = run_compiled(out, [feeds], tmp_path)
+    assert_outputs_close(run_saved_model(src, feeds), got[0], rtol=1e-4, atol=1e-4)

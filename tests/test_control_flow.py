@@ -45,7 +45,8 @@ _RUN = textwrap.dedent("""
     np.savez(args["out"], **outputs)
     stats = fuseflow.native.load_op_library().fuseflow_op_stats()
     print(json.dumps({"openvino_runs": int(stats.openvino_runs),
-                      "native_runs": int(stats.native_runs)}))
+                      "native_runs": int(stats.native_runs),
+                      "recompiles": int(stats.recompiles)}))
 """)
 
 
@@ -82,7 +83,8 @@ def check_compiled(backend, src, out, calls: list[dict], tmp_path, expected=None
     for want, have in zip(expected, got):
         assert_outputs_close(want, have, rtol=1e-4, atol=1e-4)
     if backend == "openvino":
-        assert stats == {"openvino_runs": len(calls) * len(fused), "native_runs": 0}, stats
+        assert stats == {"openvino_runs": len(calls) * len(fused), "native_runs": 0,
+                         "recompiles": 0}, stats
     else:
         assert "Compiled cluster using XLA" in log
 
@@ -127,19 +129,20 @@ def test_keras_rnn_compiles_whole(backend, tmp_path, rng, body):
     check_compiled(backend, src, tmp_path / "c", calls, tmp_path)
 
 
+class CondModule(tf.Module):
+    def __init__(self, rng):
+        self.w = tf.Variable(rng.normal(size=(4, 4)).astype(np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def __call__(self, x):
+        y = tf.matmul(x, self.w)
+        y = tf.cond(tf.reduce_sum(x) > 0, lambda: tf.nn.relu(y) * 2.0,
+                    lambda: tf.tanh(y) - tf.matmul(y, self.w))
+        return {"y": y + 1.0}
+
+
 def test_tf_module_cond_both_branches(backend, tmp_path, rng):
-    class Module(tf.Module):
-        def __init__(self):
-            self.w = tf.Variable(rng.normal(size=(4, 4)).astype(np.float32))
-
-        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
-        def __call__(self, x):
-            y = tf.matmul(x, self.w)
-            y = tf.cond(tf.reduce_sum(x) > 0, lambda: tf.nn.relu(y) * 2.0,
-                        lambda: tf.tanh(y) - tf.matmul(y, self.w))
-            return {"y": y + 1.0}
-
-    module = Module()
+    module = CondModule(rng)
     src = tmp_path / "m"
     tf.saved_model.save(module, str(src), signatures=module.__call__)
     ops = {n.op for f in saved_graph(src).library.function for n in f.node_def}
@@ -148,6 +151,47 @@ def test_tf_module_cond_both_branches(backend, tmp_path, rng):
     assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0, result
     positive = np.abs(rng.normal(size=(3, 4))).astype(np.float32)
     check_compiled(backend, src, tmp_path / "c", [{"x": positive}, {"x": -positive}], tmp_path)
+
+
+def _corrupt_executables(model_dir) -> int:
+    """Make every FuseflowOp's blob unimportable (an OpenVINO version that doesn't exist)."""
+    from fuseflow.load import read_saved_model_proto
+
+    proto = read_saved_model_proto(str(model_dir))
+    count = 0
+    for node in proto.meta_graphs[0].graph_def.node:
+        if node.op == "FuseflowOp":
+            blob = node.attr["executable"].s
+            at = blob.index(b"ov=")
+            node.attr["executable"].s = blob[:at] + b"ov=1999.9.9" + blob[at + 11:]
+            count += 1
+    (model_dir / "saved_model.pb").write_bytes(proto.SerializeToString())
+    return count
+
+
+@pytest.mark.parametrize("kind", ["cond", "lstm"])
+def test_loop_segment_recompiles_from_its_native_function(tmp_path, rng, kind):
+    """An unimportable blob is recompiled from the embedded TF function, which must still
+    hold the functional If/While and its bodies (not TF1 Switch/Merge)."""
+    src = tmp_path / "m"
+    if kind == "cond":
+        module = CondModule(rng)
+        tf.saved_model.save(module, str(src), signatures=module.__call__)
+        calls = [{"x": np.abs(rng.normal(size=(3, 4))).astype(np.float32)}]
+        calls.append({"x": -calls[0]["x"]})
+    else:
+        tf.keras.utils.set_random_seed(0)
+        ids, x = _lstm()
+        tf.keras.Model(ids, tf.keras.layers.Dense(3)(x)).export(str(src))
+        calls = [{"ids": rng.integers(0, 50, (3, 12)).astype(np.int32)} for _ in range(2)]
+    out = tmp_path / "c"
+    result = compile_model("openvino", src, out, batch_size=3)
+    assert result["num_segments"] == 1, result
+    assert _corrupt_executables(out) == 1
+    got, stats, log = run_compiled(out, calls, tmp_path)
+    for feeds, have in zip(calls, got):
+        assert_outputs_close(run_saved_model(src, feeds), have, rtol=1e-4, atol=1e-4)
+    assert stats == {"openvino_runs": len(calls), "native_runs": 0, "recompiles": 1}, log[-3000:]
 
 
 def test_while_loop_with_data_dependent_trip_count(backend, tmp_path, rng):

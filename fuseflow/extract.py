@@ -17,6 +17,7 @@ from fuseflow.graph_util import (
     node_name,
     output_index,
 )
+from fuseflow.optimize import ORIGINAL_LOWER_ATTR
 from fuseflow.partition import Segment
 from fuseflow.shapes import TensorInfo
 from fuseflow.tf_compat import tf
@@ -38,6 +39,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
         node = tf.compat.v1.NodeDef()
         node.CopyFrom(nodes[name])
         node.ClearField("device")
+        node.attr.pop(ORIGINAL_LOWER_ATTR, None)
         del node.input[:]
         for inp in nodes[name].input:
             src = node_name(inp)

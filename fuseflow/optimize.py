@@ -10,9 +10,10 @@ also lower every loop and conditional to TF1 Enter/Merge/Switch/Exit, which
 no backend takes as a unit. It leaves a node alone whose
 `_lower_using_switch_merge` attr is false, so that attr is set on every
 control-flow node, in the graph and in every function body. It stays set in
-the compiled model: TF's session-time Grappler would otherwise lower the
-loops inside a fused node's fallback function, which the native op
-recompiles from.
+segments: TF's session-time Grappler would otherwise lower the loops inside a
+fused node's fallback function, which the native op recompiles from. A loop
+left in TF gets its own value back (restore_lowering), so TF runs it as fast
+as before.
 """
 
 from __future__ import annotations
@@ -45,17 +46,28 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
 FUNCTIONAL_CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case",
                                      "StatelessCase"})
 _LOWER_ATTR = "_lower_using_switch_merge"
+ORIGINAL_LOWER_ATTR = "_fuseflow_lower_using_switch_merge"
 
 
 def keep_functional_control_flow(graph_def):
     """A copy in which no loop or conditional will be lowered to TF1 control flow."""
     out = graph_def.__class__()
     out.CopyFrom(graph_def)
+    for node in out.node:
+        if node.op in FUNCTIONAL_CONTROL_FLOW and _LOWER_ATTR in node.attr:
+            node.attr[ORIGINAL_LOWER_ATTR].b = node.attr[_LOWER_ATTR].b
     for nodes in [out.node] + [f.node_def for f in out.library.function]:
         for node in nodes:
             if node.op in FUNCTIONAL_CONTROL_FLOW:
                 node.attr[_LOWER_ATTR].b = False
     return out
+
+
+def restore_lowering(nodes) -> None:
+    """Give loops and conditionals that stay in TF their original lowering attr back."""
+    for node in nodes:
+        if ORIGINAL_LOWER_ATTR in node.attr:
+            node.attr[_LOWER_ATTR].b = node.attr.pop(ORIGINAL_LOWER_ATTR).b
 
 
 def _strip_output_shapes(graph_def) -> None:

@@ -269,6 +269,9 @@ def test_loop_whose_body_the_backend_refuses_stays_whole_in_tf(backend, tmp_path
     rows = [r for r in report["not_compiled"] if r["op_type"] in ("While", "StatelessWhile")]
     assert [r["code"] for r in rows] == [Reason.BODY_UNSUPPORTED.name], report["not_compiled"]
     assert report["num_segments"] == 2, report
+    [loop] = [n for n in saved_graph(out).node if n.op in ("While", "StatelessWhile")]
+    assert loop.attr["_lower_using_switch_merge"].b  # TF runs it lowered, as before
+    assert "_fuseflow_lower_using_switch_merge" not in loop.attr
     feeds = {"x": rng.random((2, 3)).astype(np.float32)}
     got, _, _ = run_compiled(out, [feeds], tmp_path)
     assert_outputs_close(run_saved_model(src, feeds), got[0], rtol=1e-4, atol=1e-4)

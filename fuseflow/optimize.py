@@ -53,12 +53,11 @@ def keep_functional_control_flow(graph_def):
     """A copy in which no loop or conditional will be lowered to TF1 control flow."""
     out = graph_def.__class__()
     out.CopyFrom(graph_def)
-    for node in out.node:
-        if node.op in FUNCTIONAL_CONTROL_FLOW and _LOWER_ATTR in node.attr:
-            node.attr[ORIGINAL_LOWER_ATTR].b = node.attr[_LOWER_ATTR].b
     for nodes in [out.node] + [f.node_def for f in out.library.function]:
-        for node in nodes:
+        for node in nodes:  # function bodies too: inlining brings TF2 loops to the top
             if node.op in FUNCTIONAL_CONTROL_FLOW:
+                if _LOWER_ATTR in node.attr and ORIGINAL_LOWER_ATTR not in node.attr:
+                    node.attr[ORIGINAL_LOWER_ATTR].b = node.attr[_LOWER_ATTR].b
                 node.attr[_LOWER_ATTR].b = False
     return out
 

@@ -13,14 +13,16 @@ from __future__ import annotations
 from fuseflow.backends.base import Port, SegmentGraph
 from fuseflow.batch import BatchInfo
 from fuseflow.graph_util import (
-    called_functions,
     constant_chain,
     constant_nodes,
+    copy_called_functions,
     copy_constant,
+    count_ops,
     is_control,
     node_name,
     output_index,
 )
+from fuseflow.optimize import ORIGINAL_LOWER_ATTR
 from fuseflow.partition import Segment
 from fuseflow.shapes import TensorInfo
 from fuseflow.tf_compat import tf
@@ -47,6 +49,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
         node = tf.compat.v1.NodeDef()
         node.CopyFrom(nodes[name])
         node.ClearField("device")
+        node.attr.pop(ORIGINAL_LOWER_ATTR, None)
         del node.input[:]
         for inp in nodes[name].input:
             src = node_name(inp)
@@ -55,7 +58,12 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
             elif src in constants:
                 for c in constant_chain(nodes, src, (members, copied_consts)):
                     copied_consts.add(c)
-                    body.append(copy_constant(nodes[c]))
+                    const = copy_constant(nodes[c])
+                    if nodes[c].op == "Const":
+                        # Control inputs only place a constant inside a TF1 loop frame.
+                        const.input.extend(i for i in nodes[c].input
+                                           if is_control(i) and node_name(i) in members)
+                    body.append(const)
                 node.input.append(inp)
             else:
                 t = f"{src}:{output_index(inp)}"
@@ -84,7 +92,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
             info = infos[t]
             outputs.append(Port(t, info.dtype.as_datatype_enum, tuple(info.shape),
                                 _axis(t, batch_info)))
-    _copy_functions(graph_def, body, out)
+    copy_called_functions(graph_def, body, out)
     inputs_t, outputs_t = tuple(inputs), tuple(outputs)
     splittable = all(p.batch_axis == 0 for p in outputs_t) and all(
         p.batch_axis == 0 or t not in batch_info.dependent
@@ -95,7 +103,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
     return SegmentGraph(
         name=segment.name, graph_def_bytes=out.SerializeToString(), inputs=inputs_t,
         outputs=outputs_t, op_types=tuple(sorted({nodes[n].op for n in segment.nodes})),
-        node_count=len(segment.nodes),
+        node_count=count_ops(graph_def, members),
         node_names=tuple(segment.nodes), input_sources=tuple(placeholders))
 
 
@@ -107,26 +115,14 @@ def _axis(tensor: str, batch_info: BatchInfo | None) -> int:
     return -1
 
 
-def _copy_functions(graph_def, body, out) -> None:
-    functions = {f.signature.name: f for f in graph_def.library.function}
-    stack = [f for n in body for f in called_functions(n.attr.values())]
-    seen = set()
-    while stack:
-        name = stack.pop()
-        if name in seen or name not in functions:
-            continue
-        seen.add(name)
-        out.library.function.add().CopyFrom(functions[name])
-        for n in functions[name].node_def:
-            stack += called_functions(n.attr.values())
-
-
 def consumers_outside(graph_def, members_of: dict[str, str]) -> dict[str, set[str]]:
     """For each segment node, the inputs ('x:1', '^x') by which nodes outside read it."""
     result: dict[str, set[str]] = {}
     for node in graph_def.node:
         own = members_of.get(node.name)
         for inp in node.input:
+            if node.op == "Const" and is_control(inp):
+                continue  # it only places the constant in a TF1 frame; segments copy it
             src = node_name(inp)
             seg = members_of.get(src)
             if seg is not None and seg != own:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 
 def node_name(tensor_or_input: str) -> str:
@@ -37,13 +37,45 @@ def called_functions(attr_values: Iterable) -> list[str]:
     return names
 
 
+def copy_called_functions(graph_def, nodes, out) -> None:
+    """Copy into out.library the functions nodes call, and those they call in turn."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    have = {f.signature.name for f in out.library.function}
+    stack = [f for n in nodes for f in called_functions(n.attr.values())]
+    while stack:
+        name = stack.pop()
+        if name in have or name not in functions:
+            continue
+        have.add(name)
+        out.library.function.add().CopyFrom(functions[name])
+        for n in functions[name].node_def:
+            stack += called_functions(n.attr.values())
+
+
+def body_nodes(graph_def, node) -> list:
+    """Every NodeDef in the functions node calls, recursively (a loop's cond and body)."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    seen, found = set(), []
+    stack = called_functions(node.attr.values())
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        for n in functions[name].node_def:
+            found.append(n)
+            stack += called_functions(n.attr.values())
+    return found
+
+
 # Nodes that hold or pass data but compute nothing; never counted as ops.
 NON_COMPUTE_OPS = frozenset({"Const", "Placeholder", "PlaceholderWithDefault", "NoOp", "_Arg",
                              "_Retval", "VarHandleOp", "VariableV2"})
 
 
-def count_ops(graph_def) -> int:
-    """Computing ops as a user thinks of them, with calls counted by their bodies."""
+def count_ops(graph_def, only: Collection[str] | None = None) -> int:
+    """Computing ops as a user thinks of them, with calls, loops and conditionals counted
+    by their bodies; only: count just these nodes."""
     functions = {f.signature.name: f for f in graph_def.library.function}
     memo: dict[str, int] = {}
 
@@ -58,6 +90,8 @@ def count_ops(graph_def) -> int:
 
     total = 0
     for node in graph_def.node:
+        if only is not None and node.name not in only:
+            continue
         calls = [f for f in called_functions(node.attr.values()) if f in functions]
         total += sum(body_count(f) for f in calls) if calls else node.op not in NON_COMPUTE_OPS
     return total

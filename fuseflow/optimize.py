@@ -3,6 +3,17 @@
 Grappler runs only optimizers whose output every backend still reads as
 plain TF ops: no layout changes and no remapper (its _Fused* ops have no
 XLA kernel and are opaque to a partitioner).
+
+Functional control flow (While/If/Case and their Stateless forms) stays
+functional: Grappler's function optimizer inlines ordinary calls but would
+also lower every loop and conditional to TF1 Enter/Merge/Switch/Exit, which
+no backend takes as a unit. It leaves a node alone whose
+`_lower_using_switch_merge` attr is false, so that attr is set on every
+control-flow node, in the graph and in every function body. It stays set in
+segments: TF's session-time Grappler would otherwise lower the loops inside a
+fused node's fallback function, which the native op recompiles from. A loop
+left in TF gets its own value back (restore_lowering), so TF runs it as fast
+as before.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     Shape(x) of an input-dependent x; with the input shapes now fixed those
     are constants, and folding them removes whole shape-computing subgraphs.
     """
+    graph_def = keep_functional_control_flow(graph_def)
     _allow_inlining(graph_def)
     graph_def = _grappler(graph_def, keep_nodes)
     _strip_output_shapes(graph_def)
@@ -54,6 +66,31 @@ def _allow_inlining(graph_def) -> None:
         for node in function.node_def:
             for name in _JIT_ATTRS:
                 node.attr.pop(name, None)
+
+FUNCTIONAL_CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case",
+                                     "StatelessCase"})
+_LOWER_ATTR = "_lower_using_switch_merge"
+ORIGINAL_LOWER_ATTR = "_fuseflow_lower_using_switch_merge"
+
+
+def keep_functional_control_flow(graph_def):
+    """A copy in which no loop or conditional will be lowered to TF1 control flow."""
+    out = graph_def.__class__()
+    out.CopyFrom(graph_def)
+    for nodes in [out.node] + [f.node_def for f in out.library.function]:
+        for node in nodes:  # function bodies too: inlining brings TF2 loops to the top
+            if node.op in FUNCTIONAL_CONTROL_FLOW:
+                if _LOWER_ATTR in node.attr and ORIGINAL_LOWER_ATTR not in node.attr:
+                    node.attr[ORIGINAL_LOWER_ATTR].b = node.attr[_LOWER_ATTR].b
+                node.attr[_LOWER_ATTR].b = False
+    return out
+
+
+def restore_lowering(nodes) -> None:
+    """Give loops and conditionals that stay in TF their original lowering attr back."""
+    for node in nodes:
+        if ORIGINAL_LOWER_ATTR in node.attr:
+            node.attr[_LOWER_ATTR].b = node.attr.pop(ORIGINAL_LOWER_ATTR).b
 
 
 def _strip_output_shapes(graph_def) -> None:

@@ -9,11 +9,11 @@ The partitioner knows nothing of backends: it gets a {node: reason|None} map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from fuseflow import errors
-from fuseflow.graph_util import NON_COMPUTE_OPS, is_control, node_name
+from fuseflow.graph_util import NON_COMPUTE_OPS, is_control, node_name, tensor_name
 from fuseflow.reasons import Reason
 
 # Ops that never count toward a segment's size (the reference's rule).
@@ -21,6 +21,8 @@ PASS_THROUGH_OPS = frozenset({"Identity", "IdentityN", "Snapshot", "StopGradient
 _V1_CONTROL_FLOW = frozenset({"Enter", "Exit", "Switch", "Merge", "NextIteration",
                               "LoopCond", "RefEnter", "RefExit", "RefSwitch", "RefMerge",
                               "RefNextIteration"})
+
+_BACKEND_REFUSALS = frozenset({Reason.UNSUPPORTED_OP, Reason.DTYPE, Reason.BODY_UNSUPPORTED})
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,8 @@ class _ClusterGraph:
         return False
 
     def contract(self, a: int, b: int) -> bool:
-        """Merge cluster b into a along edge a->b, unless another path a~>b exists."""
+        """Merge cluster b into a along edge a->b (or, with no edge, where b ranks after
+        a), unless another path a~>b exists."""
         self.out[a].discard(b)
         self.inn[b].discard(a)
         if self._reachable(a, b):
@@ -181,8 +184,8 @@ def _upstream(graph_def, roots: Iterable[str]) -> set[str]:
     return seen
 
 
-def _in_v1_control_flow(graph_def, order: list[int]) -> set[str]:
-    """Nodes inside TF1 while/cond frames, which must not be fused."""
+def in_v1_control_flow(graph_def, order: list[int]) -> set[str]:
+    """Nodes inside TF1 while/cond frames (their Exits aside)."""
     nodes = graph_def.node
     if not any(n.op in _V1_CONTROL_FLOW for n in nodes):
         return set()
@@ -197,11 +200,42 @@ def _in_v1_control_flow(graph_def, order: list[int]) -> set[str]:
     return inside
 
 
-def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, options
-                      ) -> dict[str, Reason]:
+def _v1_frames(graph_def, order: list[int]) -> list[set[str]]:
+    """Each TF1 loop or cond (its Enter..Exit / Switch..Merge nodes and everything
+    between them, constants aside) as one group of nodes: it goes to a backend whole
+    or not at all."""
+    inside = in_v1_control_flow(graph_def, order)
+    if not inside:
+        return []
+    # Constants in a frame (pinned there by a control input) join the union, so what
+    # pins them and what reads them are one group, but they are copied, not members.
+    members = {n.name for n in graph_def.node if n.name in inside or (
+        n.op in ("Exit", "RefExit") and any(node_name(i) in inside for i in n.input))}
+    parent = {name: name for name in members}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for n in graph_def.node:
+        if n.name in members:
+            for inp in n.input:
+                if node_name(inp) in members:
+                    parent[find(n.name)] = find(node_name(inp))
+    compute = {n.name for n in graph_def.node if n.op not in NON_COMPUTE_OPS}
+    groups: dict[str, set[str]] = {}
+    for name in members & compute:
+        groups.setdefault(find(name), set()).add(name)
+    return list(groups.values())
+
+
+def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, options,
+                      frames: list[set[str]]) -> dict[str, Reason]:
     """Why each node can't be clustered, before any clustering."""
     upstream = _upstream(graph_def, input_nodes)
-    control_flow = _in_v1_control_flow(graph_def, order)
+    frame_of = {name: k for k, frame in enumerate(frames) for name in frame}
     excluded: dict[str, Reason] = {}
     for n in graph_def.node:
         if n.op in NON_COMPUTE_OPS:  # constants are copied into segments instead
@@ -210,9 +244,8 @@ def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, opti
             excluded[n.name] = Reason.UPSTREAM_OF_INPUT
         elif n.name in options.no_fuse_ops:
             excluded[n.name] = Reason.NO_FUSE_OPS
-        elif n.name in control_flow:
-            excluded[n.name] = Reason.CONTROL_FLOW
-        elif any(is_control(i) for i in n.input):
+        elif any(is_control(i) and frame_of.get(node_name(i), -1) != frame_of.get(n.name, -2)
+                 for i in n.input):  # inside a TF1 frame, control edges come along
             excluded[n.name] = Reason.CONTROL_INPUT
         elif (reason := dtype_reason(n)) is not None:
             excluded[n.name] = reason
@@ -221,14 +254,67 @@ def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, opti
     return excluded
 
 
+def _internal_groups(graph_def, internal: Collection[str]) -> list[set[str]]:
+    """Nodes joined by tensors that may not cross a segment boundary, as groups that go
+    into one segment together or stay in TF together."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for node in graph_def.node:
+        for inp in node.input:
+            if not is_control(inp) and tensor_name(inp) in internal:
+                parent[find(node.name)] = find(node_name(inp))
+    groups: dict[str, set[str]] = {}
+    for name in parent:
+        groups.setdefault(find(name), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: Iterable[str],
-                    options: PartitionOptions, dtype_reason=lambda node: None
-                    ) -> Partition:
-    """Propose segments: maximal cycle-free clusters of nodes the backend takes."""
-    nodes = graph_def.node
+                    options: PartitionOptions, dtype_reason=lambda node: None,
+                    internal_tensors: Collection[str] = ()) -> Partition:
+    """Propose segments: maximal cycle-free clusters of nodes the backend takes.
+
+    internal_tensors (e.g. TensorLists, dtype variant) may flow inside a segment but
+    never in or out of one: their producer and consumers join one segment or none.
+    A TF1 loop or cond (Enter/Merge/Switch/Exit frame) likewise joins one whole.
+    Clustering alone can't promise that (another path may keep two of them apart),
+    so a group that came out split is kept in TF and the clustering is redone.
+    """
     order = topological_order(graph_def)
+    frames = _v1_frames(graph_def, order)
     excluded = _fixed_exclusions(graph_def, order, support, dtype_reason,
-                                 set(input_nodes), options)
+                                 set(input_nodes), options, frames)
+    groups = [(g, Reason.INTERNAL_PORT) for g in _internal_groups(graph_def,
+                                                                  set(internal_tensors))]
+    groups += [(g, Reason.CONTROL_FLOW) for g in frames]
+    for frame in frames:  # the backend can't run the loop: that is the reason for all of it
+        if any(excluded.get(n) in _BACKEND_REFUSALS for n in frame):
+            excluded.update(dict.fromkeys(frame, Reason.CONTROL_FLOW))
+    while True:
+        for group, reason in groups:
+            if any(name in excluded for name in group):
+                for name in group:
+                    excluded.setdefault(name, reason)
+        partition = _cluster(graph_def, order, dict(excluded), options,
+                             [g for g, _ in groups])
+        segment_of = {n: s.name for s in partition.segments for n in s.nodes}
+        split = [(g, r) for g, r in groups if len({segment_of.get(n) for n in g}) > 1]
+        if not split:
+            return partition
+        for group, reason in split:
+            for name in group:
+                excluded.setdefault(name, reason)
+
+
+def _cluster(graph_def, order: list[int], excluded: dict[str, Reason],
+             options: PartitionOptions, groups: list[set[str]]) -> Partition:
+    nodes = graph_def.node
     position = {i: p for p, i in enumerate(order)}
     index = {n.name: position[i] for i, n in enumerate(nodes)}
     names = [nodes[i].name for i in order]
@@ -241,6 +327,8 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
             continue
         for inp in nodes[i].input:
             src = nodes[order[index[node_name(inp)]]]
+            if nodes[i].op == "Const" and is_control(inp):
+                continue  # pins a constant into a TF1 frame; segments copy constants
             if src.op not in ("NextIteration", "RefNextIteration"):
                 edges.append((index[src.name], index[nodes[i].name]))
     graph = _ClusterGraph(len(order), edges)
@@ -255,6 +343,13 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
             a, b = graph.find(src), graph.find(pos)
             if a != b:
                 graph.contract(a, b)
+    for group in groups:  # members joined only by control edges (a TF1 frame) join too
+        positions = [index[n] for n in group if candidate[index[n]]]
+        for pos in positions[1:]:
+            a, b = sorted((graph.find(positions[0]), graph.find(pos)),
+                          key=graph.rank.__getitem__)
+            if a != b:
+                graph.contract(a, b)  # refused if a path through other nodes joins them
     return _collect_segments(names, candidate, graph, nodes, order, excluded, options)
 
 

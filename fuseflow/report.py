@@ -189,8 +189,14 @@ _HINTS = {
     Reason.STRING: "string ops never compile: move string handling out of the model's middle",
     Reason.CONTROL_INPUT: "control dependencies pin it: drop tf.control_dependencies/asserts "
                           "in the exported model",
-    Reason.CONTROL_FLOW: "TF1 loops/conds stay in TF: export with TF2 (functional "
-                         "While/If)",
+    Reason.CONTROL_FLOW: "a TF1 loop/cond goes to a backend only whole: OpenVINO converts "
+                         "many (compile with model_feed_dict so their shapes are measured), "
+                         "XLA none; or rebuild it with tf.while_loop/tf.cond in a tf.function "
+                         "(functional While/If) and re-export",
+    Reason.INTERNAL_PORT: "a loop's TensorLists must stay inside one segment: see why the "
+                          "ops next to them stayed in TF",
+    Reason.BODY_UNSUPPORTED: "an op in the loop's/conditional's body has no kernel on the "
+                             "backend: try the other backend",
     Reason.NO_FUSE_OPS: "remove these node names from no_fuse_ops",
     Reason.UPSTREAM_OF_INPUT: "it computes a signature input: pick a signature_def_key whose "
                               "inputs come first",

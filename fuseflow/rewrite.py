@@ -12,6 +12,7 @@ from __future__ import annotations
 from fuseflow.backends.base import Backend, SegmentGraph
 from fuseflow.compile import CompiledSegment
 from fuseflow.graph_util import constant_nodes, node_name
+from fuseflow.optimize import restore_lowering
 from fuseflow.options import CompilerOptions
 from fuseflow.tf_compat import tf
 
@@ -63,6 +64,13 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], backend: Backend,
             ident.attr["T"].list.type.extend(seg.outputs[k].dtype for k in ks)
             new_nodes.append(ident)
     kept = [n for n in out.node if n.name not in removed]
+    restore_lowering(kept)
+    replaced = {n.name for n in new_nodes}
+    for node in kept:  # a constant pinned into a fused TF1 loop: unused now, pruned below
+        if node.op == "Const":
+            inputs = [i for i in node.input if node_name(i) not in removed - replaced]
+            del node.input[:]
+            node.input.extend(inputs)
     del out.node[:]
     out.node.extend(kept + new_nodes)
     _prune_dead_constants(out, keep_nodes)

@@ -26,6 +26,7 @@ from fuseflow.extract import consumers_outside, extract_segment
 from fuseflow.graph_util import NON_COMPUTE_OPS, constant_nodes, node_name, tensor_name
 from fuseflow.load import LoadedModel, load_saved_model, model_path
 from fuseflow.logs import shown, shown_info, tf_quiet
+from fuseflow.loops import refine_loop_shapes
 from fuseflow.optimize import optimize_graph
 from fuseflow.options import (
     CompilerOptions,
@@ -115,7 +116,7 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
     serving = serving_shapes(model, inputs, options.dynamic_batch)
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
-    graph_def = optimize_graph(graph_def, model.fetch_nodes)
+    graph_def = refine_loop_shapes(optimize_graph(graph_def, model.fetch_nodes))
     _check_names(graph_def, no_fuse | force_fuse)
     if subgraph_builder_function is not None:
         chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)
@@ -128,7 +129,8 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
         PartitionOptions(
             minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
             no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
-        dtype_reason=lambda node: _dtype_reason(node, infos))
+        dtype_reason=lambda node: _dtype_reason(node, infos),
+        internal_tensors=_variant_tensors(infos))
     return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options)
 
 
@@ -203,9 +205,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                                                 plan.infos, plan.options)
     serving, partition, backend_name = plan.serving, plan.partition, plan.backend_name
     chosen = get_backend(backend_name)
+    fetches = {tensor_name(s.tensor_name) for s in model.outputs}
     members_of = {n: s.name for s in partition.segments for n in s.nodes}
     consumers = consumers_outside(graph_def, members_of)
-    fetches = {tensor_name(s.tensor_name) for s in model.outputs}
     batch_info = None
     if options.dynamic_batch:
         batch_info = batch_tensors(
@@ -279,13 +281,19 @@ def _batch_dim(shapes: dict[str, tuple]) -> int:
 
 
 def _dtype_reason(node, infos) -> Reason | None:
-    """Strings, resources and variants never enter a segment, whatever the backend says."""
+    """Strings and resources never enter a segment, whatever the backend says. Variants
+    (TensorLists around a loop) may, but only inside one: see _variant_tensors."""
     dtypes = {infos[t].dtype for t in node_tensors(node, infos) if t in infos}
     if tf.string in dtypes:
         return Reason.STRING
-    if dtypes & {tf.resource, tf.variant}:
+    if tf.resource in dtypes:
         return Reason.DTYPE
     return None
+
+
+def _variant_tensors(infos) -> set[str]:
+    """Tensors that may never be a segment port: no backend passes a TensorList."""
+    return {t for t, info in infos.items() if info.dtype == tf.variant}
 
 
 def _check_names(graph_def, names: frozenset[str]) -> None:

@@ -141,3 +141,29 @@ def test_control_input_of_a_constant_does_not_split_a_segment():
     const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(1.0))
     next(n for n in g.node if n.name == "c").input.append("k")
     assert segments_of(run(g)) == [["a", "b", "c"]]
+
+def test_internal_tensor_never_crosses_a_segment_boundary():
+    """a's output (a TensorList) feeds b and c. u, which stays in TF, sits on another path
+    a -> u -> c, so a and c can't share a segment: a, b and c all stay in TF, the rest is
+    clustered again without them."""
+    g = graph("x>a", "a>b", "a>u", "u>c", "a>c", "c>d", "x>e", "e>f",
+              ops={"x": "Placeholder"})
+    p = partition_graph(g, {n.name: Reason.UNSUPPORTED_OP if n.name == "u" else None
+                            for n in g.node}, ["x"], PartitionOptions(minimum_segment_size=1),
+                        internal_tensors={"a:0"})
+    assert all(p.excluded[n] is Reason.INTERNAL_PORT for n in "abc")
+    assert segments_of(p) == [["d"], ["e", "f"]]
+    # Without the detour all three join one segment.
+    g = graph("x>a", "a>b", "a>c", "b>d", "c>d", ops={"x": "Placeholder"})
+    p = partition_graph(g, {n.name: None for n in g.node}, ["x"],
+                        PartitionOptions(minimum_segment_size=1), internal_tensors={"a:0"})
+    assert segments_of(p) == [["a", "b", "c", "d"]]
+
+
+def test_internal_tensor_group_with_a_refused_member_stays_in_tf():
+    g = graph("x>a", "a>b", "b>c", ops={"x": "Placeholder"})
+    p = partition_graph(g, {n.name: Reason.UNSUPPORTED_OP if n.name == "b" else None
+                            for n in g.node}, ["x"], PartitionOptions(minimum_segment_size=1),
+                        internal_tensors={"a:0"})
+    assert p.excluded["a"] is Reason.INTERNAL_PORT and p.excluded["b"] is Reason.UNSUPPORTED_OP
+    assert segments_of(p) == [["c"]]

@@ -16,6 +16,7 @@ import numpy as np
 from fuseflow.graph_util import (
     constant_chain,
     constant_nodes,
+    copy_called_functions,
     copy_constant,
     is_control,
     node_name,
@@ -110,7 +111,8 @@ def relative_error(want, got) -> float:
 
 def probe_graph(graph_def, keep: set[str], infos, constants: set[str] | None = None):
     """The nodes in keep as extract.py would put them into segments: constants (and the
-    chains computing them) copied in, every other outside input a Placeholder. Strings,
+    chains computing them) copied in, the functions they call carried along, every other
+    outside input a Placeholder. Strings,
     resources and stateful ops thus never reach (and crash) the frontend."""
     if constants is None:
         constants = constant_nodes(graph_def)
@@ -136,7 +138,11 @@ def probe_graph(graph_def, keep: set[str], infos, constants: set[str] | None = N
             if src in constants:
                 for c in constant_chain(nodes, src, (keep, copied)):
                     copied.add(c)
-                    probe.node.add().CopyFrom(copy_constant(nodes[c]))
+                    const = probe.node.add()
+                    const.CopyFrom(copy_constant(nodes[c]))
+                    if nodes[c].op == "Const":  # its TF1 loop frame, when it is in one
+                        const.input.extend(i for i in nodes[c].input
+                                           if is_control(i) and node_name(i) in keep)
                 copy.input.append(inp)
                 continue
             tensor = tensor_name(inp)
@@ -148,4 +154,5 @@ def probe_graph(graph_def, keep: set[str], infos, constants: set[str] | None = N
                 if info.shape is not None:
                     ph.attr["shape"].shape.CopyFrom(tf.TensorShape(info.shape).as_proto())
             copy.input.append(placeholders[tensor])
+    copy_called_functions(graph_def, probe.node, probe)  # loop and conditional bodies
     return probe

@@ -60,10 +60,14 @@ from fuseflow import errors
 from fuseflow.backends.base import Artifact, Backend, SegmentGraph, probe_graph
 from fuseflow.graph_util import (
     NON_COMPUTE_OPS,
+    body_nodes,
     called_functions,
     constant_nodes,
+    node_name,
 )
+from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
 from fuseflow.options import CompilerOptions
+from fuseflow.partition import in_v1_control_flow, topological_order
 from fuseflow.reasons import Reason
 from fuseflow.shapes import node_shapes_known, node_tensors
 from fuseflow.tf_compat import tf
@@ -148,8 +152,20 @@ from openvino.frontend import FrontEndManager
 frontend = FrontEndManager().load_by_framework("tf")
 if sys.argv[1] == "partial":
     model = frontend.convert_partially(frontend.load(sys.argv[2]))
+
+    def bodies(op):
+        if hasattr(op, "get_then_body"):
+            return [op.get_then_body(), op.get_else_body()]
+        return [op.get_function()] if hasattr(op, "get_function") else []
+
+    def unconverted(model):
+        return any(op.get_type_name() == "TFFrameworkNode" or any(map(unconverted, bodies(op)))
+                   for op in model.get_ordered_ops())
+
+    # A loop or conditional is unconverted when anything in its bodies is.
     print(json.dumps([op.get_friendly_name() for op in model.get_ordered_ops()
-                      if op.get_type_name() == "TFFrameworkNode"]))
+                      if op.get_type_name() == "TFFrameworkNode"
+                      or any(map(unconverted, bodies(op)))]))
 else:
     verdicts = []
     for path in sys.argv[2:]:
@@ -194,21 +210,44 @@ def _refusal_reasons(graph_def, refused: set[str], infos, constants: set[str]
     return {n: table[v] for n, v in zip(names, verdicts)}
 
 
+def _body_convertible(graph_def, node) -> bool:
+    """No stateful or unknown op in a loop's/conditional's bodies: they never reach (and
+    may crash) the frontend; the frontend judges the rest in the probe."""
+    for n in body_nodes(graph_def, node):
+        op_def = op_def_registry.get(n.op)
+        if n.op in FUNCTIONAL_CONTROL_FLOW:
+            continue
+        if op_def is None or op_def.is_stateful:
+            return False
+    return True
+
+
 class OpenVinoBackend(Backend):
     name = "openvino"
 
     def support(self, graph_def, tensor_infos, options: CompilerOptions
                 ) -> dict[str, Reason | None]:
         result: dict[str, Reason | None] = {}
+        # Inside a TF1 loop TF knows no shapes (Enter gives none); the frontend infers
+        # them, and the frame goes whole into a segment whose ports have known shapes.
+        frames = in_v1_control_flow(graph_def, topological_order(graph_def))
         for node in graph_def.node:
             op_def = op_def_registry.get(node.op)
-            if (node.op in NON_COMPUTE_OPS or op_def is None or op_def.is_stateful
-                    or called_functions(node.attr.values())):
+            control_flow = node.op in FUNCTIONAL_CONTROL_FLOW
+            if (node.op in NON_COMPUTE_OPS or op_def is None
+                    or (op_def.is_stateful and not control_flow)
+                    or (called_functions(node.attr.values()) and not control_flow)):
                 result[node.name] = Reason.UNSUPPORTED_OP
+            elif control_flow and not _body_convertible(graph_def, node):
+                result[node.name] = Reason.BODY_UNSUPPORTED
             elif any(t in tensor_infos and tensor_infos[t].dtype.as_datatype_enum not in OV_TYPES
+                     and tensor_infos[t].dtype != tf.variant
                      for t in node_tensors(node, tensor_infos)):
                 result[node.name] = Reason.DTYPE
-            elif not node_shapes_known(node, tensor_infos):
+            elif not node_shapes_known(node, tensor_infos) and not (
+                    node.name in frames or node.op == "Exit" and all(
+                        tensor_infos[t].fully_defined for t in node_tensors(node, tensor_infos)
+                        if node_name(t) == node.name)):
                 result[node.name] = Reason.UNKNOWN_SHAPE
             else:
                 result[node.name] = None
@@ -228,6 +267,10 @@ class OpenVinoBackend(Backend):
                 log.warning("OpenVINO's frontend failed on a refused node alone (%s)",
                             str(e).splitlines()[0])
                 result.update(dict.fromkeys(unconverted, Reason.UNSUPPORTED_OP))
+        op_of = {n.name: n.op for n in graph_def.node}
+        for name in unconverted:  # a loop or conditional the frontend refused: its body
+            if op_of[name] in FUNCTIONAL_CONTROL_FLOW and result[name] is not None:
+                result[name] = Reason.BODY_UNSUPPORTED
         return result
 
     def compile(self, segment: SegmentGraph, options: CompilerOptions, workdir: Path

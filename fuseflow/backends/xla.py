@@ -13,7 +13,8 @@ import functools
 from pathlib import Path
 
 from fuseflow.backends.base import Artifact, Backend, Port, SegmentGraph, probe_graph
-from fuseflow.graph_util import constant_nodes, is_control, node_name, tensor_name
+from fuseflow.graph_util import body_nodes, constant_nodes, is_control, node_name, tensor_name
+from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
 from fuseflow.shapes import node_shapes_known
@@ -24,8 +25,9 @@ _SLOW_ON_CPU = frozenset({"DepthwiseConv2dNative"})
 # Ops XLA has kernels for but that make no sense inside a compiled segment.
 _NEVER = frozenset({"Placeholder", "Const", "NoOp", "_Arg", "_Retval", "VarHandleOp",
                     "ReadVariableOp", "AssignVariableOp", "PartitionedCall",
-                    "StatefulPartitionedCall", "If", "While", "StatelessIf",
-                    "StatelessWhile", "Assert", "PrintV2"})
+                    "StatefulPartitionedCall", "Assert", "PrintV2"})
+# Inside a loop's or conditional's body: plumbing XLA compiles along with the body.
+_BODY_PLUMBING = frozenset({"Const", "NoOp", "Identity", "IdentityN"})
 
 
 def has_gpu() -> bool:
@@ -77,6 +79,8 @@ class XlaBackend(Backend):
         for node in graph_def.node:
             if node.op in _NEVER or node.op not in table:
                 result[node.name] = Reason.UNSUPPORTED_OP
+            elif node.op in FUNCTIONAL_CONTROL_FLOW and not self._body_ok(graph_def, node):
+                result[node.name] = Reason.BODY_UNSUPPORTED
             elif not self.gpu and node.op in _SLOW_ON_CPU:
                 result[node.name] = Reason.SLOW_ON_BACKEND
             elif not _dtypes_ok(node, table[node.op]):
@@ -127,6 +131,17 @@ class XlaBackend(Backend):
         except Exception as e:
             return "compile-time constant" in str(e)
         return False
+
+    def _body_ok(self, graph_def, node) -> bool:
+        """Every op in the bodies, at every depth, has an XLA kernel for its dtypes."""
+        table = xla_kernels(self.device_type)
+        for n in body_nodes(graph_def, node):
+            if n.op in _BODY_PLUMBING:
+                continue
+            if n.op not in table or not _dtypes_ok(n, table[n.op]) or (
+                    not self.gpu and n.op in _SLOW_ON_CPU):
+                return False
+        return True
 
     def _jit_function(self, segment: SegmentGraph):
         """The segment as a jit_compile=True tf.function, and its input specs."""

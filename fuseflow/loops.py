@@ -38,11 +38,12 @@ _MAX_ROUNDS = 20
 
 def refine_loop_shapes(graph_def):
     """A copy of graph_def whose loop/cond output_shapes and TensorListStack lengths are
-    as specific as the bodies prove."""
+    as specific as the bodies prove; graph_def itself when there is nothing to refine."""
+    if not any(n.op in _WHILE | _COND | {"TensorListStack"} for n in graph_def.node):
+        return graph_def
     out = graph_def.__class__()
     out.CopyFrom(graph_def)
-    if not any(n.op in _WHILE | _COND | {"TensorListStack"} for n in out.node):
-        return out
+    refined = False
     functions = {f.signature.name: f for f in out.library.function}
     for _ in range(_MAX_ROUNDS):
         graph = tf.Graph()
@@ -62,9 +63,10 @@ def refine_loop_shapes(graph_def):
                     node.attr["num_elements"].i = length
                     changed = True
                 changed |= _refine_element_shape(node, 1, shape, graph, out)
+        refined |= changed
         if not changed:
             break
-    return out
+    return out if refined else graph_def
 
 
 def _refine_outputs(node, graph, graph_def, functions) -> bool:

@@ -116,7 +116,12 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
     serving = serving_shapes(model, inputs, options.dynamic_batch)
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
-    graph_def = refine_loop_shapes(optimize_graph(graph_def, model.fetch_nodes))
+    graph_def = optimize_graph(graph_def, model.fetch_nodes)
+    refined = refine_loop_shapes(graph_def)
+    if refined is not graph_def:
+        # Loop outputs now have static shapes: fold the Shape/Fill chains that read them
+        # (a stacked LSTM's zero state), which backends need as constants.
+        graph_def = optimize_graph(refined, model.fetch_nodes)
     _check_names(graph_def, no_fuse | force_fuse)
     if subgraph_builder_function is not None:
         chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)

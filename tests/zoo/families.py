@@ -311,10 +311,10 @@ def tf1_example_table(path: Path, batch: int = 2) -> dict:
 
 def _zoo() -> list[ZooModel]:
     models = [ZooModel(app, "image classification", _keras_image(app, size),
-                       fast=app in ("MobileNetV2", "DenseNet121"))
+                       fast=app == "DenseNet121")
               for app, size in IMAGE_MODELS]
     models += [
-        ZooModel("BERT-like", "transformer encoder", bert_like, fast=True),
+        ZooModel("BERT-like", "transformer encoder", bert_like),
         ZooModel("GPT-like", "transformer decoder", gpt_like),
         ZooModel("ViT-like", "vision transformer", vit_like),
         ZooModel("LSTM text", "RNN", _text_rnn(lambda: keras.layers.LSTM(32)), fast=True),
@@ -322,7 +322,7 @@ def _zoo() -> list[ZooModel]:
         ZooModel("BiLSTM text", "RNN",
                  _text_rnn(lambda: keras.layers.Bidirectional(keras.layers.LSTM(32)))),
         ZooModel("stacked LSTM", "RNN", _text_rnn(_stacked_lstm)),
-        ZooModel("U-Net", "segmentation", unet, fast=True),
+        ZooModel("U-Net", "segmentation", unet),
         ZooModel("recommender", "recommender", recommender),
         ZooModel("detector+NMS", "detection", detector, fast=True),
         ZooModel("TF1 Example+table", "TF1 serving graph", tf1_example_table, batch_size=2,

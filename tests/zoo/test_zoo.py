@@ -32,7 +32,8 @@ RESULTS = os.environ.get("FUSEFLOW_ZOO_OUT")  # a folder: keep models and result
 def _cases():
     for (name, backend), expected in EXPECTED.items():
         model = ZOO[name]
-        marks = [] if model.fast else [pytest.mark.slow]
+        # make test: the fast models on the default CPU backend; make zoo: everything.
+        marks = [] if model.fast and backend == "openvino" else [pytest.mark.slow]
         yield pytest.param(model, backend, expected, marks=marks, id=f"{name}-{backend}")
 
 

@@ -36,7 +36,7 @@ browser:
 # -rs lists every skipped test with its reason in the summary.
 test: install browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -rs -m "not slow" tests
+	$(PY) -m pytest -q -rs --durations=15 -m "not slow" tests
 
 test-all: install browser
 	$(PY) -m pytest -q -rs tests

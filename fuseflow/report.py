@@ -190,7 +190,8 @@ _HINTS = {
     Reason.CONTROL_INPUT: "control dependencies pin it: drop tf.control_dependencies/asserts "
                           "in the exported model",
     Reason.CONTROL_FLOW: "a TF1 loop/cond goes to a backend only whole: OpenVINO converts "
-                         "many (compile with model_feed_dict so their shapes are measured), "
+                         "many (their shapes are measured on synthesized inputs, or on "
+                         "model_feed_dict for string inputs), "
                          "XLA none; or rebuild it with tf.while_loop/tf.cond in a tf.function "
                          "(functional While/If) and re-export",
     Reason.INTERNAL_PORT: "a loop's TensorLists must stay inside one segment: see why the "

@@ -17,7 +17,7 @@ from fuseflow.graph_util import body_nodes, constant_nodes, is_control, node_nam
 from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
-from fuseflow.shapes import node_shapes_known
+from fuseflow.shapes import node_shapes_known, node_tensors
 from fuseflow.tf_compat import tf
 
 # XLA:CPU is ~65x slower than TF on depthwise convolutions (measured).
@@ -64,6 +64,20 @@ def _dtypes_ok(node, constraints_list) -> bool:
     return False
 
 
+_OPAQUE = (tf.resource, tf.variant, tf.string)
+
+
+def _probe_safe(node, infos) -> bool:
+    """Lowering a node alone runs XLA in this process: only plain tensors of known shapes
+    go there (XLA crashed the process on a resource read of an unfrozen variable), and no
+    loops (their bodies are judged by _body_ok)."""
+    if node.op in FUNCTIONAL_CONTROL_FLOW:
+        return False
+    tensors = node_tensors(node, infos)
+    return all(t in infos and infos[t].dtype not in _OPAQUE and infos[t].fully_defined
+               for t in tensors)
+
+
 class XlaBackend(Backend):
     name = "xla"
 
@@ -100,7 +114,7 @@ class XlaBackend(Backend):
         constants = constant_nodes(graph_def)
         groups: dict[tuple[str, tuple[int, ...]], list] = {}
         for node in graph_def.node:
-            if result.get(node.name) is not None:
+            if result.get(node.name) is not None or not _probe_safe(node, infos):
                 continue
             slots = tuple(k for k, inp in enumerate(i for i in node.input if not is_control(i))
                           if node_name(inp) not in constants

@@ -19,6 +19,7 @@ class Expected:
     segments: int
     left_in_tf: dict[str, str] = field(default_factory=dict)
     tolerance: float = 1e-3  # relative to the output's magnitude
+    known_issue: str | None = None  # a defect the zoo found and that is not fixed yet
 
 
 WHOLE = Expected(ratio=1.0, segments=1)
@@ -35,7 +36,25 @@ _ALL = ["VGG16", "ResNet50", "ResNet50V2", "Xception", "InceptionV3", "Inception
         "ViT-like", "LSTM text", "GRU text", "BiLSTM text", "stacked LSTM", "U-Net",
         "recommender", "detector+NMS", "TF1 Example+table", "tf.Module cond", "fp16 CNN"]
 
+_TABLE_PLUMBING = {"HashTableV2": "DTYPE", "LookupTableFindV2": "STRING",
+                   "LookupTableImportV2": "STRING", "ParseExampleV2": "STRING",
+                   "Reshape": "STRING", "Squeeze": "STRING"}
+
 EXPECTED: dict[tuple[str, str], Expected] = {
     **{(name, "openvino"): WHOLE for name in _ALL},
     **{(name, "xla"): WHOLE for name in _ALL if name in _XLA_TOO},
+    # NMS has no OpenVINO frontend conversion; the IdentityN after it is alone.
+    ("detector+NMS", "openvino"): Expected(
+        ratio=0.857, segments=1, left_in_tf={"CombinedNonMaxSuppression": "UNSUPPORTED_OP",
+                                             "IdentityN": "SMALL_SEGMENT"}),
+    # The tf.Example parsing and the vocabulary table work on strings; the whole dense
+    # tower after the lookup compiles.
+    ("TF1 Example+table", "openvino"): Expected(ratio=0.6, segments=1,
+                                                left_in_tf=_TABLE_PLUMBING),
+    ("TF1 Example+table", "xla"): Expected(ratio=0.6, segments=1, left_in_tf=_TABLE_PLUMBING),
+    ("ConvNeXtTiny", "openvino"): Expected(
+        ratio=1.0, segments=1, known_issue=(
+            "OpenVINO's TF frontend infers [1,768,1,768] for a LayerNorm output in stage 3 "
+            "(1x1 spatial at 32x32 input) and read_model fails on the next Reshape; the "
+            "segment stays in TF")),
 }

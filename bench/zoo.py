@@ -47,15 +47,17 @@ def _left(left: dict[str, str]) -> str:
 
 
 def render(rows: list[dict], cpu: str) -> str:
-    lines = [f"Measured by `make zoo` on {cpu}; speed-up = original / compiled latency at "
-             "batch 1 (median, same run).", "",
+    timed = any(r.get("speed_up") for r in rows)
+    speed = ("speed-up = original / compiled latency at batch 1 (median, same run)" if timed
+             else "speed-up not measured in this run (`make zoo` measures it)")
+    lines = [f"Measured by `make zoo` on {cpu}; {speed}.", "",
              "| model | family | backend | OnNeuronRatio | segments | left in TF (why) "
              "| max error | speed-up b1 |", "|---|---|---|---:|---:|---|---:|---:|"]
     for r in rows:
-        speed = f"{r['speed_up']:.2f}x" if r.get("speed_up") else "—"
+        cell = f"{r['speed_up']:.2f}x" if r.get("speed_up") else "—"
         lines.append(f"| {r['model']} | {r['family']} | {r['backend']} | {r['ratio']:.3f} | "
                      f"{r['segments']} | {_left(r['left_in_tf'])} | {r['max_error']:.1e} | "
-                     f"{speed} |")
+                     f"{cell} |")
     return "\n".join(lines)
 
 
@@ -74,10 +76,14 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=2.0, help="time budget per variant")
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="coverage and error only (e.g. while the CPU is busy)")
     args = parser.parse_args(argv)
     rows = []
     for case, record in _records(args.folder):
         try:
+            if args.no_timing:
+                raise RuntimeError("not timed (--no-timing)")
             original_ms, compiled_ms = speed_up(case, args.runs, args.seconds)
             record.update(original_ms=original_ms, compiled_ms=compiled_ms,
                           speed_up=original_ms / compiled_ms)

@@ -114,8 +114,11 @@ def _stacked(vocab=50, seq=12):
     return ids, tf.keras.layers.LSTM(12)(x)
 
 
-@pytest.mark.parametrize("body", [_lstm, _gru, _bidirectional, _stacked],
-                         ids=["lstm", "gru", "bidirectional", "stacked_lstm"])
+# GRU and the stacked LSTM also run in the zoo (make zoo); make test keeps two.
+@pytest.mark.parametrize("body", [
+    pytest.param(_lstm, id="lstm"), pytest.param(_gru, id="gru", marks=pytest.mark.slow),
+    pytest.param(_bidirectional, id="bidirectional"),
+    pytest.param(_stacked, id="stacked_lstm", marks=pytest.mark.slow)])
 def test_keras_rnn_compiles_whole(backend, tmp_path, rng, body):
     tf.keras.utils.set_random_seed(0)
     ids, x = body()

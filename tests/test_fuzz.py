@@ -17,7 +17,7 @@ that rtol/atol 1e-4 compare meaningfully. A failing example prints as a
 Program whose ops read like code; `compile_and_compare(backend, program)`
 replays it, and the minimal programs of bugs found so far run first (_FOUND).
 
-make test runs 10 fixed examples per backend. FUSEFLOW_FUZZ_EXAMPLES=N
+make test runs 6 fixed examples per backend. FUSEFLOW_FUZZ_EXAMPLES=N
 (make fuzz: 1000) runs N examples per backend from a random seed.
 """
 
@@ -494,7 +494,7 @@ _FOUND = {
 }
 
 
-@settings(max_examples=int(_EXAMPLES or 10), derandomize=_EXAMPLES is None, deadline=None,
+@settings(max_examples=int(_EXAMPLES or 6), derandomize=_EXAMPLES is None, deadline=None,
           database=None, print_blob=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(program=programs())

@@ -311,7 +311,7 @@ def tf1_example_table(path: Path, batch: int = 2) -> dict:
 
 def _zoo() -> list[ZooModel]:
     models = [ZooModel(app, "image classification", _keras_image(app, size),
-                       fast=app == "DenseNet121")
+                       fast=False)
               for app, size in IMAGE_MODELS]
     models += [
         ZooModel("BERT-like", "transformer encoder", bert_like),

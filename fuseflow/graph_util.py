@@ -37,35 +37,36 @@ def called_functions(attr_values: Iterable) -> list[str]:
     return names
 
 
-def copy_called_functions(graph_def, nodes, out) -> None:
-    """Copy into out.library the functions nodes call, and those they call in turn."""
+def reachable_functions(graph_def, nodes) -> list[str]:
+    """Names of the library functions nodes call, and those they call in turn."""
     functions = {f.signature.name: f for f in graph_def.library.function}
-    have = {f.signature.name for f in out.library.function}
+    seen, order = set(), []
     stack = [f for n in nodes for f in called_functions(n.attr.values())]
-    while stack:
-        name = stack.pop()
-        if name in have or name not in functions:
-            continue
-        have.add(name)
-        out.library.function.add().CopyFrom(functions[name])
-        for n in functions[name].node_def:
-            stack += called_functions(n.attr.values())
-
-
-def body_nodes(graph_def, node) -> list:
-    """Every NodeDef in the functions node calls, recursively (a loop's cond and body)."""
-    functions = {f.signature.name: f for f in graph_def.library.function}
-    seen, found = set(), []
-    stack = called_functions(node.attr.values())
     while stack:
         name = stack.pop()
         if name in seen or name not in functions:
             continue
         seen.add(name)
+        order.append(name)
         for n in functions[name].node_def:
-            found.append(n)
             stack += called_functions(n.attr.values())
-    return found
+    return order
+
+
+def copy_called_functions(graph_def, nodes, out) -> None:
+    """Copy into out.library the functions nodes call, and those they call in turn."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    have = {f.signature.name for f in out.library.function}
+    for name in reachable_functions(graph_def, nodes):
+        if name not in have:
+            out.library.function.add().CopyFrom(functions[name])
+
+
+def body_nodes(graph_def, node) -> list:
+    """Every NodeDef in the functions node calls, recursively (a loop's cond and body)."""
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    return [n for name in reachable_functions(graph_def, [node])
+            for n in functions[name].node_def]
 
 
 # Nodes that hold or pass data but compute nothing; never counted as ops.

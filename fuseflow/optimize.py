@@ -59,13 +59,11 @@ def _allow_inlining(graph_def) -> None:
     for function in graph_def.library.function:
         for name in _JIT_ATTRS:
             function.attr.pop(name, None)
-    for node in graph_def.node:
-        for name in _JIT_ATTRS:
-            node.attr.pop(name, None)
-    for function in graph_def.library.function:
-        for node in function.node_def:
+    for nodes in [graph_def.node] + [f.node_def for f in graph_def.library.function]:
+        for node in nodes:
             for name in _JIT_ATTRS:
                 node.attr.pop(name, None)
+
 
 FUNCTIONAL_CONTROL_FLOW = frozenset({"While", "StatelessWhile", "If", "StatelessIf", "Case",
                                      "StatelessCase"})
@@ -158,19 +156,10 @@ def _grappler(graph_def, keep_nodes: list[str]):
 
 def _drop_unused_functions(graph_def) -> None:
     """Inlining leaves the old bodies in the library; keep only reachable ones."""
-    from fuseflow.graph_util import called_functions
+    from fuseflow.graph_util import reachable_functions
 
     functions = {f.signature.name: f for f in graph_def.library.function}
-    reachable, stack = set(), []
-    for node in graph_def.node:
-        stack += called_functions(node.attr.values())
-    while stack:
-        name = stack.pop()
-        if name in reachable or name not in functions:
-            continue
-        reachable.add(name)
-        for node in functions[name].node_def:
-            stack += called_functions(node.attr.values())
+    reachable = set(reachable_functions(graph_def, graph_def.node))
     kept = [functions[n] for n in functions if n in reachable]
     gradients = [g for g in graph_def.library.gradient if g.function_name in reachable]
     del graph_def.library.function[:]

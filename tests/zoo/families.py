@@ -60,22 +60,27 @@ IMAGE_MODELS = [
 ]
 
 
-def _transformer_block(x, dim: int, heads: int, causal: bool):
-    att = keras.layers.MultiHeadAttention(heads, dim // heads)(x, x, use_causal_mask=causal)
+def _transformer_block(x, dim: int, heads: int):
+    att = keras.layers.MultiHeadAttention(heads, dim // heads)(x, x)
     x = keras.layers.LayerNormalization(epsilon=1e-6)(x + att)
     ff = keras.layers.Dense(dim * 4, activation="gelu")(x)
     return keras.layers.LayerNormalization(epsilon=1e-6)(x + keras.layers.Dense(dim)(ff))
 
 
-def bert_like(path: Path, seq: int = 32, dim: int = 64, heads: int = 4, layers: int = 2,
-              vocab: int = 1000) -> dict:
+def _embedded_tokens(seq: int, dim: int, vocab: int):
+    """Token ids in, token plus position embeddings out."""
     keras.utils.set_random_seed(0)
     ids = keras.Input((seq,), dtype="int32")
     x = keras.layers.Embedding(vocab, dim)(ids)
-    x = x + keras.layers.Embedding(seq, dim)(keras.ops.arange(seq)[None])
+    return ids, x + keras.layers.Embedding(seq, dim)(keras.ops.arange(seq)[None])
+
+
+def bert_like(path: Path, seq: int = 32, dim: int = 64, heads: int = 4, layers: int = 2,
+              vocab: int = 1000) -> dict:
+    ids, x = _embedded_tokens(seq, dim, vocab)
     x = keras.layers.LayerNormalization(epsilon=1e-12)(x)
     for _ in range(layers):
-        x = _transformer_block(x, dim, heads, causal=False)
+        x = _transformer_block(x, dim, heads)
     pooled = keras.layers.Dense(dim, activation="tanh")(x[:, 0])
     model = keras.Model(ids, keras.layers.Dense(2)(pooled))
     _export_keras(model, path, [tf.TensorSpec([None, seq], tf.int32, "input_ids")])
@@ -85,10 +90,7 @@ def bert_like(path: Path, seq: int = 32, dim: int = 64, heads: int = 4, layers: 
 def gpt_like(path: Path, seq: int = 32, dim: int = 64, heads: int = 4, layers: int = 2,
              vocab: int = 1000) -> dict:
     """A decoder: causal self-attention, pre-LN blocks, logits over the vocabulary."""
-    keras.utils.set_random_seed(0)
-    ids = keras.Input((seq,), dtype="int32")
-    x = keras.layers.Embedding(vocab, dim)(ids)
-    x = x + keras.layers.Embedding(seq, dim)(keras.ops.arange(seq)[None])
+    ids, x = _embedded_tokens(seq, dim, vocab)
     for _ in range(layers):
         h = keras.layers.LayerNormalization(epsilon=1e-5)(x)
         x = x + keras.layers.MultiHeadAttention(heads, dim // heads)(h, h, use_causal_mask=True)
@@ -153,7 +155,7 @@ def vit_like(path: Path, size: int = 32, patch: int = 8, dim: int = 64, heads: i
     x = keras.ops.concatenate([cls, x], axis=1)
     x = x + keras.layers.Embedding(tokens, dim)(keras.ops.arange(tokens)[None])
     for _ in range(layers):
-        x = _transformer_block(x, dim, heads, causal=False)
+        x = _transformer_block(x, dim, heads)
     model = keras.Model(image, keras.layers.Dense(10)(x[:, 0]))
     _export_keras(model, path, [tf.TensorSpec([None, size, size, 3], tf.float32, "image")])
     return {"image": _rng().random((1, size, size, 3), np.float32)}

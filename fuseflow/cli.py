@@ -126,8 +126,12 @@ def _compile_parser(p: argparse.ArgumentParser) -> None:
                         "--timeout 600' (note the =)")
     p.add_argument("--compiler-workdir", metavar="DIR",
                    help="keep each segment's graph.pb, executable and compile.log here")
-    p.add_argument("--backend", choices=("openvino", "xla"),
-                   help="default: openvino on CPU, xla where a GPU is present")
+    p.add_argument("--backend", choices=("auto", "openvino", "xla"),
+                   help="default: auto on CPU (each segment on the backend that runs it "
+                        "fastest, or TF), xla where a GPU is present")
+    p.add_argument("--no-profile", action="store_true",
+                   help="don't time segments against TF at compile time (faster compile; "
+                        "backends are then chosen by op kind)")
     p.add_argument("--graph-html", metavar="FILE", help="also draw the compiled graph here")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(run=run_compile)
@@ -212,7 +216,8 @@ def run_compile(args) -> int:
         model_shape_feed_dict=shapes, model_feed_dict=feeds, tags=args.tags,
         signature_def_key=args.signature_def_key,
         minimum_segment_size=args.minimum_segment_size,
-        no_fuse_ops=_node_names(args.no_fuse_ops), compiler_args=args.compiler_args,
+        no_fuse_ops=_node_names(args.no_fuse_ops),
+        compiler_args=(args.compiler_args or "") + (" --no-profile" if args.no_profile else ""),
         compiler_workdir=args.compiler_workdir, backend=args.backend,
         force_fuse_ops=_node_names(args.force_fuse_ops))
     if args.graph_html:

@@ -27,11 +27,21 @@ _STARTUP_S = 300.0  # a worker that can't even import TF in this long is stuck
 
 
 @dataclass(frozen=True)
+class CompileJob:
+    """One segment for one backend; directory (under the workdir) keeps its files."""
+
+    backend: str
+    segment: SegmentGraph
+    directory: str
+
+
+@dataclass(frozen=True)
 class CompiledSegment:
     segment: SegmentGraph
     artifact: Artifact | None  # None: failed, the segment stays in TF
     error: str | None
     seconds: float
+    backend: str = ""
 
 
 def worker_count(options: CompilerOptions, jobs: int) -> int:
@@ -49,14 +59,14 @@ class _Worker:
 
     A fresh interpreter (not multiprocessing's spawn) so that the user's
     __main__ is never re-imported and TF/OpenVINO state is never forked.
+    Each job names its backend: one worker serves every backend.
     """
 
-    def __init__(self, backend_name: str):
+    def __init__(self):
         parent_r, child_w = os.pipe()
         child_r, parent_w = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fuseflow.compile_worker", backend_name,
-             str(child_r), str(child_w)],
+            [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w)],
             pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
         os.close(child_r)
         os.close(child_w)
@@ -77,23 +87,23 @@ class _Worker:
             self.process.wait()
 
 
-def compile_segments(backend_name: str, segments: list[SegmentGraph],
-                     options: CompilerOptions, workdir: Path) -> list[CompiledSegment]:
-    """Compile every segment; failures and timeouts come back as errors, not raises."""
-    pending = list(range(len(segments)))
+def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path
+                     ) -> list[CompiledSegment]:
+    """Compile every job; failures and timeouts come back as errors, not raises."""
+    segments = [j.segment for j in jobs]
+    pending = list(range(len(jobs)))
     results: dict[int, CompiledSegment] = {}
-    workers = [_Worker(backend_name) for _ in range(worker_count(options, len(segments)))] \
-        if segments else []
+    workers = [_Worker() for _ in range(worker_count(options, len(jobs)))] if jobs else []
     progress.update(0, len(segments), "")
     try:
         while len(results) < len(segments):
             for w in workers:
                 if w.job is None and pending:
                     i = pending.pop(0)
-                    seg_dir = workdir / segments[i].name
+                    seg_dir = workdir / jobs[i].directory
                     seg_dir.mkdir(parents=True, exist_ok=True)
                     (seg_dir / "graph.pb").write_bytes(segments[i].graph_def_bytes)
-                    w.writer.send((segments[i], options, str(seg_dir)))
+                    w.writer.send((jobs[i].backend, segments[i], options, str(seg_dir)))
                     w.job = (i, time.monotonic())
             for k, w in enumerate(workers):
                 outcome = _poll(w, options.timeout_s)
@@ -101,13 +111,13 @@ def compile_segments(backend_name: str, segments: list[SegmentGraph],
                     continue
                 i, start = w.job
                 w.job, w.started = None, False
-                results[i] = _record(segments[i], workdir / segments[i].name, outcome,
+                results[i] = _record(jobs[i], workdir / jobs[i].directory, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments))
                 progress.update(len(results), len(segments), segments[i].name)
                 if outcome[0] != "ok" and ("timed out" in outcome[1][0]
                                            or w.process.poll() is not None):
                     w.stop(kill=True)  # a hung or dead compiler is replaced, not reused
-                    workers[k] = _Worker(backend_name)
+                    workers[k] = _Worker()
             _wait_any(workers)
     finally:
         for w in workers:
@@ -144,18 +154,20 @@ def _poll(w: _Worker, timeout_s: float):
     return None
 
 
-def _record(segment: SegmentGraph, seg_dir: Path, outcome, seconds: float, done: int,
+def _record(job: CompileJob, seg_dir: Path, outcome, seconds: float, done: int,
             total: int) -> CompiledSegment:
+    segment = job.segment
     if outcome[0] == "ok":
         artifact: Artifact = outcome[1]
         _write_artifact(seg_dir, artifact)
-        log.info("compiled %s (%d ops) in %.1f s [%d/%d]", segment.name, segment.node_count,
-                 seconds, done, total)
-        return CompiledSegment(segment, artifact, None, seconds)
+        log.info("compiled %s (%d ops) on %s in %.1f s [%d/%d]", segment.name,
+                 segment.node_count, job.backend, seconds, done, total)
+        return CompiledSegment(segment, artifact, None, seconds, job.backend)
     first, detail = outcome[1]
     (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
-    log.warning("segment %s failed to compile: %s [%d/%d]", segment.name, first, done, total)
-    return CompiledSegment(segment, None, first, seconds)
+    log.warning("segment %s failed to compile on %s: %s [%d/%d]", segment.name, job.backend,
+                first, done, total)
+    return CompiledSegment(segment, None, first, seconds, job.backend)
 
 
 def _write_artifact(seg_dir: Path, artifact: Artifact) -> None:

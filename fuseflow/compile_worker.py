@@ -1,7 +1,8 @@
 """The compiler worker process: compiles, then checks, the segments its parent sends.
 
-Run as `python -m fuseflow.compile_worker BACKEND READ_FD WRITE_FD`; every
-request gets exactly one ("ok", Artifact) or ("error", (line, traceback)).
+Run as `python -m fuseflow.compile_worker READ_FD WRITE_FD`; every request
+(backend name, segment, options, directory) gets exactly one ("ok", Artifact)
+or ("error", (line, traceback)).
 
 Before an artifact is accepted it is run on random inputs and compared with
 TensorFlow running the same segment: a compiler that returns garbage costs
@@ -22,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fuseflow.backends.base import Artifact, Backend, SegmentGraph, relative_error
+from fuseflow.backends.base import (
+    Artifact,
+    Backend,
+    SegmentGraph,
+    random_inputs,
+    relative_error,
+)
 from fuseflow.options import CompilerOptions
 
 
@@ -30,21 +37,6 @@ def _fault(segment: SegmentGraph) -> str | None:
     spec = os.environ.get("FUSEFLOW_INJECT_FAULT", "")
     kind, _, target = spec.partition(":")
     return kind if kind and target in ("", segment.name) else None
-
-
-def random_inputs(segment: SegmentGraph, seed: int = 0) -> list[np.ndarray]:
-    """Values every op accepts: normal floats, zero integers (valid indices), False."""
-    from fuseflow.tf_compat import tf
-
-    rng = np.random.default_rng(seed)
-    values = []
-    for port in segment.inputs:
-        dtype = tf.dtypes.as_dtype(port.dtype)
-        if dtype.is_floating:
-            values.append(rng.normal(0, 1, port.shape).astype(dtype.as_numpy_dtype))
-        else:
-            values.append(np.zeros(port.shape, dtype.as_numpy_dtype))
-    return values
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -98,19 +90,22 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
     return Artifact(artifact.executable, artifact.log + check, artifact.files)
 
 
-def main(backend_name: str, read_fd: int, write_fd: int) -> None:
+def main(read_fd: int, write_fd: int) -> None:
     from fuseflow.backends import get_backend
 
     reader = Connection(read_fd, writable=False)
     writer = Connection(write_fd, readable=False)
-    backend = get_backend(backend_name)
+    backends: dict[str, Backend] = {}
     while True:
         try:
-            segment, options, seg_dir = reader.recv()
+            backend_name, segment, options, seg_dir = reader.recv()
         except EOFError:
             return
         writer.send(("started", time.monotonic()))
         try:
+            if backend_name not in backends:
+                backends[backend_name] = get_backend(backend_name)
+            backend = backends[backend_name]
             writer.send(("ok", compile_checked(backend, segment, options, Path(seg_dir))))
         except Exception as e:  # every failure goes back to the parent, which decides
             text = str(e).strip()
@@ -119,4 +114,4 @@ def main(backend_name: str, read_fd: int, write_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(int(sys.argv[1]), int(sys.argv[2]))

@@ -25,6 +25,8 @@ FAST_MATH_CHOICES = ("all", "none", "fp32-cast-all", "fp32-cast-matmult", "no-fp
                      "fast-relayout", "no-fast-relayout")
 ENV_FLAGS = ("FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS")
 DEFAULT_TIMEOUT_S = 18000.0
+DEFAULT_PROFILE_BUDGET_S = 120.0  # timing candidates at compile time, all together
+BACKEND_CHOICES = ("auto", "openvino", "xla")
 VERBOSE_LEVELS = {"DEBUG": 2, "INFO": 1, "WARN": 0, "WARNING": 0, "ERROR": 0}
 
 # neuron-cc / tensorflow-neuron flags with no meaning on these backends: flag -> nargs
@@ -45,6 +47,8 @@ class CompilerOptions:
     """What the backends and the compile driver need to know."""
 
     backend: str | None = None  # None: pick by hardware (see saved_model.compile)
+    profile: bool = True  # time segments against TF at compile time (place.py)
+    profile_budget_s: float = DEFAULT_PROFILE_BUDGET_S
     must_compile: bool = False
     timeout_s: float = DEFAULT_TIMEOUT_S
     workers: int | None = None
@@ -65,7 +69,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> _Parser:
     p = _Parser(prog="compiler_args", add_help=False, allow_abbrev=False)
-    p.add_argument("--backend", choices=("openvino", "xla"))
+    p.add_argument("--backend", choices=BACKEND_CHOICES)
+    p.add_argument("--profile", dest="profile", action="store_true", default=None)
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--profile-budget", type=float)
     p.add_argument("--must-compile", action="store_true")
     p.add_argument("--timeout", type=float)
     p.add_argument("--workers", type=int)
@@ -152,7 +159,8 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             "README")
     for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
                         ("--neuroncore-pipeline-cores", ns.cores),
-                        ("--max-segments", ns.max_segments)):
+                        ("--max-segments", ns.max_segments),
+                        ("--profile-budget", ns.profile_budget)):
         if value is not None and not value > 0:
             raise errors.CompilerArgsError(f"{name} must be positive, got {value}")
     if ns.dynamic_batch_size and ns.no_dynamic_batch:
@@ -169,6 +177,9 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             f"backend={backend!r} contradicts --backend {ns.backend}: give one of them")
     return CompilerOptions(
         backend=backend or ns.backend,
+        profile=ns.profile is not False,
+        profile_budget_s=(ns.profile_budget if ns.profile_budget is not None
+                          else DEFAULT_PROFILE_BUDGET_S),
         must_compile=ns.must_compile,
         timeout_s=ns.timeout if ns.timeout is not None else DEFAULT_TIMEOUT_S,
         workers=ns.workers,

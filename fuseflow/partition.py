@@ -40,6 +40,7 @@ class Segment:
     name: str
     nodes: list[str]
     size: int  # nodes that count (pass-through ops excluded)
+    colour: str | None = None  # what its nodes share (e.g. the backend placed on them)
 
 
 @dataclass
@@ -254,7 +255,7 @@ def _fixed_exclusions(graph_def, order, support, dtype_reason, input_nodes, opti
     return excluded
 
 
-def _internal_groups(graph_def, internal: Collection[str]) -> list[set[str]]:
+def internal_groups(graph_def, internal: Collection[str]) -> list[set[str]]:
     """Nodes joined by tensors that may not cross a segment boundary, as groups that go
     into one segment together or stay in TF together."""
     parent: dict[str, str] = {}
@@ -277,8 +278,13 @@ def _internal_groups(graph_def, internal: Collection[str]) -> list[set[str]]:
 
 def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: Iterable[str],
                     options: PartitionOptions, dtype_reason=lambda node: None,
-                    internal_tensors: Collection[str] = ()) -> Partition:
+                    internal_tensors: Collection[str] = (),
+                    colour: dict[str, str] | None = None) -> Partition:
     """Propose segments: maximal cycle-free clusters of nodes the backend takes.
+
+    colour (node -> a label, e.g. the backend chosen for it): only nodes of one colour
+    join one segment, all clusters found in one pass so that together they stay
+    cycle-free. A group below (TensorLists, a TF1 frame) must be of one colour.
 
     internal_tensors (e.g. TensorLists, dtype variant) may flow inside a segment but
     never in or out of one: their producer and consumers join one segment or none.
@@ -290,8 +296,8 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
     frames = _v1_frames(graph_def, order)
     excluded = _fixed_exclusions(graph_def, order, support, dtype_reason,
                                  set(input_nodes), options, frames)
-    groups = [(g, Reason.INTERNAL_PORT) for g in _internal_groups(graph_def,
-                                                                  set(internal_tensors))]
+    groups = [(g, Reason.INTERNAL_PORT) for g in internal_groups(graph_def,
+                                                                 set(internal_tensors))]
     groups += [(g, Reason.CONTROL_FLOW) for g in frames]
     for frame in frames:  # the backend can't run the loop: that is the reason for all of it
         if any(excluded.get(n) in _BACKEND_REFUSALS for n in frame):
@@ -302,7 +308,7 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
                 for name in group:
                     excluded.setdefault(name, reason)
         partition = _cluster(graph_def, order, dict(excluded), options,
-                             [g for g, _ in groups])
+                             [g for g, _ in groups], colour or {})
         segment_of = {n: s.name for s in partition.segments for n in s.nodes}
         split = [(g, r) for g, r in groups if len({segment_of.get(n) for n in g}) > 1]
         if not split:
@@ -313,7 +319,8 @@ def partition_graph(graph_def, support: dict[str, Reason | None], input_nodes: I
 
 
 def _cluster(graph_def, order: list[int], excluded: dict[str, Reason],
-             options: PartitionOptions, groups: list[set[str]]) -> Partition:
+             options: PartitionOptions, groups: list[set[str]], colour: dict[str, str]
+             ) -> Partition:
     nodes = graph_def.node
     position = {i: p for p, i in enumerate(order)}
     index = {n.name: position[i] for i, n in enumerate(nodes)}
@@ -333,12 +340,13 @@ def _cluster(graph_def, order: list[int], excluded: dict[str, Reason],
                 edges.append((index[src.name], index[nodes[i].name]))
     graph = _ClusterGraph(len(order), edges)
     candidate = [name not in excluded for name in names]
+    tint = [colour.get(name) for name in names]
     for pos in range(len(names)):
         if not candidate[pos]:
             continue
         for inp in nodes[order[pos]].input:
             src = index[node_name(inp)]
-            if not candidate[src]:
+            if not candidate[src] or tint[src] != tint[pos]:
                 continue
             a, b = graph.find(src), graph.find(pos)
             if a != b:
@@ -346,14 +354,17 @@ def _cluster(graph_def, order: list[int], excluded: dict[str, Reason],
     for group in groups:  # members joined only by control edges (a TF1 frame) join too
         positions = [index[n] for n in group if candidate[index[n]]]
         for pos in positions[1:]:
+            if tint[pos] != tint[positions[0]]:
+                continue  # a split group: partition_graph keeps it in TF
             a, b = sorted((graph.find(positions[0]), graph.find(pos)),
                           key=graph.rank.__getitem__)
             if a != b:
                 graph.contract(a, b)  # refused if a path through other nodes joins them
-    return _collect_segments(names, candidate, graph, nodes, order, excluded, options)
+    return _collect_segments(names, candidate, graph, nodes, order, excluded, options, tint)
 
 
-def _collect_segments(names, candidate, graph, nodes, order, excluded, options) -> Partition:
+def _collect_segments(names, candidate, graph, nodes, order, excluded, options,
+                      tint) -> Partition:
     members: dict[int, list[int]] = {}
     for pos in range(len(names)):
         if candidate[pos]:
@@ -371,6 +382,7 @@ def _collect_segments(names, candidate, graph, nodes, order, excluded, options) 
             for p in positions:
                 excluded[names[p]] = Reason.SMALL_SEGMENT
     keep.sort(key=lambda c: c[2][0])
-    segments = [Segment(f"fuseflow_segment_{k}", [names[p] for p in positions], size)
+    segments = [Segment(f"fuseflow_segment_{k}", [names[p] for p in positions], size,
+                        tint[positions[0]])
                 for k, (size, _root, positions) in enumerate(keep)]
     return Partition(segments, excluded)

@@ -17,5 +17,6 @@ class Reason(str, Enum):
     UPSTREAM_OF_INPUT = "upstream of a signature input"
     SMALL_SEGMENT = "segment smaller than minimum_segment_size"
     SLOW_ON_BACKEND = "slower on this backend than in TensorFlow"
+    SLOWER_THAN_TF = "slower than TensorFlow"
     COMPILE_FAILED = "compile failed"
     STRUCTURAL = "graph plumbing (placeholder, constant, no-op)"

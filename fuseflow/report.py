@@ -36,6 +36,7 @@ class SegmentReport:
     artifact_bytes: int
     compile_seconds: float
     error: str | None = None
+    timing: dict | None = None  # measured against TF at compile time (place.py)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class CompileReport:
     not_compiled: list[NotCompiled] = field(default_factory=list)  # most ops first
     unknown_shapes: list[UnknownShape] = field(default_factory=list)  # costliest first
     dynamic_batch: bool = True  # the compiled model accepts any batch size
+    placement: dict | None = None  # how backends were chosen: mode, timings, seconds
 
     @property
     def ratio(self) -> float:
@@ -88,12 +90,20 @@ class CompileReport:
             "num_segments": len(compiled),
             "num_segments_failed": len(self.segments) - len(compiled),
             "backend": self.backend,
-            "ops_per_backend": {self.backend: self.num_ops_on_backend},
+            "ops_per_backend": self.ops_per_backend(),
             "dynamic_batch": self.dynamic_batch,
         }
 
+    def ops_per_backend(self) -> dict[str, int]:
+        counts: Counter = Counter()
+        for s in self.segments:
+            if s.compiled:
+                counts[s.backend] += s.node_count
+        return dict(counts) or {self.backend: 0}
+
     def to_json(self) -> dict:
         data = {**self.result(), "segments": [asdict(s) for s in self.segments],
+                "placement": self.placement,
                 "not_compiled": [r.to_json() for r in self.not_compiled],
                 "unknown_shapes": [asdict(u) for u in self.unknown_shapes]}
         data["advice"] = advice(data)
@@ -108,34 +118,41 @@ def _ports(ports) -> list[dict]:
 
 
 def build_report(backend: str, num_ops_original: int, graph_def, excluded: dict[str, Reason],
-                 compiled: list[CompiledSegment], tensor_infos=None) -> CompileReport:
-    """tensor_infos (tensor -> TensorInfo) lets the report name where unknown shapes start."""
+                 compiled: list[CompiledSegment], tensor_infos=None,
+                 details: dict[str, str] | None = None,
+                 timings: dict[str, dict] | None = None) -> CompileReport:
+    """tensor_infos (tensor -> TensorInfo) lets the report name where unknown shapes start;
+    details (node -> text) says more about why a node was excluded (e.g. its timings);
+    timings (segment name -> figures) are the segments' own, measured against TF."""
     op_of = {n.name: n.op for n in graph_def.node}
     unknown = []
     if tensor_infos is not None:
         unknown = unknown_shape_sources(graph_def, tensor_infos, excluded)
+    timings = timings or {}
     return CompileReport(
         backend=backend, num_ops_original=num_ops_original,
         num_ops_optimized=count_ops(graph_def),
         num_ops_on_backend=sum(c.segment.node_count for c in compiled if c.artifact is not None),
-        segments=[_segment_report(c, backend, op_of) for c in compiled],
-        not_compiled=_not_compiled(compiled, excluded, op_of), unknown_shapes=unknown)
+        segments=[_segment_report(c, c.backend or backend, op_of, timings.get(c.segment.name))
+                  for c in compiled],
+        not_compiled=_not_compiled(compiled, excluded, op_of, details or {}),
+        unknown_shapes=unknown)
 
 
-def _segment_report(item: CompiledSegment, backend: str, op_of: dict[str, str]
-                    ) -> SegmentReport:
+def _segment_report(item: CompiledSegment, backend: str, op_of: dict[str, str],
+                    timing: dict | None) -> SegmentReport:
     seg, ok = item.segment, item.artifact is not None
     types = Counter(op_of[n] for n in seg.node_names)
     return SegmentReport(
         name=seg.name, backend=backend, compiled=ok, node_count=seg.node_count,
         op_types=dict(types.most_common()), inputs=_ports(seg.inputs),
         outputs=_ports(seg.outputs), artifact_bytes=len(item.artifact.executable) if ok else 0,
-        compile_seconds=round(item.seconds, 3), error=item.error)
+        compile_seconds=round(item.seconds, 3), error=item.error, timing=timing)
 
 
 def _not_compiled(compiled: list[CompiledSegment], excluded: dict[str, Reason],
-                  op_of: dict[str, str]) -> list[NotCompiled]:
-    """One row per (op type, reason[, compiler error]), most nodes first."""
+                  op_of: dict[str, str], details: dict[str, str]) -> list[NotCompiled]:
+    """One row per (op type, reason[, detail]), most nodes first."""
     left: dict[tuple[str, Reason, str | None], list[str]] = {}
     for item in compiled:
         if item.artifact is None:
@@ -143,7 +160,7 @@ def _not_compiled(compiled: list[CompiledSegment], excluded: dict[str, Reason],
                 left.setdefault((op_of[name], Reason.COMPILE_FAILED, item.error), []).append(name)
     for name, reason in excluded.items():
         if reason is not Reason.STRUCTURAL:
-            left.setdefault((op_of[name], reason, None), []).append(name)
+            left.setdefault((op_of[name], reason, details.get(name)), []).append(name)
     rows = [NotCompiled(op, reason, len(names), names[:_EXAMPLE_NODES], detail)
             for (op, reason, detail), names in left.items()]
     return sorted(rows, key=lambda r: (-r.count, r.op_type, r.reason.value))
@@ -203,6 +220,8 @@ _HINTS = {
                               "inputs come first",
     Reason.SMALL_SEGMENT: "pass a smaller minimum_segment_size",
     Reason.SLOW_ON_BACKEND: "measured slower there: force_fuse_ops forces it in anyway",
+    Reason.SLOWER_THAN_TF: "timed at compile time, TensorFlow ran it faster: force_fuse_ops "
+                           "or --must-compile compiles it anyway",
     Reason.COMPILE_FAILED: "see compile.log in compiler_workdir; pass the failing node in "
                            "no_fuse_ops so the rest compiles",
 }

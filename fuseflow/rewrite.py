@@ -9,7 +9,8 @@ function library: it is the XLA call's body, and the native op's fallback.
 
 from __future__ import annotations
 
-from fuseflow.backends.base import Backend, SegmentGraph
+from fuseflow.backends import get_backend
+from fuseflow.backends.base import SegmentGraph
 from fuseflow.compile import CompiledSegment
 from fuseflow.graph_util import constant_nodes, node_name
 from fuseflow.optimize import restore_lowering
@@ -36,9 +37,12 @@ def segment_function(segment: SegmentGraph, function_name: str):
     return fdef
 
 
-def rewrite_graph(graph_def, compiled: list[CompiledSegment], backend: Backend,
-                  options: CompilerOptions, keep_nodes: set[str]):
-    """A new GraphDef with every successfully compiled segment fused."""
+def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerOptions,
+                  keep_nodes: set[str]):
+    """A new GraphDef with every successfully compiled segment fused, each by the backend
+    that compiled it."""
+    backends = {name: get_backend(name) for name in {c.backend for c in compiled
+                                                     if c.artifact is not None}}
     out = tf.compat.v1.GraphDef()
     out.CopyFrom(graph_def)
     taken = {n.name for n in out.node} | {f.signature.name for f in out.library.function}
@@ -50,7 +54,7 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], backend: Backend,
         seg = item.segment
         function_name = _unique(f"{seg.name}_native", taken)
         out.library.function.add().CopyFrom(segment_function(seg, function_name))
-        fused = backend.fused_node(seg, function_name, item.artifact, options)
+        fused = backends[item.backend].fused_node(seg, function_name, item.artifact, options)
         fused.name = _unique(seg.name, taken)
         fused.input.extend(seg.input_sources)
         new_nodes.append(fused)

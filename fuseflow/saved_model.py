@@ -7,14 +7,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow import errors
-from fuseflow.backends import get_backend
+from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import batch_tensors, runs_at_other_batch
-from fuseflow.compile import compile_segments
+from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
 from fuseflow.export import (
     REPORT_DIR,
     check_output_dir,
@@ -37,10 +37,12 @@ from fuseflow.options import (
 from fuseflow.partition import (
     Partition,
     PartitionOptions,
+    Segment,
     default_minimum_segment_size,
     partition_graph,
     topological_order,
 )
+from fuseflow.place import Placement, feed_value_function, place, preferred_backends
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
@@ -52,6 +54,7 @@ from fuseflow.shapes import (
     node_tensors,
     resolve_input_shapes,
     serving_shapes,
+    synthesized_value,
 )
 from fuseflow.tf_compat import tf
 
@@ -75,15 +78,22 @@ def _names(value, what: str) -> frozenset[str]:
 
 
 def default_backend() -> str:
-    """OpenVINO is the fast CPU backend; XLA is the one for GPUs."""
+    """On a CPU each segment goes to the backend that runs it fastest (or stays in TF);
+    XLA is the one for GPUs."""
     from fuseflow.backends.xla import has_gpu
 
-    return "xla" if has_gpu() else "openvino"
+    return "xla" if has_gpu() else "auto"
+
+
+def backend_names(backend: str) -> list[str]:
+    """The backends a compile may use, in order of preference for ops both take."""
+    return list(BACKEND_NAMES) if backend == "auto" else [backend]
 
 
 @dataclass
 class _Plan:
-    """Everything decided before compiling: the graph, its shapes and the proposed segments."""
+    """Everything decided before compiling: the graph, its shapes and the proposed segments
+    (each coloured with its preferred backend; placement may time and change them)."""
 
     model: LoadedModel
     inputs: InputShapes
@@ -93,6 +103,10 @@ class _Plan:
     partition: Partition
     backend_name: str
     options: CompilerOptions
+    supports: dict[str, dict]  # backend -> {node: Reason | None}
+    partitioner: Callable[[dict, dict | None], Partition]
+    force_fuse: frozenset[str]
+    internal: set[str]
 
 
 def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
@@ -110,7 +124,7 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
         raise errors.OptionError("subgraph_builder_function must be a callable taking a "
                                  f"NodeDef and returning a bool, got {subgraph_builder_function!r}")
     backend_name = options.backend or default_backend()
-    chosen = get_backend(backend_name)
+    backends = {name: get_backend(name) for name in backend_names(backend_name)}
 
     model = load_saved_model(model_dir, tags, signature_def_key)
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
@@ -127,16 +141,24 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
         chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)
         force_fuse, no_fuse = force_fuse | chosen_on, no_fuse | chosen_off
     infos = infer_tensor_shapes(graph_def, model, inputs)
+    supports = {name: b.support(graph_def, infos, options) for name, b in backends.items()}
+    internal = _variant_tensors(infos)
+    partition_options = PartitionOptions(
+        minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
+        no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments)
+    input_nodes = [node_name(s.tensor_name) for s in model.inputs]
 
-    partition = partition_graph(
-        graph_def, chosen.support(graph_def, infos, options),
-        [node_name(s.tensor_name) for s in model.inputs],
-        PartitionOptions(
-            minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
-            no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
-        dtype_reason=lambda node: _dtype_reason(node, infos),
-        internal_tensors=_variant_tensors(infos))
-    return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options)
+    def partitioner(support: dict, colour: dict | None) -> Partition:
+        return partition_graph(graph_def, support, input_nodes, partition_options,
+                               dtype_reason=lambda node: _dtype_reason(node, infos),
+                               internal_tensors=internal, colour=colour)
+
+    prefer = preferred_backends(graph_def, supports, force_fuse, internal)
+    first = supports[next(iter(supports))]
+    union = {n.name: None if n.name in prefer else first.get(n.name) for n in graph_def.node}
+    partition = partitioner(union, prefer)
+    return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options,
+                 supports, partitioner, force_fuse, internal)
 
 
 def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
@@ -205,14 +227,11 @@ def _only_types(types, builder):
 
 
 def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
-    """Extract, compile, rewrite, check the batch, report and write the planned model."""
+    """Place, extract, compile, rewrite, check the batch, report and write the model."""
     model, inputs, graph_def, infos, options = (plan.model, plan.inputs, plan.graph_def,
                                                 plan.infos, plan.options)
-    serving, partition, backend_name = plan.serving, plan.partition, plan.backend_name
-    chosen = get_backend(backend_name)
+    serving = plan.serving
     fetches = {tensor_name(s.tensor_name) for s in model.outputs}
-    members_of = {n: s.name for s in partition.segments for n in s.nodes}
-    consumers = consumers_outside(graph_def, members_of)
     batch_info = None
     if options.dynamic_batch:
         batch_info = batch_tensors(
@@ -220,35 +239,82 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             [tensor_name(s.tensor_name) for s in model.inputs],
             _batch_dim(inputs.shapes))
     constants = constant_nodes(graph_def)
-    segments = [extract_segment(graph_def, s, infos, consumers, fetches, batch_info, constants)
-                for s in partition.segments]
+
+    def extract(segment: Segment, consumers: dict):
+        return extract_segment(graph_def, segment, infos, consumers, fetches, batch_info,
+                               constants)
 
     with _workdir(workdir) as work:
-        compiled = compile_segments(backend_name, segments, options, work)
+        placement = Placement(plan.partition, summary={
+            "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
+            "backends": list(plan.supports)})
+        if options.profile:
+            placement = place(graph_def, infos, plan.supports, plan.partitioner, options,
+                              plan.force_fuse, plan.internal, extract,
+                              feed_value_function(graph_def, model, _input_values(model,
+                                                                                   inputs)),
+                              work)
+        partition = placement.partition
+        members_of = {n: s.name for s in partition.segments for n in s.nodes}
+        consumers = consumers_outside(graph_def, members_of)
+        segments = [extract(s, consumers) for s in partition.segments]
+        ready: dict[int, CompiledSegment] = {}
+        jobs = []
+        for k, (seg, graph) in enumerate(zip(partition.segments, segments)):
+            done = placement.compiled.get((frozenset(seg.nodes), seg.colour))
+            if done is not None:
+                ready[k] = CompiledSegment(graph, done.artifact, None, done.seconds,
+                                           done.backend)
+            else:
+                jobs.append((k, CompileJob(seg.colour, graph, graph.name)))
+        for (k, _), item in zip(jobs, compile_segments([j for _, j in jobs], options, work)):
+            ready[k] = item
+        compiled = [ready[k] for k in range(len(segments))]
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:
         raise errors.SegmentCompileError(
             f"The following subgraphs failed to compile: {failed} "
             f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
             "let them run in TensorFlow instead")
-    final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
+    final = rewrite_graph(graph_def, compiled, options, set(model.fetch_nodes))
+    used = sorted({c.backend for c in compiled if c.artifact is not None})
+    label = "+".join(used) if used else "+".join(plan.supports)
+    tolerance = max(get_backend(b).tolerance(options) for b in plan.supports)
     if serving != inputs.shapes and not runs_at_other_batch(
-            model, final, serving, inputs.shapes, chosen.tolerance(options)):
+            model, final, serving, inputs.shapes, tolerance):
         log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
                     "which compiling fixed: the compiled model accepts batch %s only; "
                     "compile again for other batch sizes", _batch_dim(inputs.shapes))
         serving = inputs.shapes
         final = guard_input_shapes(final, model, serving)
     final = apply_input_shapes(final, model, serving)
-    report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
-                          tensor_infos=infos)
+    timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
+               for seg, graph in zip(partition.segments, segments)}
+    report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
+                          tensor_infos=infos, details=placement.details, timings=timings)
     report.dynamic_batch = serving != inputs.shapes
+    report.placement = placement.summary
     with shown_info():
         log_report(report)
+    runtime: dict = {}
+    for name in used or list(plan.supports):
+        runtime = {**get_backend(name).runtime_info(), **runtime}
+    runtime["backend"] = label
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)
-        _write_report(path, report, chosen.runtime_info())
+        _write_report(path, report, runtime)
     return report.result()
+
+
+def _input_values(model: LoadedModel, inputs: InputShapes) -> dict:
+    """Values to run the model on while timing: the user's feeds, else synthesized ones
+    (none for string inputs: segments are then timed on random values)."""
+    if inputs.feeds:
+        return dict(inputs.feeds)
+    if any(s.dtype == tf.string for s in model.inputs):
+        return {}
+    return {s.tensor_name: synthesized_value(s.dtype, inputs.shapes[s.key], 0)
+            for s in model.inputs}
 
 
 def simple_save(session, export_dir, inputs, outputs, legacy_init_op=None, batch_size=1,

@@ -380,7 +380,7 @@ def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[st
         infos[name] = TensorInfo(infos[name].dtype, tuple(np.shape(value)))
 
 
-def _synthesized(dtype: tf.DType, shape: tuple[int, ...], run: int) -> np.ndarray:
+def synthesized_value(dtype: tf.DType, shape: tuple[int, ...], run: int) -> np.ndarray:
     """Run 0 and 1: random values (ints 0 or 1: valid indices and ids for any table);
     run 2: all zeros, which changes any size that counts or selects values."""
     want = dtype.as_numpy_dtype
@@ -407,7 +407,7 @@ def _measure_synthesized(graph, infos: dict[str, TensorInfo], input_map: dict,
     runs = []
     for run in range(3):
         feed_dict = {input_map[tensor_name(s.tensor_name)]:
-                     _synthesized(s.dtype, inputs.shapes[s.key], run) for s in model.inputs}
+                     synthesized_value(s.dtype, inputs.shapes[s.key], run) for s in model.inputs}
         try:
             runs.append([np.shape(v) for v in _run(graph, wanted, feed_dict, model.init_nodes)])
         except Exception as e:

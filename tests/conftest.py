@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# Compile-time timing (place.py) makes placement follow the machine's load: tests prove
+# paths, so they place by op kind; tests of timed placement pass --profile themselves.
+os.environ.setdefault("FUSEFLOW_CC_FLAGS", "--no-profile")
 REPO = Path(__file__).resolve().parents[1]
 
 import tensorflow as tf  # noqa: E402
@@ -118,9 +121,10 @@ def run_fresh(model_dir, feeds: dict, tmp_path: Path, signature="serving_default
     return result if len(result) > 1 else outputs
 
 
-def fused_segments(model_dir, tags=None) -> dict[str, str]:
+def fused_segments(model_dir, tags=None, backend=None) -> dict[str, str]:
     """{fused node name: the function it runs} of a compiled SavedModel (the meta graph
-    with `tags`, else every one): FuseflowOp's native_segment, or the XLA call's f."""
+    with `tags`, else every one): FuseflowOp's native_segment, or the XLA call's f; with
+    `backend`, that backend's only."""
     from fuseflow.load import read_saved_model_proto
 
     proto = read_saved_model_proto(str(model_dir))
@@ -131,12 +135,21 @@ def fused_segments(model_dir, tags=None) -> dict[str, str]:
         graph = meta.graph_def
         nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
         for n in nodes:
-            if n.op == "FuseflowOp":
+            if n.op == "FuseflowOp" and backend in (None, "openvino"):
                 found[n.name] = n.attr["native_segment"].func.name
             elif n.op in ("PartitionedCall", "StatefulPartitionedCall") and \
-                    n.attr["_XlaMustCompile"].b:
+                    n.attr["_XlaMustCompile"].b and backend in (None, "xla"):
                 found[n.name] = n.attr["f"].func.name
     return found
+
+
+def assert_ran_each(stats: dict, model_dir, tags=None) -> None:
+    """A model with segments on both backends: every segment ran on its own backend."""
+    openvino = fused_segments(model_dir, tags, "openvino")
+    xla = fused_segments(model_dir, tags, "xla")
+    assert openvino and xla, f"not a mixed model: {openvino} {xla}"
+    assert_ran(stats, "openvino", openvino)
+    assert_ran({**stats, "ops": {}}, "xla", xla)
 
 
 def _cluster_function(cluster: str) -> str:

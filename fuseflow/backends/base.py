@@ -109,6 +109,19 @@ def relative_error(want, got) -> float:
     return float(np.max(np.abs(want[finite] - got[finite]), initial=0.0)) / scale
 
 
+def random_inputs(segment: SegmentGraph, seed: int = 0) -> list[np.ndarray]:
+    """Values every op accepts: normal floats, zero integers (valid indices), False."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for port in segment.inputs:
+        dtype = tf.dtypes.as_dtype(port.dtype)
+        if dtype.is_floating:
+            values.append(rng.normal(0, 1, port.shape).astype(dtype.as_numpy_dtype))
+        else:
+            values.append(np.zeros(port.shape, dtype.as_numpy_dtype))
+    return values
+
+
 def probe_graph(graph_def, keep: set[str], infos, constants: set[str] | None = None):
     """The nodes in keep as extract.py would put them into segments: constants (and the
     chains computing them) copied in, the functions they call carried along, every other

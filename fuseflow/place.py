@@ -1,0 +1,291 @@
+"""Stage 4b: which backend runs each part of the graph, or TensorFlow: timed, not guessed.
+
+Neither backend wins everywhere on a CPU: OpenVINO runs convolutions and
+attention fastest, XLA runs loops (Keras RNNs) fastest, and a small segment
+can be slower than the TF ops it replaces. So placement works in two sizes:
+
+- regions: maximal clusters of nodes that some backend takes;
+- pieces: a region cut where the preferred backend changes (loops prefer XLA,
+  everything else OpenVINO, a node only one backend takes goes there).
+
+Each region is compiled whole by every backend that takes all of it, and its
+pieces by their preferred backends. All are timed against TensorFlow
+(timing.py), and each region gets the fastest of: TF, whole on one backend,
+or its pieces each on its backend (or TF). The final partition then clusters
+nodes by the backend chosen for them, so a loop on XLA can sit between
+convolutions on OpenVINO. Without profiling (--no-profile) the preferred
+backends are used as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fuseflow import errors
+from fuseflow.backends.base import random_inputs
+from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
+from fuseflow.extract import consumers_outside
+from fuseflow.options import CompilerOptions
+from fuseflow.partition import Partition, Segment, internal_groups
+from fuseflow.reasons import Reason
+from fuseflow.timing import Timing, TimingJob, time_jobs
+
+log = logging.getLogger("fuseflow")
+
+LOOP_OPS = frozenset({"While", "StatelessWhile"})
+LOOP_BACKEND = "xla"  # measured: XLA runs Keras RNN loops 2-4x faster than OpenVINO
+# Within this fraction, the option with fewer segments wins: timing noise is not a reason
+# to cut a region.
+_TIE = 0.05
+# A compiled segment may run this much slower than TF with calls in flight, for its gain
+# one call at a time, before TF keeps it.
+_IN_FLIGHT_SLACK = 1.10
+
+Partitioner = Callable[[dict, dict | None], Partition]
+
+
+@dataclass
+class Placement:
+    """The final segments, each coloured with its backend, and what was learned."""
+
+    partition: Partition
+    compiled: dict[tuple[frozenset, str], CompiledSegment] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)  # node -> why TF keeps it
+    timings: dict[frozenset, dict] = field(default_factory=dict)  # nodes -> figures
+    summary: dict = field(default_factory=dict)
+
+
+def preferred_backends(graph_def, supports: dict[str, dict], force: frozenset[str],
+                       internal: set[str]) -> dict[str, str]:
+    """node -> the backend it should run on by kind, for every node some backend takes."""
+    names = list(supports)
+    ops = {n.name: n.op for n in graph_def.node}
+    prefer: dict[str, str] = {}
+    for name, op in ops.items():
+        takers = [b for b in names if supports[b].get(name) is None]
+        if not takers and name in force:
+            takers = names[:1]
+        if not takers:
+            continue
+        prefer[name] = LOOP_BACKEND if op in LOOP_OPS and LOOP_BACKEND in takers else takers[0]
+    # A loop's TensorLists never cross a segment boundary: its group follows the loop.
+    for group in internal_groups(graph_def, internal):
+        loops = [n for n in group if ops.get(n) in LOOP_OPS and n in prefer]
+        first = sorted(group)[0]
+        colour = prefer[loops[0]] if loops else prefer.get(first)
+        for name in group:
+            if colour is not None and name in prefer and (
+                    supports[colour].get(name) is None or name in force):
+                prefer[name] = colour
+    return prefer
+
+
+def place(graph_def, infos, supports: dict[str, dict], partition: Partitioner,
+          options: CompilerOptions, force: frozenset[str], internal: set[str],
+          extract: Callable[[Segment, dict], object], feed_values: Callable[[list], dict],
+          workdir: Path) -> Placement:
+    """Choose a backend (or TF) for every part of the graph; see the module docstring.
+
+    partition(support, colour) runs the partitioner with the caller's fixed options;
+    extract(segment, consumers) cuts a segment out; feed_values(tensors) gives the
+    original model's values of those tensors on the compile inputs (or {})."""
+    names = list(supports)
+    prefer = preferred_backends(graph_def, supports, force, internal)
+    union = {n.name: (None if n.name in prefer else supports[names[0]].get(n.name))
+             for n in graph_def.node}
+    if not options.profile:
+        final = partition(union, prefer)
+        mode = "forced" if len(names) == 1 else "by kind (not timed)"
+        return Placement(final, summary={"mode": mode, "backends": names})
+
+    started = time.monotonic()
+    regions = partition(union, None)
+    region_of = {n: s.name for s in regions.segments for n in s.nodes}
+    pieces = partition(union, {n: f"{region_of.get(n)}/{b}" for n, b in prefer.items()})
+    candidates: list[tuple[str, str, Segment]] = []  # (key, backend, segment)
+    plans = []
+    for region in regions.segments:
+        nodes = set(region.nodes)
+        whole = [b for b in names
+                 if all(supports[b].get(n) is None or n in force for n in nodes)]
+        inside = [p for p in pieces.segments if set(p.nodes) <= nodes]
+        split = [] if len(inside) == 1 and set(inside[0].nodes) == nodes else inside
+        plans.append((region, whole, split))
+        for b in whole:
+            candidates.append((f"{region.name}.{b}", b, region))
+        for k, piece in enumerate(split):
+            candidates.append((f"{region.name}.piece{k}.{piece.colour.split('/')[1]}",
+                               piece.colour.split("/")[1], piece))
+
+    graphs = {}
+    for key, _, seg in candidates:
+        consumers = consumers_outside(graph_def, dict.fromkeys(seg.nodes, key))
+        graphs[key] = dataclasses.replace(extract(seg, consumers), name=key)
+    jobs = [CompileJob(b, graphs[key], f"placement/{key}") for key, b, _ in candidates]
+    compiled = {key: c for (key, _, _), c in zip(candidates, compile_segments(
+        jobs, options, workdir))}
+
+    values = feed_values(sorted({t for g in graphs.values() for t in g.input_sources}))
+    timing_jobs, seen_tf = [], set()
+    for key, backend, seg in candidates:
+        graph = graphs[key]
+        inputs = [values[t] if t in values else v
+                  for t, v in zip(graph.input_sources, random_inputs(graph))]
+        tf_key = _tf_key(seg)
+        if tf_key not in seen_tf:
+            seen_tf.add(tf_key)
+            timing_jobs.append(TimingJob(tf_key, None, graph, None, inputs))
+        if compiled[key].artifact is not None:
+            timing_jobs.append(TimingJob(key, backend, graph, compiled[key].artifact, inputs))
+    timings, failures = time_jobs(timing_jobs, options, options.profile_budget_s, workdir)
+    for key, why in failures.items():
+        log.info("placement: %s not timed: %s", key, why)
+
+    colour: dict[str, str] = {}
+    details: dict[str, str] = {}
+    decisions = []
+    figures: dict[frozenset, dict] = {}
+    for region, whole, split in plans:
+        choice = _decide(region, whole, split, timings, compiled, prefer, force, options)
+        decisions.append(choice.summary)
+        for seg, backend, figure in choice.parts:
+            figures[frozenset(seg.nodes)] = figure
+            for n in seg.nodes:
+                if backend is None:
+                    details[n] = figure["detail"]
+                else:
+                    colour[n] = backend
+    support = {n: (None if n in colour else Reason.SLOWER_THAN_TF if n in details
+                   else union.get(n)) for n in union}
+    final = partition(support, colour)
+    reuse = {(frozenset(seg.nodes), b): compiled[key] for key, b, seg in candidates
+             if compiled[key].artifact is not None}
+    seconds = time.monotonic() - started
+    log.info("placement: %d candidates compiled and timed in %.1f s", len(candidates), seconds)
+    return Placement(final, reuse, details, figures, {
+        "mode": "timed", "backends": names, "seconds": round(seconds, 2),
+        "candidates": len(candidates), "regions": decisions})
+
+
+def _tf_key(seg: Segment) -> str:
+    return f"{seg.name}.tf" if seg.colour is None else f"{seg.name}.{seg.colour}.tf"
+
+
+@dataclass
+class _Choice:
+    parts: list[tuple[Segment, str | None, dict]]  # (nodes, backend or None for TF, figures)
+    summary: dict
+
+
+def _figure(timings: dict[str, Timing], key: str, tf_key: str) -> dict | None:
+    if key not in timings or tf_key not in timings:
+        return None
+    mine, theirs = timings[key], timings[tf_key]
+    return {"latency_ms": round(mine.latency_ms, 4), "tf_latency_ms": round(theirs.latency_ms, 4),
+            "in_flight_ms": round(mine.in_flight_ms, 4),
+            "tf_in_flight_ms": round(theirs.in_flight_ms, 4),
+            "speedup": round(theirs.latency_ms / max(mine.latency_ms, 1e-9), 3)}
+
+
+def _beats_tf(figure: dict) -> bool:
+    return (figure["latency_ms"] < figure["tf_latency_ms"]
+            and figure["in_flight_ms"] <= figure["tf_in_flight_ms"] * _IN_FLIGHT_SLACK)
+
+
+def _slower_detail(figure: dict | None, backend: str) -> str:
+    if figure is None:
+        return f"{backend}: not timed"
+    return (f"{backend} {figure['latency_ms']:.3g} ms vs TF {figure['tf_latency_ms']:.3g} ms "
+            f"per call; {figure['in_flight_ms']:.3g} vs {figure['tf_in_flight_ms']:.3g} ms "
+            f"with calls in flight")
+
+
+def _decide(region: Segment, whole: list[str], split: list[Segment], timings, compiled,
+            prefer: dict[str, str], force: frozenset[str], options: CompilerOptions
+            ) -> _Choice:
+    """The fastest of TF, the region whole on one backend, or its pieces."""
+    keep_anyway = options.must_compile or any(n in force for n in region.nodes)
+    tf_key = _tf_key(region)
+    tf_ms = timings[tf_key].latency_ms if tf_key in timings else None
+    options_ms: list[tuple[float, int, list]] = []  # (ms, segments, parts)
+    tried: dict[str, float | None] = {}
+    for b in whole:
+        figure = _figure(timings, f"{region.name}.{b}", tf_key)
+        tried[b] = figure and figure["latency_ms"]
+        if figure is not None and (keep_anyway or _beats_tf(figure)):
+            options_ms.append((figure["latency_ms"], 1, [(region, b, figure)]))
+    if split:
+        total, parts, ok = 0.0, [], True
+        for k, piece in enumerate(split):
+            b = piece.colour.split("/")[1]
+            figure = _figure(timings, f"{region.name}.piece{k}.{b}", _tf_key(piece))
+            piece_tf = timings.get(_tf_key(piece))
+            if figure is not None and (keep_anyway or _beats_tf(figure)):
+                total += figure["latency_ms"]
+                parts.append((piece, b, figure))
+            elif piece_tf is not None:
+                total += piece_tf.latency_ms
+                parts.append((piece, None, {**(figure or {}),
+                                            "detail": _slower_detail(figure, b)}))
+            else:
+                ok = False
+        if ok and tf_ms is not None:
+            inside = sum(timings[_tf_key(p)].latency_ms for p in split)
+            total += max(0.0, tf_ms - inside)  # nodes of the region in no piece stay in TF
+            options_ms.append((total, sum(1 for p in parts if p[1]), parts))
+            tried["split: " + ", ".join(b or "tensorflow" for _, b, _ in parts)] = round(
+                total, 4)
+    summary = {"region": region.name, "ops": region.size, "tf_ms": tf_ms, "tried_ms": tried}
+    if not options_ms:
+        if tf_ms is None:
+            # Nothing could be timed: the preferred backends, as without profiling.
+            parts = [(p, p.colour.split("/")[1], {}) for p in split] or [
+                (region, whole[0] if whole else prefer.get(region.nodes[0]), {})]
+            summary["chosen"] = "not timed: " + ", ".join(sorted({b for _, b, _ in parts}))
+            return _Choice(parts, summary)
+        backend = whole[0] if whole else prefer.get(region.nodes[0])
+        figure = _figure(timings, f"{region.name}.{backend}", tf_key)
+        summary["chosen"] = "tensorflow"
+        return _Choice([(region, None, {**(figure or {}),
+                                        "detail": _slower_detail(figure, backend)})], summary)
+    best = min(ms for ms, _, _ in options_ms)
+    near = [o for o in options_ms if o[0] <= best * (1 + _TIE)]
+    ms, _, parts = min(near, key=lambda o: (o[1], o[0]))
+    summary.update(chosen=", ".join(sorted({b or "tensorflow" for _, b, _ in parts})),
+                   ms=round(ms, 4), segments=len([p for p in parts if p[1]]))
+    return _Choice(parts, summary)
+
+
+def feed_value_function(graph_def, model, input_values: dict[str, np.ndarray]):
+    """tensors -> their values when the optimized graph runs on input_values ({} when the
+    model can't run on them: the caller falls back to random values)."""
+    def values(tensors: list[str]) -> dict[str, np.ndarray]:
+        from fuseflow.tf_compat import tf
+
+        if not tensors or not input_values:
+            return {}
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.graph_util.import_graph_def(graph_def, name="")
+        try:
+            with tf.compat.v1.Session(graph=graph) as sess:
+                names = {op.name for op in graph.get_operations()}
+                init = [n for n in model.init_nodes if n in names]
+                if init:
+                    sess.run([graph.get_operation_by_name(n) for n in init])
+                got = sess.run(tensors, input_values)
+        except Exception as e:
+            log.info("placement times segments on random inputs: the model did not run on "
+                     "synthesized inputs (%s)", errors.reason(e))
+            return {}
+        return dict(zip(tensors, got))
+
+    return values
+

@@ -1,0 +1,162 @@
+"""Time compiled segments against the TensorFlow ops they replace, as they will run.
+
+Each candidate runs as it will in the model: its fused node (FuseflowOp or an
+XLA call) in a TF session, fed the values the original model computes at the
+segment's inputs. The TF side runs the segment's own ops in a session of the
+same kind. Both are timed one call at a time (median latency) and with calls in
+flight (time per call with 2 threads calling), after warm-up calls that absorb
+first-call costs (XLA compiles at its first call).
+
+Timing runs in a fresh process, one candidate after another: a crashing backend
+costs only its timing, and no compile worker shares the cores meanwhile.
+The process runs main(JOBS.pkl, RESULTS.pkl).
+"""
+
+from __future__ import annotations
+
+import pickle
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fuseflow.backends.base import Artifact, SegmentGraph
+from fuseflow.options import CompilerOptions
+
+_MAIN = "import sys; from fuseflow.timing import main; main(*sys.argv[1:])"
+IN_FLIGHT = 2  # calls in flight for the throughput figure (cores of a small replica)
+_WARMUP = 2
+_MIN_RUNS, _MAX_RUNS = 5, 200
+_SECONDS_PER_SIDE = 0.3  # per candidate: latency calls, then as long again in flight
+
+
+@dataclass(frozen=True)
+class TimingJob:
+    key: str
+    backend: str | None  # None: TensorFlow running the segment's own ops
+    segment: SegmentGraph
+    artifact: Artifact | None
+    inputs: list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Timing:
+    latency_ms: float  # median of single calls
+    in_flight_ms: float  # wall time per call with IN_FLIGHT calls in flight
+    runs: int
+
+    def as_dict(self) -> dict:
+        return {"latency_ms": round(self.latency_ms, 4),
+                "in_flight_ms": round(self.in_flight_ms, 4), "runs": self.runs}
+
+
+def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
+              workdir: Path) -> tuple[dict[str, Timing], dict[str, str]]:
+    """Timings by job key, and errors by job key; jobs past the budget are left out."""
+    if not jobs:
+        return {}, {}
+    src, dst = workdir / "timing_jobs.pkl", workdir / "timing_results.pkl"
+    src.write_bytes(pickle.dumps((jobs, options, budget_s)))
+    dst.unlink(missing_ok=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _MAIN, str(src), str(dst)],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=budget_s + 120)
+    except subprocess.TimeoutExpired:
+        return {}, {j.key: "timing process timed out" for j in jobs}
+    if not dst.exists():
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return {}, {j.key: f"timing process died: {tail[0]}" for j in jobs}
+    return pickle.loads(dst.read_bytes())
+
+
+def _graph(job: TimingJob, options: CompilerOptions):
+    """A TF graph that runs the job, with its feed and fetch names."""
+    from fuseflow.tf_compat import tf
+
+    segment = job.segment
+    graph = tf.Graph()
+    if job.backend is None:
+        with graph.as_default():
+            tf.graph_util.import_graph_def(
+                tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
+        return graph, [f"{p.name}:0" for p in segment.inputs], [p.name for p in segment.outputs]
+    from fuseflow.backends import get_backend
+    from fuseflow.rewrite import segment_function
+
+    graph_def = tf.compat.v1.GraphDef()
+    # Loop and conditional bodies the segment calls.
+    graph_def.library.CopyFrom(tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes).library)
+    for port in segment.inputs:
+        ph = graph_def.node.add(name=port.name, op="Placeholder")
+        ph.attr["dtype"].type = port.dtype
+        ph.attr["shape"].shape.CopyFrom(tf.TensorShape(port.shape).as_proto())
+    function_name = f"{segment.name}_native"
+    graph_def.library.function.add().CopyFrom(segment_function(segment, function_name))
+    fused = get_backend(job.backend).fused_node(segment, function_name, job.artifact, options)
+    fused.name = "fuseflow_timed"
+    fused.input.extend(p.name for p in segment.inputs)
+    graph_def.node.append(fused)
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    return (graph, [f"{p.name}:0" for p in segment.inputs],
+            [f"fuseflow_timed:{k}" for k in range(len(segment.outputs))])
+
+
+def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
+    from fuseflow.tf_compat import tf
+
+    graph, feeds, fetches = _graph(job, options)
+    with tf.compat.v1.Session(graph=graph) as sess:
+        run = sess.make_callable(fetches, feeds)
+        for _ in range(_WARMUP):
+            run(*job.inputs)
+        samples: list[float] = []
+        start = time.perf_counter()
+        while len(samples) < _MAX_RUNS and (
+                len(samples) < _MIN_RUNS or time.perf_counter() - start < _SECONDS_PER_SIDE):
+            t0 = time.perf_counter()
+            run(*job.inputs)
+            samples.append(time.perf_counter() - t0)
+        latency = statistics.median(samples)
+        calls = max(_MIN_RUNS, min(_MAX_RUNS, int(_SECONDS_PER_SIDE / max(latency, 1e-6))))
+
+        def worker():
+            for _ in range(calls):
+                run(*job.inputs)
+
+        threads = [threading.Thread(target=worker) for _ in range(IN_FLIGHT)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        in_flight = (time.perf_counter() - t0) / (calls * IN_FLIGHT)
+    return Timing(latency * 1e3, in_flight * 1e3, len(samples))
+
+
+def main(src: str, dst: str) -> None:
+    import fuseflow  # noqa: F401  (registers FuseflowOp)
+    from fuseflow import errors
+    from fuseflow.logs import tf_quiet
+
+    jobs, options, budget_s = pickle.loads(Path(src).read_bytes())
+    timings: dict[str, Timing] = {}
+    failures: dict[str, str] = {}
+    deadline = time.monotonic() + budget_s
+    with tf_quiet():
+        for job in jobs:
+            if time.monotonic() > deadline:
+                failures[job.key] = "not timed: the profiling budget was spent"
+                continue
+            try:
+                timings[job.key] = _time_one(job, options)
+            except Exception as e:  # a candidate that can't run is not a candidate
+                failures[job.key] = errors.reason(e)
+    Path(dst).write_bytes(pickle.dumps((timings, failures)))
+

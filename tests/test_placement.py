@@ -1,0 +1,155 @@
+"""Per-segment backend choice (place.py): one model on OpenVINO and XLA, and never slower.
+
+The CRNN (convolutions, then a bidirectional LSTM, then a dense head: an OCR
+model's shape) is the model the choice exists for: its convolutions belong on
+OpenVINO and its loops on XLA. Placement by op kind (--no-profile) is
+deterministic and asserted exactly; timed placement is asserted by what holds
+whatever the machine's load: every compiled segment was measured faster than
+TF, and each region got the fastest option that was tried.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fuseflow
+from tests.conftest import (
+    assert_outputs_close,
+    assert_ran,
+    assert_ran_each,
+    fused_segments,
+    run_fresh,
+    run_saved_model,
+    save_tf1,
+)
+
+
+def _crnn(path, steps=16, units=24):
+    tf.keras.utils.set_random_seed(0)
+    image = tf.keras.Input((16, 4 * steps, 1), name="image")
+    x = tf.keras.layers.Conv2D(8, 3, padding="same", activation="relu")(image)
+    x = tf.keras.layers.MaxPool2D((2, 2))(x)
+    x = tf.keras.layers.Conv2D(16, 3, padding="same", activation="relu")(x)
+    x = tf.keras.layers.MaxPool2D((2, 2))(x)  # 4 x steps x 16
+    x = tf.keras.layers.Permute((2, 1, 3))(x)
+    x = tf.keras.layers.Reshape((steps, 4 * 16))(x)
+    x = tf.keras.layers.Bidirectional(tf.keras.layers.LSTM(units, return_sequences=True))(x)
+    out = tf.keras.layers.Dense(11, activation="softmax")(x)
+    tf.keras.Model(image, out).export(str(path))
+    return {"image": np.random.default_rng(0).normal(size=(1, 16, 4 * steps, 1))
+            .astype(np.float32)}
+
+
+def _report(model_dir) -> dict:
+    return json.loads((model_dir / "assets.extra" / "fuseflow_report.json").read_text())
+
+
+def _segments_with(report: dict, op: str) -> set[str]:
+    return {s["backend"] for s in report["segments"] if op in s["op_types"] and s["compiled"]}
+
+
+def test_crnn_by_kind_puts_convolutions_on_openvino_and_loops_on_xla(tmp_path):
+    feeds = _crnn(tmp_path / "m")
+    result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
+                                          compiler_args=["--no-profile"])
+    report = _report(tmp_path / "c")
+    assert report["placement"]["mode"] == "by kind (not timed)"
+    assert _segments_with(report, "Conv2D") == {"openvino"}
+    assert _segments_with(report, "While") == {"xla"}
+    assert set(result["ops_per_backend"]) == {"openvino", "xla"}
+    assert result["backend"] == "openvino+xla" and report["runtime"]["backend"] == "openvino+xla"
+    assert result["OnNeuronRatio"] > 0.9
+    expected = run_saved_model(tmp_path / "m", feeds)
+    actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+    assert_outputs_close(expected, actual, rtol=1e-3, atol=1e-5)
+    assert_ran_each(stats, tmp_path / "c")
+
+
+def test_forced_backend_takes_everything(tmp_path):
+    feeds = _crnn(tmp_path / "m", steps=8, units=8)
+    result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
+                                          compiler_args=["--no-profile", "--backend", "openvino"])
+    assert result["ops_per_backend"] == {"openvino": result["num_ops_on_backend"]}
+    assert _segments_with(_report(tmp_path / "c"), "While") == {"openvino"}
+    actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), actual, rtol=1e-3, atol=1e-5)
+    assert_ran(stats, "openvino", fused_segments(tmp_path / "c"))
+
+
+def test_timed_placement_keeps_only_segments_faster_than_tf(tmp_path):
+    feeds = _crnn(tmp_path / "m", steps=16, units=16)
+    result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
+                                          compiler_args=["--profile"])
+    report = _report(tmp_path / "c")
+    placement = report["placement"]
+    assert placement["mode"] == "timed" and placement["candidates"] >= 3
+    for region in placement["regions"]:
+        tried = region["tried_ms"]
+        # The region whole on each backend and its pieces (conv | loops | head) were timed.
+        assert {"openvino", "xla"} <= set(tried) and any(k.startswith("split") for k in tried)
+        assert region["tf_ms"] > 0
+        if region["chosen"] != "tensorflow":  # the fastest tried, give or take the tie rule
+            assert region["ms"] <= min(v for v in tried.values() if v) * 1.06
+    for segment in report["segments"]:
+        timing = segment["timing"]
+        assert timing["latency_ms"] < timing["tf_latency_ms"], segment
+    left = [r for r in report["not_compiled"] if r["code"] == "SLOWER_THAN_TF"]
+    for row in left:
+        assert " ms vs TF " in row["detail"], row
+    assert result["num_segments"] == len(report["segments"])
+    actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), actual, rtol=1e-3, atol=1e-5)
+    by_backend = set(result["ops_per_backend"]) if result["num_segments"] else set()
+    if by_backend == {"openvino", "xla"}:
+        assert_ran_each(stats, tmp_path / "c")
+    elif by_backend:
+        assert_ran(stats, by_backend.pop(), fused_segments(tmp_path / "c"))
+
+
+def _tiny(path):
+    """Two scalar ops: no compiled call beats TF running them."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [4], name="x")
+        y = tf.identity((x + 1.0) * 2.0, name="y")
+        return {"x": x}, {"y": y}
+
+    save_tf1(path, build)
+    return {"x": np.arange(4, dtype=np.float32)}
+
+
+def test_segment_slower_than_tf_stays_in_tf_with_both_timings(tmp_path):
+    feeds = _tiny(tmp_path / "m")
+    result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
+                                          compiler_args=["--profile"])
+    assert result["num_segments"] == 0 and result["OnNeuronRatio"] == 0
+    report = _report(tmp_path / "c")
+    rows = [r for r in report["not_compiled"] if r["code"] == "SLOWER_THAN_TF"]
+    assert {"AddV2", "Mul"} <= {r["op_type"] for r in rows}
+    assert all(" ms vs TF " in r["detail"] and "in flight" in r["detail"] for r in rows)
+    assert report["placement"]["regions"][0]["chosen"] == "tensorflow"
+    actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+    np.testing.assert_allclose(actual["y"], (feeds["x"] + 1) * 2)
+    assert_ran(stats, "openvino", {})
+
+
+def test_must_compile_overrides_timing(tmp_path):
+    feeds = _tiny(tmp_path / "m")
+    result = fuseflow.saved_model.compile(
+        tmp_path / "m", tmp_path / "c",
+        compiler_args=["--profile", "--must-compile", "--backend", "openvino"])
+    assert result["num_segments"] == 1
+    actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+    np.testing.assert_allclose(actual["y"], (feeds["x"] + 1) * 2)
+    assert_ran(stats, "openvino", fused_segments(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("flag", ["--profile-budget=0", "--profile-budget=-1"])
+def test_profile_budget_must_be_positive(tmp_path, flag):
+    _tiny(tmp_path / "m")
+    with pytest.raises(fuseflow.errors.CompilerArgsError, match="--profile-budget"):
+        fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c", compiler_args=[flag])
+    assert not (tmp_path / "c").exists()

@@ -38,6 +38,22 @@ def bert_like(seq: int = 128, layers: int = 4, dim: int = 256, heads: int = 4,
     return tf.keras.Model(ids, tf.keras.layers.Dense(2)(pooled))
 
 
+def crnn(height: int = 32, width: int = 128, classes: int = 40, units: int = 128):
+    """An OCR-style CRNN: a convolutional feature extractor, a bidirectional LSTM over
+    the columns, a dense head per step. Its convolutions run best on OpenVINO, its loops
+    on XLA."""
+    image = tf.keras.Input((height, width, 1), name="image")
+    x = image
+    for filters, pool in ((32, (2, 2)), (64, (2, 2)), (128, (2, 1))):
+        x = tf.keras.layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = tf.keras.layers.MaxPool2D(pool)(x)
+    steps, rows = width // 4, height // 8
+    x = tf.keras.layers.Permute((2, 1, 3))(x)
+    x = tf.keras.layers.Reshape((steps, rows * 128))(x)
+    x = tf.keras.layers.Bidirectional(tf.keras.layers.LSTM(units, return_sequences=True))(x)
+    return tf.keras.Model(image, tf.keras.layers.Dense(classes, activation="softmax")(x))
+
+
 MODELS = {
     "MobileNetV2": BenchModel(
         "MobileNetV2", lambda: tf.keras.applications.MobileNetV2(
@@ -52,6 +68,8 @@ MODELS = {
     "BERT-like": BenchModel(
         "BERT-like", bert_like,
         lambda batch, rng: rng.integers(0, 8000, (batch, 128)).astype(np.int32)),
+    "CRNN": BenchModel(
+        "CRNN", crnn, lambda batch, rng: rng.random((batch, 32, 128, 1), np.float32)),
 }
 
 

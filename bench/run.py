@@ -59,9 +59,11 @@ ORIGINAL = Variant("tf", "TF original")
 ONNXRUNTIME = Variant("onnxruntime", "tf2onnx + onnxruntime")
 VARIANTS = [
     ORIGINAL,
-    Variant("ov-f32", "fuseflow OpenVINO f32", "openvino"),
-    Variant("ov-cast-all", "fuseflow OpenVINO --fp32-cast all", "openvino", ("--fp32-cast", "all")),
-    Variant("xla", "fuseflow XLA", "xla"),
+    Variant("auto", "fuseflow auto (timed placement, the default)", "auto"),
+    Variant("ov-f32", "fuseflow OpenVINO f32", "openvino", ("--no-profile",)),
+    Variant("ov-cast-all", "fuseflow OpenVINO --fp32-cast all", "openvino",
+            ("--no-profile", "--fp32-cast", "all")),
+    Variant("xla", "fuseflow XLA", "xla", ("--no-profile",)),
     ONNXRUNTIME,
 ]
 TARGETS = {"ov-f32": 2.0, "ov-cast-all": 3.5}

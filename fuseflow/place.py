@@ -41,12 +41,17 @@ log = logging.getLogger("fuseflow")
 
 LOOP_OPS = frozenset({"While", "StatelessWhile"})
 LOOP_BACKEND = "xla"  # measured: XLA runs Keras RNN loops 2-4x faster than OpenVINO
+# What OpenVINO runs much faster than XLA on a CPU: a region with a loop and none of
+# these goes to the loop's backend whole, not cut into small pieces around the loop.
+OPENVINO_KINDS = frozenset({"Conv2D", "Conv3D", "DepthwiseConv2dNative",
+                            "Conv2DBackpropInput", "Conv3DBackpropInputV2", "BatchMatMul",
+                            "BatchMatMulV2", "BatchMatMulV3", "Einsum"})
 # Within this fraction, the option with fewer segments wins: timing noise is not a reason
 # to cut a region.
 _TIE = 0.05
 # A compiled segment may run this much slower than TF with calls in flight, for its gain
 # one call at a time, before TF keeps it.
-_IN_FLIGHT_SLACK = 1.10
+_IN_FLIGHT_SLACK = 1.25
 
 Partitioner = Callable[[dict, dict | None], Partition]
 
@@ -87,6 +92,24 @@ def preferred_backends(graph_def, supports: dict[str, dict], force: frozenset[st
     return prefer
 
 
+def by_kind(graph_def, supports: dict[str, dict], prefer: dict[str, str],
+            force: frozenset[str], partition: Partitioner) -> Partition:
+    """Placement without timing: each node on its preferred backend, except that a region
+    whose only heavy ops are loops goes whole to the loop's backend (the embedding and the
+    dense head of an RNN are not worth their own segments)."""
+    first = supports[next(iter(supports))]
+    union = {n.name: None if n.name in prefer else first.get(n.name) for n in graph_def.node}
+    colour = dict(prefer)
+    if LOOP_BACKEND in supports and len(supports) > 1:
+        ops = {n.name: n.op for n in graph_def.node}
+        for region in partition(union, None).segments:
+            kinds = {ops[n] for n in region.nodes}
+            if kinds & LOOP_OPS and not kinds & OPENVINO_KINDS and all(
+                    supports[LOOP_BACKEND].get(n) is None or n in force for n in region.nodes):
+                colour.update(dict.fromkeys(region.nodes, LOOP_BACKEND))
+    return partition(union, colour)
+
+
 def place(graph_def, infos, supports: dict[str, dict], partition: Partitioner,
           options: CompilerOptions, force: frozenset[str], internal: set[str],
           extract: Callable[[Segment, dict], object], feed_values: Callable[[list], dict],
@@ -101,7 +124,7 @@ def place(graph_def, infos, supports: dict[str, dict], partition: Partitioner,
     union = {n.name: (None if n.name in prefer else supports[names[0]].get(n.name))
              for n in graph_def.node}
     if not options.profile:
-        final = partition(union, prefer)
+        final = by_kind(graph_def, supports, prefer, force, partition)
         mode = "forced" if len(names) == 1 else "by kind (not timed)"
         return Placement(final, summary={"mode": mode, "backends": names})
 

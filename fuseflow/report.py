@@ -74,6 +74,7 @@ class CompileReport:
     unknown_shapes: list[UnknownShape] = field(default_factory=list)  # costliest first
     dynamic_batch: bool = True  # the compiled model accepts any batch size
     placement: dict | None = None  # how backends were chosen: mode, timings, seconds
+    model_timing: dict | None = None  # the whole compiled model against the original
 
     @property
     def ratio(self) -> float:
@@ -103,7 +104,7 @@ class CompileReport:
 
     def to_json(self) -> dict:
         data = {**self.result(), "segments": [asdict(s) for s in self.segments],
-                "placement": self.placement,
+                "placement": self.placement, "model_timing": self.model_timing,
                 "not_compiled": [r.to_json() for r in self.not_compiled],
                 "unknown_shapes": [asdict(u) for u in self.unknown_shapes]}
         data["advice"] = advice(data)
@@ -288,16 +289,22 @@ def format_table(headers: list[str], rows: list[list], right: Collection[int] = 
 
 
 def segment_table(segments: list[dict]) -> str:
+    timed = any(s.get("timing") for s in segments)
     rows = []
     for s in segments:
         types = " ".join(f"{op}({n})" if n > 1 else op for op, n in s["op_types"].items())
         state = "FAILED" if not s["compiled"] else (
             "-" if s["compile_seconds"] is None else f"{s['compile_seconds']:.1f} s")
-        rows.append([s["name"], s["backend"], s["node_count"], _clip(types, 50),
-                     _ports_cell(s["inputs"]), _ports_cell(s["outputs"]),
-                     _size(s["artifact_bytes"]) if s["artifact_bytes"] else "-", state])
-    return format_table(["segment", "backend", "ops", "op types", "inputs", "outputs",
-                         "artifact", "compile"], rows, right={2, 6, 7})
+        row = [s["name"], s["backend"], s["node_count"], _clip(types, 50),
+               _ports_cell(s["inputs"]), _ports_cell(s["outputs"]),
+               _size(s["artifact_bytes"]) if s["artifact_bytes"] else "-", state]
+        if timed:
+            t = s.get("timing")
+            row.append(f"{t['speedup']:.2f}x ({t['latency_ms']:.3g} ms)" if t else "-")
+        rows.append(row)
+    headers = ["segment", "backend", "ops", "op types", "inputs", "outputs", "artifact",
+               "compile"] + (["vs TF"] if timed else [])
+    return format_table(headers, rows, right={2, 6, 7})
 
 
 def _example(nodes: list[str], width: int = 50) -> str:

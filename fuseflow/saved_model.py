@@ -42,7 +42,13 @@ from fuseflow.partition import (
     partition_graph,
     topological_order,
 )
-from fuseflow.place import Placement, feed_value_function, place, preferred_backends
+from fuseflow.place import (
+    Placement,
+    by_kind,
+    feed_value_function,
+    place,
+    preferred_backends,
+)
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report
 from fuseflow.rewrite import rewrite_graph
@@ -57,6 +63,7 @@ from fuseflow.shapes import (
     synthesized_value,
 )
 from fuseflow.tf_compat import tf
+from fuseflow.timing import ModelTimingJob, time_models
 
 log = logging.getLogger("fuseflow")
 
@@ -154,9 +161,7 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                                internal_tensors=internal, colour=colour)
 
     prefer = preferred_backends(graph_def, supports, force_fuse, internal)
-    first = supports[next(iter(supports))]
-    union = {n.name: None if n.name in prefer else first.get(n.name) for n in graph_def.node}
-    partition = partitioner(union, prefer)
+    partition = by_kind(graph_def, supports, prefer, force_fuse, partitioner)
     return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options,
                  supports, partitioner, force_fuse, internal)
 
@@ -302,8 +307,40 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     runtime["backend"] = label
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)
+        if options.profile and used:
+            report.model_timing = _time_whole_model(model, inputs, path, report)
         _write_report(path, report, runtime)
     return report.result()
+
+
+def _time_whole_model(model: LoadedModel, inputs: InputShapes, path: Path,
+                      report: CompileReport) -> dict | None:
+    """Time the written model against the original; warn when it is slower, naming the
+    segments that cost the most."""
+    values = _input_values(model, inputs)
+    if not values:
+        return None
+    feeds = {s.key: values[s.tensor_name] for s in model.inputs}
+    with tempfile.TemporaryDirectory(prefix="fuseflow-timing-") as tmp:
+        timing = time_models(ModelTimingJob(
+            model.model_dir, str(path), list(model.tags), model.signature_key, feeds, 1.0),
+            Path(tmp))
+    if timing is None:
+        log.info("the compiled model could not be timed against the original")
+        return None
+    with shown_info():
+        log.info("compiled model: %.3g ms per call, original %.3g ms (%.2fx), timed here "
+                 "at the compile shapes", timing["compiled_ms"], timing["original_ms"],
+                 timing["speedup"])
+    if timing["speedup"] < 1.0:
+        costly = sorted((s for s in report.segments if s.compiled and s.timing),
+                        key=lambda s: -s.timing["latency_ms"])[:3]
+        named = "; ".join(f"{s.name} on {s.backend}: {s.timing['latency_ms']:.3g} ms "
+                          f"(TF {s.timing['tf_latency_ms']:.3g} ms)" for s in costly)
+        log.warning("the compiled model ran slower than the original here (%.3g ms vs %.3g "
+                    "ms per call)%s", timing["compiled_ms"], timing["original_ms"],
+                    f"; the segments that cost the most: {named}" if named else "")
+    return timing
 
 
 def _input_values(model: LoadedModel, inputs: InputShapes) -> dict:

@@ -160,3 +160,69 @@ def main(src: str, dst: str) -> None:
                 failures[job.key] = errors.reason(e)
     Path(dst).write_bytes(pickle.dumps((timings, failures)))
 
+
+
+@dataclass(frozen=True)
+class ModelTimingJob:
+    original: str  # SavedModel directories
+    compiled: str
+    tags: list[str]
+    signature_key: str
+    feeds: dict[str, np.ndarray]  # signature input key -> value
+    seconds: float  # per model, after warm-up
+
+
+def time_models(job: ModelTimingJob, workdir: Path) -> dict | None:
+    """The original and the compiled model, each loaded as a server would and called in
+    turn: {original_ms, compiled_ms, speedup}, or None when they could not be timed."""
+    src, dst = workdir / "model_timing_job.pkl", workdir / "model_timing.pkl"
+    src.write_bytes(pickle.dumps(job))
+    dst.unlink(missing_ok=True)
+    main = "import sys; from fuseflow.timing import models_main; models_main(*sys.argv[1:])"
+    try:
+        subprocess.run([sys.executable, "-c", main, str(src), str(dst)],
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return None
+    return pickle.loads(dst.read_bytes()) if dst.exists() else None
+
+
+def _model_callable(sess, model_dir: str, job: ModelTimingJob):
+    from fuseflow.tf_compat import tf
+
+    meta = tf.compat.v1.saved_model.loader.load(sess, job.tags, model_dir)
+    signature = meta.signature_def[job.signature_key]
+    keys = sorted(job.feeds)
+    run = sess.make_callable([t.name for t in signature.outputs.values()],
+                             [signature.inputs[k].name for k in keys])
+    return lambda: run(*[job.feeds[k] for k in keys])
+
+
+def models_main(src: str, dst: str) -> None:
+    import fuseflow  # noqa: F401  (registers FuseflowOp)
+    from fuseflow.logs import tf_quiet
+    from fuseflow.tf_compat import tf
+
+    job: ModelTimingJob = pickle.loads(Path(src).read_bytes())
+    samples: dict[str, list[float]] = {"original": [], "compiled": []}
+    with tf_quiet():
+        graphs = {side: tf.Graph() for side in samples}
+        sessions = {side: tf.compat.v1.Session(graph=g) for side, g in graphs.items()}
+        calls = {}
+        for side, path in (("original", job.original), ("compiled", job.compiled)):
+            with graphs[side].as_default():
+                calls[side] = _model_callable(sessions[side], path, job)
+            for _ in range(_WARMUP + 1):
+                calls[side]()
+        deadline = time.perf_counter() + 2 * job.seconds
+        while time.perf_counter() < deadline or len(samples["compiled"]) < _MIN_RUNS:
+            for side in samples:  # interleaved: load drifting hits both alike
+                t0 = time.perf_counter()
+                calls[side]()
+                samples[side].append(time.perf_counter() - t0)
+            if len(samples["compiled"]) >= _MAX_RUNS:
+                break
+    original, compiled = (statistics.median(samples[s]) * 1e3 for s in samples)
+    Path(dst).write_bytes(pickle.dumps({
+        "original_ms": round(original, 4), "compiled_ms": round(compiled, 4),
+        "speedup": round(original / max(compiled, 1e-9), 3), "runs": len(samples["compiled"])}))

@@ -28,12 +28,18 @@ WHOLE = Expected(ratio=1.0, segments=1)
 # conditional and a TF1 serving graph. Models full of depthwise convolutions are left out:
 # XLA:CPU runs those ~65x slower than TF, so the XLA backend keeps them in TF by design.
 _XLA_TOO = {"ResNet50", "BERT-like", "LSTM text", "GRU text", "BiLSTM text", "stacked LSTM",
+            "CRNN",
             "U-Net", "TF1 Example+table", "tf.Module cond"}
+
+# auto, the default on CPU: loops go to XLA (placed by op kind: the zoo tests pass
+# --no-profile, so placement does not follow the machine's load); an RNN with no
+# convolution goes there whole, a CRNN splits (convolutions on OpenVINO).
+_AUTO = ["LSTM text", "GRU text", "BiLSTM text", "stacked LSTM", "CRNN"]
 
 _ALL = ["VGG16", "ResNet50", "ResNet50V2", "Xception", "InceptionV3", "InceptionResNetV2",
         "MobileNet", "MobileNetV2", "MobileNetV3Small", "DenseNet121", "NASNetMobile",
         "EfficientNetB0", "EfficientNetV2B0", "ConvNeXtTiny", "BERT-like", "GPT-like",
-        "ViT-like", "LSTM text", "GRU text", "BiLSTM text", "stacked LSTM", "U-Net",
+        "ViT-like", "LSTM text", "GRU text", "BiLSTM text", "stacked LSTM", "CRNN", "U-Net",
         "recommender", "detector+NMS", "TF1 Example+table", "tf.Module cond", "fp16 CNN"]
 
 _TABLE_PLUMBING = {"HashTableV2": "DTYPE", "LookupTableFindV2": "STRING",
@@ -43,6 +49,8 @@ _TABLE_PLUMBING = {"HashTableV2": "DTYPE", "LookupTableFindV2": "STRING",
 EXPECTED: dict[tuple[str, str], Expected] = {
     **{(name, "openvino"): WHOLE for name in _ALL},
     **{(name, "xla"): WHOLE for name in _ALL if name in _XLA_TOO},
+    **{(name, "auto"): WHOLE for name in _AUTO},
+    ("CRNN", "auto"): Expected(ratio=1.0, segments=3),
     # NMS has no OpenVINO frontend conversion; the IdentityN after it is alone.
     ("detector+NMS", "openvino"): Expected(
         ratio=0.857, segments=1, left_in_tf={"CombinedNonMaxSuppression": "UNSUPPORTED_OP",

@@ -119,6 +119,24 @@ def _stacked_lstm():
                              keras.layers.LSTM(32)])
 
 
+def crnn(path: Path, height: int = 16, steps: int = 16) -> dict:
+    """An OCR-style CRNN: convolutions, a bidirectional LSTM over the columns, a dense
+    head per step."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input((height, 4 * steps, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu")(image)
+    x = keras.layers.MaxPool2D((2, 2))(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = keras.layers.MaxPool2D((2, 2))(x)
+    x = keras.layers.Permute((2, 1, 3))(x)
+    x = keras.layers.Reshape((steps, height // 4 * 32))(x)
+    x = keras.layers.Bidirectional(keras.layers.LSTM(32, return_sequences=True))(x)
+    model = keras.Model(image, keras.layers.Dense(12, activation="softmax")(x))
+    _export_keras(model, path, [tf.TensorSpec([None, height, 4 * steps, 1], tf.float32,
+                                              "image")])
+    return {"image": _rng().random((1, height, 4 * steps, 1), np.float32)}
+
+
 def unet(path: Path, size: int = 64) -> dict:
     """A U-Net-style segmenter: down convs, Conv2DTranspose up, skip concats."""
     keras.utils.set_random_seed(0)
@@ -324,6 +342,7 @@ def _zoo() -> list[ZooModel]:
         ZooModel("BiLSTM text", "RNN",
                  _text_rnn(lambda: keras.layers.Bidirectional(keras.layers.LSTM(32)))),
         ZooModel("stacked LSTM", "RNN", _text_rnn(_stacked_lstm)),
+        ZooModel("CRNN", "OCR (conv + RNN)", crnn),
         ZooModel("U-Net", "segmentation", unet),
         ZooModel("recommender", "recommender", recommender),
         ZooModel("detector+NMS", "detection", detector, fast=True),

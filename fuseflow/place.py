@@ -32,6 +32,7 @@ from fuseflow import errors
 from fuseflow.backends.base import random_inputs
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
 from fuseflow.extract import consumers_outside
+from fuseflow.logs import shown_info
 from fuseflow.options import CompilerOptions
 from fuseflow.partition import Partition, Segment, internal_groups
 from fuseflow.reasons import Reason
@@ -110,11 +111,12 @@ def by_kind(graph_def, supports: dict[str, dict], prefer: dict[str, str],
     return partition(union, colour)
 
 
-def place(graph_def, infos, supports: dict[str, dict], partition: Partitioner,
+def place(graph_def, supports: dict[str, dict], partition: Partitioner,
           options: CompilerOptions, force: frozenset[str], internal: set[str],
           extract: Callable[[Segment, dict], object], feed_values: Callable[[list], dict],
           workdir: Path) -> Placement:
-    """Choose a backend (or TF) for every part of the graph; see the module docstring.
+    """Choose a backend (or TF) for every part of the graph by timing; see the module
+    docstring. (Without profiling, by_kind places.)
 
     partition(support, colour) runs the partitioner with the caller's fixed options;
     extract(segment, consumers) cuts a segment out; feed_values(tensors) gives the
@@ -123,11 +125,6 @@ def place(graph_def, infos, supports: dict[str, dict], partition: Partitioner,
     prefer = preferred_backends(graph_def, supports, force, internal)
     union = {n.name: (None if n.name in prefer else supports[names[0]].get(n.name))
              for n in graph_def.node}
-    if not options.profile:
-        final = by_kind(graph_def, supports, prefer, force, partition)
-        mode = "forced" if len(names) == 1 else "by kind (not timed)"
-        return Placement(final, summary={"mode": mode, "backends": names})
-
     started = time.monotonic()
     regions = partition(union, None)
     region_of = {n: s.name for s in regions.segments for n in s.nodes}
@@ -191,7 +188,9 @@ def place(graph_def, infos, supports: dict[str, dict], partition: Partitioner,
     reuse = {(frozenset(seg.nodes), b): compiled[key] for key, b, seg in candidates
              if compiled[key].artifact is not None}
     seconds = time.monotonic() - started
-    log.info("placement: %d candidates compiled and timed in %.1f s", len(candidates), seconds)
+    with shown_info():
+        log.info("placement: %d candidate segments compiled and timed against TensorFlow in "
+                 "%.1f s (--no-profile skips this)", len(candidates), seconds)
     return Placement(final, reuse, details, figures, {
         "mode": "timed", "backends": names, "seconds": round(seconds, 2),
         "candidates": len(candidates), "regions": decisions})

@@ -254,7 +254,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
             "backends": list(plan.supports)})
         if options.profile:
-            placement = place(graph_def, infos, plan.supports, plan.partitioner, options,
+            placement = place(graph_def, plan.supports, plan.partitioner, options,
                               plan.force_fuse, plan.internal, extract,
                               feed_value_function(graph_def, model, _input_values(model,
                                                                                    inputs)),

@@ -93,14 +93,9 @@ def test_bad_graphs_raise_graph_errors():
         run(g)
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_random_graphs_contract_to_a_dag(seed):
-    """Every proposed partition, contracted, must still be acyclic."""
-    g, support = random_dag(300, seed=seed, fan_in=3, window=20, unsupported=0.25)
-    p = partition_graph(g, {k: None if v else Reason.UNSUPPORTED_OP for k, v in
-                            support.items()}, ["n0"], PartitionOptions(minimum_segment_size=1))
+def assert_contracts_to_dag(g, p) -> None:
+    """Fusing every segment of p at once leaves an acyclic graph."""
     owner = {n: s.name for s in p.segments for n in s.nodes}
-    assert all(support[n] for n in owner)
     edges: dict[str, set[str]] = {}
     for n in g.node:
         for i in n.input:
@@ -127,8 +122,44 @@ def test_random_graphs_contract_to_a_dag(seed):
     for v in list(edges):
         if v not in state:
             visit(v)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_graphs_contract_to_a_dag(seed):
+    """Every proposed partition, contracted, must still be acyclic."""
+    g, support = random_dag(300, seed=seed, fan_in=3, window=20, unsupported=0.25)
+    p = partition_graph(g, {k: None if v else Reason.UNSUPPORTED_OP for k, v in
+                            support.items()}, ["n0"], PartitionOptions(minimum_segment_size=1))
+    assert all(support[n] for s in p.segments for n in s.nodes)
+    assert_contracts_to_dag(g, p)
     # Greedy merging along edges leaves few segments: far fewer than supported nodes.
     assert len(p.segments) < sum(support.values()) / 3
+
+
+def test_two_colours_fused_together_make_no_cycle():
+    """a1>d1 and d2>a2: {a1, a2} alone and {d1, d2, d3} alone are each fine, but fused
+    together A feeds D and D feeds A. Colours are clustered in one pass, so one of the
+    merges is refused."""
+    g = graph("x>a1", "a1>d1", "x>d2", "d2>a2", "a1>a2", "d1>d3", "d2>d3",
+              ops={"x": "Placeholder"})
+    colour = {"a1": "A", "a2": "A", "d1": "D", "d2": "D", "d3": "D"}
+    p = partition_graph(g, {n.name: None for n in g.node}, ["x"],
+                        PartitionOptions(minimum_segment_size=1), colour=colour)
+    assert_contracts_to_dag(g, p)
+    for s in p.segments:
+        assert {colour[n] for n in s.nodes} == {s.colour}
+    assert segments_of(p) != [["a1", "a2"], ["d1", "d2", "d3"]]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_coloured_graphs_contract_to_a_dag(seed):
+    g, support = random_dag(300, seed=seed, fan_in=3, window=20, unsupported=0.1)
+    colour = {n.name: "AB"[k % 3 == 0] for k, n in enumerate(g.node)}
+    p = partition_graph(g, {k: None if v else Reason.UNSUPPORTED_OP for k, v in
+                            support.items()}, ["n0"], PartitionOptions(minimum_segment_size=1),
+                        colour=colour)
+    assert all(len({colour[n] for n in s.nodes}) == 1 for s in p.segments)
+    assert_contracts_to_dag(g, p)
 
 
 def test_control_input_of_a_constant_does_not_split_a_segment():

@@ -80,6 +80,7 @@ def test_forced_backend_takes_everything(tmp_path):
     assert_ran(stats, "openvino", fused_segments(tmp_path / "c"))
 
 
+@pytest.mark.slow  # five candidates compiled and timed: make test-all and CI's full run
 def test_timed_placement_keeps_only_segments_faster_than_tf(tmp_path):
     feeds = _crnn(tmp_path / "m", steps=16, units=16)
     result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
@@ -136,12 +137,20 @@ def test_segment_slower_than_tf_stays_in_tf_with_both_timings(tmp_path):
     assert_ran(stats, "openvino", {})
 
 
-def test_must_compile_overrides_timing(tmp_path):
+def test_must_compile_overrides_timing(tmp_path, caplog):
     feeds = _tiny(tmp_path / "m")
-    result = fuseflow.saved_model.compile(
-        tmp_path / "m", tmp_path / "c",
-        compiler_args=["--profile", "--must-compile", "--backend", "openvino"])
+    with caplog.at_level("INFO", logger="fuseflow"):
+        result = fuseflow.saved_model.compile(
+            tmp_path / "m", tmp_path / "c",
+            compiler_args=["--profile", "--must-compile", "--backend", "openvino"])
     assert result["num_segments"] == 1
+    # The whole model was timed against the original; slower, it says which segment cost.
+    timing = _report(tmp_path / "c")["model_timing"]
+    assert timing["original_ms"] > 0 and timing["compiled_ms"] > 0
+    slower = [r.message for r in caplog.records if "ran slower than the original" in r.message]
+    assert bool(slower) == (timing["speedup"] < 1.0), (timing, slower)
+    if slower:
+        assert "fuseflow_segment_0 on openvino" in slower[0]
     actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
     np.testing.assert_allclose(actual["y"], (feeds["x"] + 1) * 2)
     assert_ran(stats, "openvino", fused_segments(tmp_path / "c"))

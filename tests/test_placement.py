@@ -80,7 +80,7 @@ def test_forced_backend_takes_everything(tmp_path):
     assert_ran(stats, "openvino", fused_segments(tmp_path / "c"))
 
 
-@pytest.mark.slow  # five candidates compiled and timed: make test-all and CI's full run
+@pytest.mark.slow  # five candidates compiled and timed (a minute or more): make test-all
 def test_timed_placement_keeps_only_segments_faster_than_tf(tmp_path):
     feeds = _crnn(tmp_path / "m", steps=16, units=16)
     result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",

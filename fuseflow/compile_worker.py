@@ -8,8 +8,8 @@ Before an artifact is accepted it is run on random inputs and compared with
 TensorFlow running the same segment: a compiler that returns garbage costs
 its segment (which stays in TF), never a silently wrong model.
 
-FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT] makes the worker
-fail on purpose, so the recovery paths can be tested with real backends.
+FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT][@BACKEND] makes the
+worker fail on purpose, so the recovery paths can be tested with real backends.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from fuseflow.backends.base import (
 from fuseflow.options import CompilerOptions
 
 
-def _fault(segment: SegmentGraph) -> str | None:
-    spec = os.environ.get("FUSEFLOW_INJECT_FAULT", "")
+def _fault(segment: SegmentGraph, backend: str) -> str | None:
+    spec, _, only_on = os.environ.get("FUSEFLOW_INJECT_FAULT", "").partition("@")
     kind, _, target = spec.partition(":")
-    return kind if kind and target in ("", segment.name) else None
+    return kind if kind and target in ("", segment.name) and only_on in ("", backend) else None
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -75,7 +75,7 @@ def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,
 
 def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOptions,
                     seg_dir: Path) -> Artifact:
-    fault = _fault(segment)
+    fault = _fault(segment, backend.name)
     if fault == "crash":
         os.abort()
     if fault == "hang":

@@ -274,6 +274,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                 jobs.append((k, CompileJob(seg.colour, graph, graph.name)))
         for (k, _), item in zip(jobs, compile_segments([j for _, j in jobs], options, work)):
             ready[k] = item
+        _compile_elsewhere(ready, partition.segments, plan, work)
         compiled = [ready[k] for k in range(len(segments))]
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:
@@ -341,6 +342,29 @@ def _time_whole_model(model: LoadedModel, inputs: InputShapes, path: Path,
                     "ms per call)%s", timing["compiled_ms"], timing["original_ms"],
                     f"; the segments that cost the most: {named}" if named else "")
     return timing
+
+
+def _compile_elsewhere(ready: dict[int, CompiledSegment], segments: list[Segment],
+                       plan: _Plan, work: Path) -> None:
+    """A segment its backend failed to compile goes to another backend that takes all of
+    it (auto only): a frontend's bug then costs speed, not coverage."""
+    retry = []
+    for k, item in ready.items():
+        if item.artifact is not None:
+            continue
+        others = [b for b in plan.supports if b != item.backend and all(
+            plan.supports[b].get(n) is None or n in plan.force_fuse for n in segments[k].nodes)]
+        if others:
+            name = item.segment.name
+            retry.append((k, CompileJob(others[0], item.segment, f"{name}.{others[0]}")))
+    if not retry:
+        return
+    again = compile_segments([j for _, j in retry], plan.options, work)
+    for (k, job), item in zip(retry, again):
+        if item.artifact is not None:
+            log.warning("segment %s failed on %s (%s); compiled on %s instead",
+                        job.segment.name, ready[k].backend, ready[k].error, job.backend)
+            ready[k] = item
 
 
 def _input_values(model: LoadedModel, inputs: InputShapes) -> dict:

@@ -162,3 +162,30 @@ def test_profile_budget_must_be_positive(tmp_path, flag):
     with pytest.raises(fuseflow.errors.CompilerArgsError, match="--profile-budget"):
         fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c", compiler_args=[flag])
     assert not (tmp_path / "c").exists()
+
+
+def _small_cnn(path):
+    tf.keras.utils.set_random_seed(0)
+    image = tf.keras.Input((16, 16, 3), name="image")
+    x = tf.keras.layers.Conv2D(8, 3, activation="relu")(image)
+    out = tf.keras.layers.Dense(4)(tf.keras.layers.GlobalAveragePooling2D()(x))
+    tf.keras.Model(image, out).export(str(path))
+    return {"image": np.random.default_rng(0).normal(size=(1, 16, 16, 3)).astype(np.float32)}
+
+
+def test_segment_its_backend_fails_on_goes_to_the_other(tmp_path, monkeypatch, caplog):
+    """OpenVINO fails the segment (an injected compiler error, as a frontend bug would):
+    auto compiles it on XLA instead of leaving it in TF."""
+    feeds = _small_cnn(tmp_path / "m")
+    monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "error@openvino")
+    with caplog.at_level("WARNING", logger="fuseflow"):
+        result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
+                                              compiler_args=["--no-profile"])
+    assert result["ops_per_backend"] == {"xla": result["num_ops_on_backend"]}
+    assert result["num_segments"] == 1 and result["num_segments_failed"] == 0
+    assert any("failed on openvino" in r.message and "compiled on xla instead" in r.message
+               for r in caplog.records)
+    monkeypatch.delenv("FUSEFLOW_INJECT_FAULT")
+    actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), actual, rtol=1e-4, atol=1e-5)
+    assert_ran(stats, "xla", fused_segments(tmp_path / "c"))

@@ -497,8 +497,8 @@ def _state(path) -> dict[str, str] | None:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, pristine: Path, tmp_path: Path, monkeypatch):
-    for var in ("FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("NEURON_CC_FLAGS", raising=False)
+    monkeypatch.setenv("FUSEFLOW_CC_FLAGS", "--no-profile")  # conftest's, unless the case's
     for var, value in case.env.items():
         monkeypatch.setenv(var, value)
     systmp = tmp_path / "systmp"  # fuseflow's own temp dirs land here, where we can look

@@ -28,8 +28,9 @@ from fuseflow.options import IGNORED_FLAGS, parse_compiler_args
 @pytest.fixture(autouse=True)
 def _openvino(monkeypatch):
     """These tests prove the OpenVINO path (the default on CPU) also where a GPU would
-    make XLA the default; the env var reaches the fresh processes too."""
-    monkeypatch.setenv("FUSEFLOW_CC_FLAGS", "--backend openvino")
+    make XLA the default (placed by kind, as conftest's); the env var reaches the fresh
+    processes too."""
+    monkeypatch.setenv("FUSEFLOW_CC_FLAGS", "--backend openvino --no-profile")
 
 
 def _dense_tf1(rng):

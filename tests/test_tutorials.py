@@ -23,7 +23,7 @@ def test_tutorial_runs_unchanged(tmp_path, script, expect):
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(REPO),
                                # the OpenVINO path even where a GPU makes XLA the default
-                               "FUSEFLOW_CC_FLAGS": "--backend openvino"})
+                               "FUSEFLOW_CC_FLAGS": "--backend openvino --no-profile"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert expect in proc.stdout
     assert "Number of operations placed on" in proc.stderr  # the lines users know

@@ -218,6 +218,17 @@ def saved_graph(model_dir):
     return proto.meta_graphs[0].graph_def
 
 
+def fused_blob(model_dir, node) -> Path:
+    """The asset file holding a FuseflowOp node's OpenVINO blob."""
+    from fuseflow.assets import BLOB_SUFFIX
+
+    key = node.attr["executable_file"].s.decode()
+    assert key and not node.attr["executable"].s, "the blob should be an asset, not an attr"
+    path = Path(model_dir) / "assets" / f"fuseflow-{key}{BLOB_SUFFIX}"
+    assert path.is_file(), path
+    return path
+
+
 def op_types(graph_def) -> list[str]:
     return [n.op for n in graph_def.node]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fuseflow import progress
 from fuseflow.backends.base import Artifact, SegmentGraph
+from fuseflow.cache import CompileCache
 from fuseflow.options import CompilerOptions
 
 log = logging.getLogger("fuseflow")
@@ -32,6 +33,7 @@ class CompiledSegment:
     artifact: Artifact | None  # None: failed, the segment stays in TF
     error: str | None
     seconds: float
+    cached: bool = False  # the artifact came from the compile cache
 
 
 def worker_count(options: CompilerOptions, jobs: int) -> int:
@@ -79,12 +81,22 @@ class _Worker:
 
 def compile_segments(backend_name: str, segments: list[SegmentGraph],
                      options: CompilerOptions, workdir: Path) -> list[CompiledSegment]:
-    """Compile every segment; failures and timeouts come back as errors, not raises."""
-    pending = list(range(len(segments)))
+    """Compile every segment; failures and timeouts come back as errors, not raises.
+    Segments in the compile cache are taken from it and not compiled."""
+    cache = CompileCache.for_options(options)
+    keys = [cache.key(backend_name, s, options) for s in segments]
     results: dict[int, CompiledSegment] = {}
-    workers = [_Worker(backend_name) for _ in range(worker_count(options, len(segments)))] \
-        if segments else []
-    progress.update(0, len(segments), "")
+    for i, segment in enumerate(segments):
+        start = time.monotonic()
+        artifact = cache.lookup(keys[i])
+        if artifact is not None:
+            results[i] = _record(segment, workdir / segment.name, ("ok", artifact),
+                                 time.monotonic() - start, len(results) + 1, len(segments),
+                                 cached=True)
+    pending = [i for i in range(len(segments)) if i not in results]
+    workers = [_Worker(backend_name) for _ in range(worker_count(options, len(pending)))] \
+        if pending else []
+    progress.update(len(results), len(segments), "")
     try:
         while len(results) < len(segments):
             for w in workers:
@@ -103,6 +115,8 @@ def compile_segments(backend_name: str, segments: list[SegmentGraph],
                 w.job, w.started = None, False
                 results[i] = _record(segments[i], workdir / segments[i].name, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments))
+                if outcome[0] == "ok":
+                    cache.store(keys[i], outcome[1])
                 progress.update(len(results), len(segments), segments[i].name)
                 if outcome[0] != "ok" and ("timed out" in outcome[1][0]
                                            or w.process.poll() is not None):
@@ -145,13 +159,18 @@ def _poll(w: _Worker, timeout_s: float):
 
 
 def _record(segment: SegmentGraph, seg_dir: Path, outcome, seconds: float, done: int,
-            total: int) -> CompiledSegment:
+            total: int, cached: bool = False) -> CompiledSegment:
     if outcome[0] == "ok":
         artifact: Artifact = outcome[1]
+        seg_dir.mkdir(parents=True, exist_ok=True)
         _write_artifact(seg_dir, artifact)
-        log.info("compiled %s (%d ops) in %.1f s [%d/%d]", segment.name, segment.node_count,
-                 seconds, done, total)
-        return CompiledSegment(segment, artifact, None, seconds)
+        if cached:
+            log.info("%s (%d ops) taken from the compile cache [%d/%d]", segment.name,
+                     segment.node_count, done, total)
+        else:
+            log.info("compiled %s (%d ops) in %.1f s [%d/%d]", segment.name,
+                     segment.node_count, seconds, done, total)
+        return CompiledSegment(segment, artifact, None, seconds, cached)
     first, detail = outcome[1]
     (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
     log.warning("segment %s failed to compile: %s [%d/%d]", segment.name, first, done, total)

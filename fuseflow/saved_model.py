@@ -42,7 +42,7 @@ from fuseflow.partition import (
     topological_order,
 )
 from fuseflow.reasons import Reason
-from fuseflow.report import CompileReport, build_report, log_report
+from fuseflow.report import CompileReport, build_report, log_report, timing_line
 from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
     InputShapes,
@@ -53,6 +53,7 @@ from fuseflow.shapes import (
     resolve_input_shapes,
     serving_shapes,
 )
+from fuseflow.stages import Stopwatch
 from fuseflow.tf_compat import tf
 
 log = logging.getLogger("fuseflow")
@@ -93,6 +94,7 @@ class _Plan:
     partition: Partition
     backend_name: str
     options: CompilerOptions
+    watch: Stopwatch  # seconds per stage so far
 
 
 def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
@@ -112,10 +114,13 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     backend_name = options.backend or default_backend()
     chosen = get_backend(backend_name)
 
+    watch = Stopwatch()
     model = load_saved_model(model_dir, tags, signature_def_key)
+    watch.lap("loading")
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
     serving = serving_shapes(model, inputs, options.dynamic_batch)
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
+    watch.lap("shapes")
     graph_def = optimize_graph(graph_def, model.fetch_nodes)
     refined = refine_loop_shapes(graph_def)
     if refined is not graph_def:
@@ -126,17 +131,23 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     if subgraph_builder_function is not None:
         chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)
         force_fuse, no_fuse = force_fuse | chosen_on, no_fuse | chosen_off
+    watch.lap("grappler")
     infos = infer_tensor_shapes(graph_def, model, inputs)
+    watch.lap("shapes")
+    support = chosen.support(graph_def, infos, options)
+    watch.lap("probe")
 
     partition = partition_graph(
-        graph_def, chosen.support(graph_def, infos, options),
+        graph_def, support,
         [node_name(s.tensor_name) for s in model.inputs],
         PartitionOptions(
             minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
             no_fuse_ops=no_fuse, force_fuse_ops=force_fuse, max_segments=options.max_segments),
         dtype_reason=lambda node: _dtype_reason(node, infos),
         internal_tensors=_variant_tensors(infos))
-    return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options)
+    watch.lap("partition")
+    return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options,
+                 watch)
 
 
 def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
@@ -222,9 +233,12 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     constants = constant_nodes(graph_def)
     segments = [extract_segment(graph_def, s, infos, consumers, fetches, batch_info, constants)
                 for s in partition.segments]
+    watch = plan.watch
+    watch.lap("extract")
 
     with _workdir(workdir) as work:
         compiled = compile_segments(backend_name, segments, options, work)
+    watch.lap("workers")
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:
         raise errors.SegmentCompileError(
@@ -232,6 +246,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
             "let them run in TensorFlow instead")
     final = rewrite_graph(graph_def, compiled, chosen, options, set(model.fetch_nodes))
+    watch.lap("rewrite")
     if serving != inputs.shapes and not runs_at_other_batch(
             model, final, serving, inputs.shapes, chosen.tolerance(options)):
         log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
@@ -240,14 +255,21 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         serving = inputs.shapes
         final = guard_input_shapes(final, model, serving)
     final = apply_input_shapes(final, model, serving)
+    watch.lap("other-batch check")
     report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
                           tensor_infos=infos)
     report.dynamic_batch = serving != inputs.shapes
     with shown_info():
         log_report(report)
+    watch.lap("report")
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)
+        watch.lap("export")
+        report.timings = watch.seconds
         _write_report(path, report, chosen.runtime_info())
+    if options.verbose:
+        with shown_info():
+            log.info("Compile time: %s", timing_line(report.to_json()))
     return report.result()
 
 

@@ -233,6 +233,13 @@ def op_types(graph_def) -> list[str]:
     return [n.op for n in graph_def.node]
 
 
+@pytest.fixture(autouse=True)
+def _own_compile_cache(tmp_path_factory, monkeypatch):
+    """Every test compiles against an empty compile cache of its own: a segment another
+    test compiled must not skip the compiler (and the faults injected into it)."""
+    monkeypatch.setenv("FUSEFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("compile-cache")))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

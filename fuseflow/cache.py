@@ -93,7 +93,7 @@ class CompileCache:
         head = json.dumps([backend_name, _versions(), chosen, len(segment.inputs), ports,
                            segment.name], sort_keys=True, default=str)
         h.update(head.encode())
-        h.update(segment.graph_def_bytes)
+        h.update(_canonical(segment.graph_def_bytes))
         return h.hexdigest()
 
     def _path(self, key: str) -> Path:
@@ -137,6 +137,15 @@ class CompileCache:
         except OSError as e:
             log.warning("compile cache: cannot write %s (%s); compiling goes on without it",
                         path, e.strerror or e)
+
+
+def _canonical(graph_def_bytes: bytes) -> bytes:
+    """The GraphDef's bytes with its maps (node attrs) in key order: plain serialization
+    orders them as the process happened to build them, which differs run to run."""
+    from fuseflow.tf_compat import tf
+
+    return tf.compat.v1.GraphDef.FromString(graph_def_bytes).SerializeToString(
+        deterministic=True)
 
 
 def _encode(artifact: Artifact, key: str) -> list[bytes]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_outputs_close, run_fresh, run_saved_model, save_tf1, tf
+from conftest import REPO, assert_outputs_close, run_fresh, run_saved_model, save_tf1, tf
 from test_compile_core import compile_model
 
 from fuseflow import errors
@@ -37,20 +39,24 @@ def _cached(model_dir: Path) -> list[bool]:
     return [s["cached"] for s in _report(model_dir)["segments"]]
 
 
-def test_unchanged_model_is_taken_from_the_cache(tmp_path, monkeypatch, rng, caplog):
+def test_unchanged_model_is_taken_from_the_cache(tmp_path, rng):
     src = save_tf1(tmp_path / "m", _model())
     first = compile_model("openvino", src, tmp_path / "c1")
     assert first["num_segments"] == 2 and _cached(tmp_path / "c1") == [False, False]
     assert len(_entries()) == 2
-    # A compiler that would fail every segment proves the second compile never runs it.
-    monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "error")
-    second = compile_model("openvino", src, tmp_path / "c2", compiler_args=["--verbose"])
-    assert second == first
+    # Again in a new process (keys must not depend on one), with a compiler that would
+    # fail every segment: the compile succeeding proves it never ran.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fuseflow.cli", "compile", str(src), str(tmp_path / "c2"),
+         "--backend", "openvino", "--compiler-args=--verbose"], cwd=REPO, capture_output=True,
+        text=True, timeout=600, env={**os.environ, "FUSEFLOW_INJECT_FAULT": "error"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = _report(tmp_path / "c2")
+    assert report["OnNeuronRatio"] == first["OnNeuronRatio"]
     assert _cached(tmp_path / "c2") == [True, True]
     assert all(not s["timings"] for s in report["segments"])
     assert set(report["timings"]) >= {"loading", "grappler", "probe", "workers", "export"}
-    assert "2 segment(s) from the compile cache" in caplog.text
+    assert "2 segment(s) from the compile cache" in proc.stderr
     feeds = {"x": rng.random((2, 16), np.float32)}
     assert_outputs_close(run_saved_model(src, feeds),
                          run_fresh(tmp_path / "c2", feeds, tmp_path, backend="openvino"))

@@ -81,3 +81,26 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def openvino_alone_s(model_dir, batch: int, compiler_args=()) -> float:
+    """Seconds OpenVINO alone takes to convert and compile the model's frozen graph at
+    `batch`, with the properties fuseflow would use: what compile() is measured against.
+    Freezing and inlining (fuseflow's loader and Grappler pass) are not timed."""
+    import openvino as ov
+
+    from fuseflow.backends import openvino as backend
+    from fuseflow.load import load_saved_model
+    from fuseflow.optimize import optimize_graph
+    from fuseflow.options import parse_compiler_args
+
+    model = load_saved_model(str(model_dir), None, None)
+    graph_def = optimize_graph(model.graph_def, model.fetch_nodes)
+    inputs = {s.tensor_name: [batch, *s.shape[1:]] for s in model.inputs}
+    outputs = [s.tensor_name for s in model.outputs]
+    props = dict(p.split("=", 1)
+                 for p in backend.properties(parse_compiler_args(list(compiler_args))))
+    start = time.perf_counter()
+    converted = ov.convert_model(graph_def, input=inputs, output=outputs)
+    ov.Core().compile_model(converted, "CPU", props)
+    return time.perf_counter() - start

@@ -39,6 +39,11 @@ class AssetFile:
     path: Path  # where it was written, before the SavedModel builder copies it
 
 
+def file_name(key: str, suffix: str) -> str:
+    """The asset's file name: Builder copies it into assets/ under this name."""
+    return f"fuseflow-{key}{suffix}"
+
+
 def _key(node_name: str, data: bytes) -> str:
     return f"{node_name.replace('/', '_')}-{zlib.crc32(data):08x}-{len(data)}"
 
@@ -62,7 +67,7 @@ def move_to_assets(graph_def, folder: Path):
     for node in fused:
         blob = node.attr["executable"].s
         key = _key(node.name, blob)
-        path = folder / f"fuseflow-{key}{BLOB_SUFFIX}"
+        path = folder / file_name(key, BLOB_SUFFIX)
         path.write_bytes(blob)
         files.append(AssetFile(key, path))
         node.attr["executable"].s = b""
@@ -75,7 +80,7 @@ def move_to_assets(graph_def, folder: Path):
         library.function.extend(functions[n] for n in names)
         data = library.SerializeToString()
         key = _key(node.name, data)
-        path = folder / f"fuseflow-{key}{LIBRARY_SUFFIX}"
+        path = folder / file_name(key, LIBRARY_SUFFIX)
         path.write_bytes(data)
         files.append(AssetFile(key, path))
         node.attr["native_file"].s = key.encode()
@@ -122,7 +127,7 @@ def read_asset_libraries(graph_def, model_dir) -> None:
     by_name = {f.signature.name: f for f in graph_def.library.function}
     for node in graph_def.node:
         key = node.attr["native_file"].s.decode() if node.op == FUSED_OP else ""
-        path = assets / f"fuseflow-{key}{LIBRARY_SUFFIX}"
+        path = assets / file_name(key, LIBRARY_SUFFIX)
         if not key or not path.exists():
             continue
         library = function_pb2.FunctionDefLibrary.FromString(path.read_bytes())
@@ -141,8 +146,8 @@ def blob_size(node, model_dir=None) -> int:
     """Bytes of a fused node's blob, in the graph or in the model's assets."""
     if node.attr["executable"].s or not model_dir:
         return len(node.attr["executable"].s)
-    path = Path(model_dir) / "assets" / \
-        f"fuseflow-{node.attr['executable_file'].s.decode()}{BLOB_SUFFIX}"
+    path = Path(model_dir) / "assets" / file_name(node.attr["executable_file"].s.decode(),
+                                                  BLOB_SUFFIX)
     return path.stat().st_size if path.exists() else 0
 
 

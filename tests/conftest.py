@@ -220,11 +220,11 @@ def saved_graph(model_dir):
 
 def fused_blob(model_dir, node) -> Path:
     """The asset file holding a FuseflowOp node's OpenVINO blob."""
-    from fuseflow.assets import BLOB_SUFFIX
+    from fuseflow.assets import BLOB_SUFFIX, file_name
 
     key = node.attr["executable_file"].s.decode()
     assert key and not node.attr["executable"].s, "the blob should be an asset, not an attr"
-    path = Path(model_dir) / "assets" / f"fuseflow-{key}{BLOB_SUFFIX}"
+    path = Path(model_dir) / "assets" / file_name(key, BLOB_SUFFIX)
     assert path.is_file(), path
     return path
 

@@ -142,6 +142,21 @@ def read_asset_libraries(graph_def, model_dir) -> None:
             by_name[name].signature.name = name
 
 
+def inline_assets(graph_def, model_dir) -> None:
+    """Put fused ops' files back into graph_def (blobs as attrs, fallbacks in the library):
+    for a graph run without its SavedModel (trace keeps one after its temp dir is gone)."""
+    read_asset_libraries(graph_def, model_dir)
+    for node in graph_def.node:
+        if node.op != FUSED_OP:
+            continue
+        key = node.attr["executable_file"].s.decode()
+        if key:
+            path = Path(model_dir) / "assets" / file_name(key, BLOB_SUFFIX)
+            node.attr["executable"].s = path.read_bytes()
+        node.attr["executable_file"].s = b""
+        node.attr["native_file"].s = b""
+
+
 def blob_size(node, model_dir=None) -> int:
     """Bytes of a fused node's blob, in the graph or in the model's assets."""
     if node.attr["executable"].s or not model_dir:

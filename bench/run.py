@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import fuseflow
-from bench import onnx_baseline
+from bench import coldstart, onnx_baseline
 from bench.models import MODELS, export, timed_signature
 from fuseflow.backends import openvino as openvino_backend
 from fuseflow.options import parse_compiler_args
@@ -80,6 +80,12 @@ class Row:
     max_abs_err: float | None = None
     compile_s: float | None = None  # fuseflow compile / tf2onnx conversion
     load_first_call_s: float | None = None  # load + first call (XLA compiles here)
+    # In a fresh process (bench.coldstart): load + first call, RSS after it, peak RSS.
+    cold_s: float | None = None
+    rss_mb: float | None = None
+    peak_mb: float | None = None
+    openvino_alone_s: float | None = None  # ov.convert_model + compile_model, same graph
+    recompile_s: float | None = None  # compiling again: segments from the compile cache
     runs: int = 0
     p10_ms: float | None = None
     p90_ms: float | None = None
@@ -180,6 +186,14 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                     row.compile_s = time.perf_counter() - start
                     _progress(f"[{name} b{batch}] {v.label}: compiled in {row.compile_s:.1f} s "
                               f"{row.compile_result}")
+                    start = time.perf_counter()
+                    fuseflow.saved_model.compile(
+                        str(src), str(out) + "-again", batch_size=batch, backend=v.backend,
+                        compiler_args=list(v.compiler_args) or None)
+                    row.recompile_s = time.perf_counter() - start
+                    if v.backend == "openvino":
+                        row.openvino_alone_s = coldstart.openvino_alone_s(src, batch,
+                                                                          v.compiler_args)
                     load = functools.partial(_tf_call, out, feeds)
                 elif v is ONNXRUNTIME:
                     if onnx_na:
@@ -201,6 +215,10 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                 row.max_abs_err = _max_abs_err(reference, first)
                 row.reference_spread = spread
                 calls[v.key] = call
+                if v is not ONNXRUNTIME:
+                    cold = coldstart.measure(out if v.backend else src, feeds, tmp)
+                    row.cold_s, row.rss_mb, row.peak_mb = (
+                        cold["load_first_call_s"], cold["rss_mb"], cold["peak_mb"])
             except Exception as e:  # noqa: BLE001 - the row says n/a with the reason
                 row.na = _first_line(e)
                 _progress(f"[{name} b{batch}] {v.label}: n/a: {row.na}")
@@ -343,6 +361,33 @@ def print_report(env: dict, rows: list[Row], summ: dict) -> None:
               f"ahead of onnxruntime on every row {versus}")
 
 
+def print_coldstart(rows: list[Row]) -> None:
+    """Cold start and compile time, each against the original (or OpenVINO alone)."""
+    print("\n- cold start: a fresh process (TF and fuseflow imported first) loads the model and "
+          "calls it once; RSS after that call and the process's peak, in MB, imports included. "
+          "Compile s against OpenVINO alone (ov.convert_model + compile_model of the same "
+          "frozen graph, same properties), and compiling again (segments from the compile "
+          "cache)\n")
+    print("| model | batch | variant | cold load+1st call s | vs TF | RSS MB | vs TF | peak MB "
+          "| vs TF | compile s | OpenVINO alone s | ratio | again s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = {(r.model, r.batch): r for r in rows if r.variant == ORIGINAL.key}
+
+    def vs(mine, theirs):
+        return _fmt(mine / theirs if mine is not None and theirs else None, ".2f", "x")
+
+    for r in rows:
+        if r.na or r.cold_s is None:
+            continue
+        tf_row = base.get((r.model, r.batch)) or r
+        print(f"| {r.model} | {r.batch} | {r.label} | {_fmt(r.cold_s, '.2f')} "
+              f"| {vs(r.cold_s, tf_row.cold_s)} | {_fmt(r.rss_mb, '.0f')} "
+              f"| {vs(r.rss_mb, tf_row.rss_mb)} | {_fmt(r.peak_mb, '.0f')} "
+              f"| {vs(r.peak_mb, tf_row.peak_mb)} | {_fmt(r.compile_s, '.1f')} "
+              f"| {_fmt(r.openvino_alone_s, '.1f')} | {vs(r.compile_s, r.openvino_alone_s)} "
+              f"| {_fmt(r.recompile_s, '.1f')} |")
+
+
 def _names(text: str, choices) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     for n in names:
@@ -387,10 +432,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for name in models:
         with tempfile.TemporaryDirectory(prefix=f"fuseflow-bench-{name}-") as tmp:
+            # An empty compile cache: "compile s" is a first compile, "again s" a cached one.
+            os.environ["FUSEFLOW_CACHE_DIR"] = str(Path(tmp) / "compile-cache")
             rows += bench_model(name, batches, variants, args, Path(tmp))
     summ = summary(rows, variants, batches)
     env["total_seconds"] = round(time.perf_counter() - start, 1)
     print_report(env, rows, summ)
+    print_coldstart(rows)
     print(f"\n(whole run: {env['total_seconds']:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,13 @@ segment's split ports.
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from fuseflow.assets import add_assets_op, move_to_assets
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
@@ -270,21 +273,27 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
     if original is None:
         return True  # the original can't run on random inputs: nothing to compare
     final = apply_input_shapes(final_graph_def, model, serving)
-    compiled_out = _run(final, model.init_nodes, feeds, fetches)
+    with tempfile.TemporaryDirectory(prefix="fuseflow-check-") as tmp:
+        # As the saved model will be: weights in files, not in a graph to parse and copy.
+        final, files = move_to_assets(final, Path(tmp))
+        compiled_out = _run(final, model.init_nodes, feeds, fetches, files)
     if compiled_out is None:
         return False
     return all(a.shape == b.shape and relative_error(a, b) <= tolerance
                for a, b in zip(original, compiled_out) if a.dtype.kind in "fciub")
 
 
-def _run(graph_def, init_nodes, feeds, fetches):
+def _run(graph_def, init_nodes, feeds, fetches, files=()):
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
+    init = [graph.get_operation_by_name(n) for n in init_nodes]
+    if files:
+        init.append(add_assets_op(graph, list(files))[0])
     try:
         with tf.compat.v1.Session(graph=graph) as sess:
-            if init_nodes:
-                sess.run([graph.get_operation_by_name(n) for n in init_nodes])
+            if init:
+                sess.run(init)
             return sess.run(fetches, feeds)
     except Exception:  # any failure means "does not run at this batch"
         return None

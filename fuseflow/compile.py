@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fuseflow import progress
 from fuseflow.backends.base import Artifact, SegmentGraph
+from fuseflow.cache import CompileCache
 from fuseflow.options import CompilerOptions
 
 log = logging.getLogger("fuseflow")
@@ -42,6 +43,7 @@ class CompiledSegment:
     error: str | None
     seconds: float
     backend: str = ""
+    cached: bool = False  # the artifact came from the compile cache
 
 
 def worker_count(options: CompilerOptions, jobs: int) -> int:
@@ -89,12 +91,23 @@ class _Worker:
 
 def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path
                      ) -> list[CompiledSegment]:
-    """Compile every job; failures and timeouts come back as errors, not raises."""
+    """Compile every job; failures and timeouts come back as errors, not raises.
+    Jobs in the compile cache are taken from it and not compiled."""
     segments = [j.segment for j in jobs]
-    pending = list(range(len(jobs)))
+    cache = CompileCache.for_options(options)
+    keys = [cache.key(j.backend, j.segment, options) for j in jobs]
     results: dict[int, CompiledSegment] = {}
-    workers = [_Worker() for _ in range(worker_count(options, len(jobs)))] if jobs else []
-    progress.update(0, len(segments), "")
+    for i, job in enumerate(jobs):
+        start = time.monotonic()
+        artifact = cache.lookup(keys[i])
+        if artifact is not None:
+            results[i] = _record(job, workdir / job.directory, ("ok", artifact),
+                                 time.monotonic() - start, len(results) + 1, len(segments),
+                                 cached=True)
+    pending = [i for i in range(len(jobs)) if i not in results]
+    workers = [_Worker() for _ in range(worker_count(options, len(pending)))] \
+        if pending else []
+    progress.update(len(results), len(segments), "")
     try:
         while len(results) < len(segments):
             for w in workers:
@@ -113,6 +126,8 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                 w.job, w.started = None, False
                 results[i] = _record(jobs[i], workdir / jobs[i].directory, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments))
+                if outcome[0] == "ok":
+                    cache.store(keys[i], outcome[1])
                 progress.update(len(results), len(segments), segments[i].name)
                 if outcome[0] != "ok" and ("timed out" in outcome[1][0]
                                            or w.process.poll() is not None):
@@ -155,14 +170,19 @@ def _poll(w: _Worker, timeout_s: float):
 
 
 def _record(job: CompileJob, seg_dir: Path, outcome, seconds: float, done: int,
-            total: int) -> CompiledSegment:
+            total: int, cached: bool = False) -> CompiledSegment:
     segment = job.segment
     if outcome[0] == "ok":
         artifact: Artifact = outcome[1]
+        seg_dir.mkdir(parents=True, exist_ok=True)
         _write_artifact(seg_dir, artifact)
-        log.info("compiled %s (%d ops) on %s in %.1f s [%d/%d]", segment.name,
-                 segment.node_count, job.backend, seconds, done, total)
-        return CompiledSegment(segment, artifact, None, seconds, job.backend)
+        if cached:
+            log.info("%s (%d ops) on %s taken from the compile cache [%d/%d]", segment.name,
+                     segment.node_count, job.backend, done, total)
+        else:
+            log.info("compiled %s (%d ops) on %s in %.1f s [%d/%d]", segment.name,
+                     segment.node_count, job.backend, seconds, done, total)
+        return CompiledSegment(segment, artifact, None, seconds, job.backend, cached)
     first, detail = outcome[1]
     (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
     log.warning("segment %s failed to compile on %s: %s [%d/%d]", segment.name, job.backend,

@@ -82,12 +82,17 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
         time.sleep(10**6)
     if fault == "error":
         raise RuntimeError("injected compiler error")
+    start = time.perf_counter()
     artifact = backend.compile(segment, options, seg_dir)
+    compiled = time.perf_counter() - start
     if fault == "garbage":
         artifact = Artifact(os.urandom(len(artifact.executable) or 64), artifact.log,
                             artifact.files)
+    start = time.perf_counter()
     check = verify(backend, segment, artifact, options)
-    return Artifact(artifact.executable, artifact.log + check, artifact.files)
+    timings = {**artifact.timings, "compile": round(compiled, 3),
+               "artifact check": round(time.perf_counter() - start, 3)}
+    return Artifact(artifact.executable, artifact.log + check, artifact.files, timings)
 
 
 def main(read_fd: int, write_fd: int) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fuseflow import errors
+from fuseflow.assets import add_assets_op, move_to_assets
 from fuseflow.graph_util import node_name
 from fuseflow.load import LoadedModel
 from fuseflow.shapes import TensorInfo
@@ -131,8 +132,11 @@ def _tensor_info(name: str, info: TensorInfo, shape):
 
 def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tuple],
                       infos: dict[str, TensorInfo], path: Path) -> None:
-    """One MetaGraphDef, one signature (same key and tensor names), tables kept."""
+    """One MetaGraphDef, one signature (same key and tensor names), tables kept; fused ops'
+    blobs and fallback functions go to assets (see assets.py)."""
     from tensorflow.core.protobuf import meta_graph_pb2
+
+    graph_def, files = move_to_assets(graph_def, path.parent / "fuseflow_assets")
 
     signature = meta_graph_pb2.SignatureDef(method_name=model.method_name)
     for spec in model.inputs:
@@ -152,11 +156,13 @@ def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tup
             tf.graph_util.import_graph_def(graph_def, name="")
         except Exception as e:
             raise errors.ExportError(f"the compiled graph does not import: {e}") from None
-        main_op = None
-        if model.init_nodes:
-            main_op = tf.group(*[graph.get_operation_by_name(n) for n in model.init_nodes],
-                               name="fuseflow_main_op")
+        init = [graph.get_operation_by_name(n) for n in model.init_nodes]
         assets = _asset_tensors(graph, model)
+        if files:
+            register, constants = add_assets_op(graph, files)
+            init.append(register)
+            assets += constants
+        main_op = tf.group(*init, name="fuseflow_main_op") if init else None
         with tf.compat.v1.Session(graph=graph) as sess:
             saver = _variable_saver(sess, graph, model.variables)
             builder = tf.compat.v1.saved_model.Builder(str(path))

@@ -78,7 +78,7 @@ def write_graph_html(model_dir, html_path) -> Path:
     proto = read_saved_model_proto(model_dir)
     _tags, meta_graph = select_meta_graph(proto, None)
     report = read_report(model_dir)
-    data = graph_data(logical_graph(meta_graph.graph_def), report)
+    data = graph_data(logical_graph(meta_graph.graph_def, model_dir), report)
     subtitle = summary_line(report) if report else "no fuseflow_report.json: reasons unknown"
     path = Path(os.fspath(html_path))
     try:

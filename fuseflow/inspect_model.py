@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow import errors
+from fuseflow.assets import blob_size, read_asset_libraries
 from fuseflow.export import REPORT_DIR
 from fuseflow.graph_util import NON_COMPUTE_OPS, node_name, output_index
 from fuseflow.load import read_saved_model_proto, select_meta_graph
@@ -62,8 +63,11 @@ def _reexposed(graph_def, fused: dict) -> set[str]:
             and all(node_name(i) in fused for i in n.input)}
 
 
-def logical_graph(graph_def) -> list[LogicalNode]:
-    """The compiled graph with every fused node opened up into the nodes it replaced."""
+def logical_graph(graph_def, model_dir=None) -> list[LogicalNode]:
+    """The compiled graph with every fused node opened up into the nodes it replaced
+    (model_dir: where the fallback functions kept in asset files are)."""
+    if model_dir is not None:
+        graph_def = _with_asset_libraries(graph_def, model_dir)
     functions = {f.signature.name: f for f in graph_def.library.function}
     fused = {n.name: n for n in graph_def.node if is_fused(n)}
     hidden = _reexposed(graph_def, fused)
@@ -84,7 +88,14 @@ def logical_graph(graph_def) -> list[LogicalNode]:
     return nodes
 
 
-def _graph_segments(graph_def) -> list[dict]:
+def _with_asset_libraries(graph_def, model_dir):
+    full = type(graph_def)()
+    full.CopyFrom(graph_def)
+    read_asset_libraries(full, model_dir)
+    return full
+
+
+def _graph_segments(graph_def, model_dir) -> list[dict]:
     """Segments as the graph alone tells them (report schema; unknowns left empty)."""
     functions = {f.signature.name: f for f in graph_def.library.function}
     out_names = _output_names(graph_def)
@@ -97,7 +108,7 @@ def _graph_segments(graph_def) -> list[dict]:
             "node_count": sum(types.values()), "op_types": dict(types.most_common()),
             "inputs": _ports(node, "in", list(node.input)),
             "outputs": _ports(node, "out", out_names.get(node.name, [])),
-            "artifact_bytes": len(node.attr["executable"].s),
+            "artifact_bytes": blob_size(node, model_dir),
             "compile_seconds": None, "error": None})
     return segments
 
@@ -184,11 +195,11 @@ def inspect_model(model_dir) -> dict:
     model_dir = os.fspath(model_dir)
     proto = read_saved_model_proto(model_dir)
     tags, meta_graph = select_meta_graph(proto, None)
-    graph_def = meta_graph.graph_def
+    graph_def = _with_asset_libraries(meta_graph.graph_def, model_dir)
     report = read_report(model_dir)
     nodes = logical_graph(graph_def)
     key, signature = _signature(meta_graph)
-    data = _from_graph(graph_def, nodes) if report is None else {
+    data = _from_graph(graph_def, nodes, model_dir) if report is None else {
         k: v for k, v in report.items() if k != "runtime"}
     data["advice"] = advice(data) if report is not None else []
     return {"model": model_dir, "tags": tags, "signature": key, **signature,
@@ -197,8 +208,8 @@ def inspect_model(model_dir) -> dict:
             "runtime": load_requirements(graph_def, report)}
 
 
-def _from_graph(graph_def, nodes: list[LogicalNode]) -> dict:
-    segments = _graph_segments(graph_def)
+def _from_graph(graph_def, nodes: list[LogicalNode], model_dir) -> dict:
+    segments = _graph_segments(graph_def, model_dir)
     on_backend = sum(s["node_count"] for s in segments)
     tf_ops = _graph_tf_ops(nodes)
     total = on_backend + sum(r["count"] for r in tf_ops)

@@ -60,6 +60,7 @@ class CompilerOptions:
     max_segments: int | None = None
     dynamic_batch: bool = True
     ignored_flags: tuple[str, ...] = ()  # accepted neuron-cc flags that mean nothing here
+    cache: bool = True  # --no-cache: compile every segment, read and write no cache (cache.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +85,7 @@ def _parser() -> _Parser:
     p.add_argument("--max-segments", type=int)
     p.add_argument("--no-dynamic-batch", action="store_true")
     p.add_argument("--dynamic-batch-size", action="store_true")
+    p.add_argument("--no-cache", action="store_true")
     for flag, nargs in IGNORED_FLAGS.items():
         dest = "ignored_" + flag.strip("-").replace("-", "_")
         if nargs == 0:
@@ -155,7 +157,8 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             f"unknown compiler flag(s) {unknown}: fuseflow understands --backend, "
             "--must-compile, --timeout, --workers, --workdir, --verbose, "
             "--neuroncore-pipeline-cores, --fp32-cast, --fast-math, --max-segments, "
-            "--no-dynamic-batch, --dynamic-batch-size and the neuron-cc flags listed in the "
+            "--no-dynamic-batch, --dynamic-batch-size, --no-cache and the neuron-cc flags "
+            "listed in the "
             "README")
     for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
                         ("--neuroncore-pipeline-cores", ns.cores),
@@ -191,4 +194,5 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
         max_segments=ns.max_segments,
         dynamic_batch=not ns.no_dynamic_batch,
         ignored_flags=ignored,
+        cache=not ns.no_cache,
     )

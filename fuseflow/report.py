@@ -37,6 +37,8 @@ class SegmentReport:
     compile_seconds: float
     error: str | None = None
     timing: dict | None = None  # measured against TF at compile time (place.py)
+    cached: bool = False  # taken from the compile cache, not compiled
+    timings: dict[str, float] = field(default_factory=dict)  # the worker's steps, seconds
 
 
 @dataclass
@@ -75,6 +77,7 @@ class CompileReport:
     dynamic_batch: bool = True  # the compiled model accepts any batch size
     placement: dict | None = None  # how backends were chosen: mode, timings, seconds
     model_timing: dict | None = None  # the whole compiled model against the original
+    timings: dict[str, float] = field(default_factory=dict)  # compile() stage -> seconds
 
     @property
     def ratio(self) -> float:
@@ -106,7 +109,8 @@ class CompileReport:
         data = {**self.result(), "segments": [asdict(s) for s in self.segments],
                 "placement": self.placement, "model_timing": self.model_timing,
                 "not_compiled": [r.to_json() for r in self.not_compiled],
-                "unknown_shapes": [asdict(u) for u in self.unknown_shapes]}
+                "unknown_shapes": [asdict(u) for u in self.unknown_shapes],
+                "timings": self.timings}
         data["advice"] = advice(data)
         return data
 
@@ -148,7 +152,9 @@ def _segment_report(item: CompiledSegment, backend: str, op_of: dict[str, str],
         name=seg.name, backend=backend, compiled=ok, node_count=seg.node_count,
         op_types=dict(types.most_common()), inputs=_ports(seg.inputs),
         outputs=_ports(seg.outputs), artifact_bytes=len(item.artifact.executable) if ok else 0,
-        compile_seconds=round(item.seconds, 3), error=item.error, timing=timing)
+        compile_seconds=round(item.seconds, 3), error=item.error, timing=timing,
+        cached=item.cached,
+        timings=dict(item.artifact.timings) if ok and not item.cached else {})
 
 
 def _not_compiled(compiled: list[CompiledSegment], excluded: dict[str, Reason],
@@ -293,7 +299,7 @@ def segment_table(segments: list[dict]) -> str:
     rows = []
     for s in segments:
         types = " ".join(f"{op}({n})" if n > 1 else op for op, n in s["op_types"].items())
-        state = "FAILED" if not s["compiled"] else (
+        state = "FAILED" if not s["compiled"] else "cached" if s.get("cached") else (
             "-" if s["compile_seconds"] is None else f"{s['compile_seconds']:.1f} s")
         row = [s["name"], s["backend"], s["node_count"], _clip(types, 50),
                _ports_cell(s["inputs"]), _ports_cell(s["outputs"]),
@@ -328,6 +334,22 @@ def summary_line(report: dict) -> str:
     return (f"{report['num_ops_on_backend']} of {report['num_ops_optimized']} ops on "
             f"{report['backend']} (OnNeuronRatio {report['OnNeuronRatio']:.3f}) in "
             f"{report['num_segments']} segment(s){failed}")
+
+
+def timing_line(report: dict) -> str:
+    """Where compile() spent its time, stage by stage, and the workers' steps summed."""
+    stages = report.get("timings") or {}
+    steps: dict[str, float] = {}
+    for s in report["segments"]:
+        for step, seconds in (s.get("timings") or {}).items():
+            steps[step] = steps.get(step, 0.0) + seconds
+    cached = sum(bool(s.get("cached")) for s in report["segments"])
+    text = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items())
+    if steps:
+        text += "; in the workers: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+    if cached:
+        text += f"; {cached} segment(s) from the compile cache"
+    return text
 
 
 def log_report(report: CompileReport) -> None:

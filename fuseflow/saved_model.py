@@ -50,7 +50,7 @@ from fuseflow.place import (
     preferred_backends,
 )
 from fuseflow.reasons import Reason
-from fuseflow.report import CompileReport, build_report, log_report
+from fuseflow.report import CompileReport, build_report, log_report, timing_line
 from fuseflow.rewrite import rewrite_graph
 from fuseflow.shapes import (
     InputShapes,
@@ -62,6 +62,7 @@ from fuseflow.shapes import (
     serving_shapes,
     synthesized_value,
 )
+from fuseflow.stages import Stopwatch
 from fuseflow.tf_compat import tf
 from fuseflow.timing import ModelTimingJob, time_models
 
@@ -114,6 +115,7 @@ class _Plan:
     partitioner: Callable[[dict, dict | None], Partition]
     force_fuse: frozenset[str]
     internal: set[str]
+    watch: Stopwatch  # seconds per stage so far
 
 
 def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
@@ -133,10 +135,13 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     backend_name = options.backend or default_backend()
     backends = {name: get_backend(name) for name in backend_names(backend_name)}
 
+    watch = Stopwatch()
     model = load_saved_model(model_dir, tags, signature_def_key)
+    watch.lap("loading")
     inputs = resolve_input_shapes(model, batch_size, model_shape_feed_dict, model_feed_dict)
     serving = serving_shapes(model, inputs, options.dynamic_batch)
     graph_def = apply_input_shapes(model.graph_def, model, inputs.shapes)
+    watch.lap("shapes")
     graph_def = optimize_graph(graph_def, model.fetch_nodes)
     refined = refine_loop_shapes(graph_def)
     if refined is not graph_def:
@@ -147,8 +152,11 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     if subgraph_builder_function is not None:
         chosen_on, chosen_off = _builder_choices(graph_def, subgraph_builder_function)
         force_fuse, no_fuse = force_fuse | chosen_on, no_fuse | chosen_off
+    watch.lap("grappler")
     infos = infer_tensor_shapes(graph_def, model, inputs)
+    watch.lap("shapes")
     supports = {name: b.support(graph_def, infos, options) for name, b in backends.items()}
+    watch.lap("probe")
     internal = _variant_tensors(infos)
     partition_options = PartitionOptions(
         minimum_segment_size=minimum_segment_size or default_minimum_segment_size(graph_def),
@@ -162,8 +170,9 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
 
     prefer = preferred_backends(graph_def, supports, force_fuse, internal)
     partition = by_kind(graph_def, supports, prefer, force_fuse, partitioner)
+    watch.lap("partition")
     return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options,
-                 supports, partitioner, force_fuse, internal)
+                 supports, partitioner, force_fuse, internal, watch)
 
 
 def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
@@ -249,6 +258,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         return extract_segment(graph_def, segment, infos, consumers, fetches, batch_info,
                                constants)
 
+    watch = plan.watch
     with _workdir(workdir) as work:
         placement = Placement(plan.partition, summary={
             "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
@@ -259,10 +269,12 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                               feed_value_function(graph_def, model, _input_values(model,
                                                                                    inputs)),
                               work)
+            watch.lap("placement")
         partition = placement.partition
         members_of = {n: s.name for s in partition.segments for n in s.nodes}
         consumers = consumers_outside(graph_def, members_of)
         segments = [extract(s, consumers) for s in partition.segments]
+        watch.lap("extract")
         ready: dict[int, CompiledSegment] = {}
         jobs = []
         for k, (seg, graph) in enumerate(zip(partition.segments, segments)):
@@ -276,6 +288,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             ready[k] = item
         _compile_elsewhere(ready, partition.segments, plan, work)
         compiled = [ready[k] for k in range(len(segments))]
+    watch.lap("workers")
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:
         raise errors.SegmentCompileError(
@@ -286,6 +299,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     used = sorted({c.backend for c in compiled if c.artifact is not None})
     label = "+".join(used) if used else "+".join(plan.supports)
     tolerance = max(get_backend(b).tolerance(options) for b in plan.supports)
+    watch.lap("rewrite")
     if serving != inputs.shapes and not runs_at_other_batch(
             model, final, serving, inputs.shapes, tolerance):
         log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
@@ -294,6 +308,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         serving = inputs.shapes
         final = guard_input_shapes(final, model, serving)
     final = apply_input_shapes(final, model, serving)
+    watch.lap("other-batch check")
     timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
                for seg, graph in zip(partition.segments, segments)}
     report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
@@ -306,11 +321,18 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     for name in used or list(plan.supports):
         runtime = {**get_backend(name).runtime_info(), **runtime}
     runtime["backend"] = label
+    watch.lap("report")
     with staging_dir(out) as path:
         write_saved_model(final, model, serving, infos, path)
+        watch.lap("export")
         if options.profile and used:
             report.model_timing = _time_whole_model(model, inputs, path, report)
+            watch.lap("model timing")
+        report.timings = watch.seconds
         _write_report(path, report, runtime)
+    if options.verbose:
+        with shown_info():
+            log.info("Compile time: %s", timing_line(report.to_json()))
     return report.result()
 
 

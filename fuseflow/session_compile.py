@@ -101,9 +101,11 @@ def inference_graph_from_session(
 
 def compiled_graph(model_dir: str):
     """A compiled SavedModel's graph as a tf.Graph (the FuseflowOp must be registered)."""
+    from fuseflow.assets import inline_assets
     from fuseflow.load import read_saved_model_proto
 
     graph_def = read_saved_model_proto(model_dir).meta_graphs[0].graph_def
+    inline_assets(graph_def, model_dir)  # the graph outlives model_dir
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")

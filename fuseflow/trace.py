@@ -183,6 +183,7 @@ def trace(func, example_inputs, subgraph_builder_function=None) -> TracedModel:
     of the optimized graph onto the backend (True) or keeps it in TensorFlow
     (False). The batch dim stays free where the compiled model allows it.
     """
+    from fuseflow.assets import inline_assets
     from fuseflow.load import read_saved_model_proto
     from fuseflow.saved_model import compile as compile_model
 
@@ -192,6 +193,7 @@ def trace(func, example_inputs, subgraph_builder_function=None) -> TracedModel:
         result = compile_model(path, compiled_dir, model_shape_feed_dict=_shape_feed(args),
                                subgraph_builder_function=subgraph_builder_function)
         meta_graph = read_saved_model_proto(compiled_dir).meta_graphs[0]
+        inline_assets(meta_graph.graph_def, compiled_dir)  # compiled_dir is temporary
     signature = meta_graph.signature_def["serving_default"]
     count = len(signature.outputs)
     compiled = _Compiled(

@@ -231,8 +231,26 @@ def saved_graph(model_dir):
     return proto.meta_graphs[0].graph_def
 
 
+def fused_blob(model_dir, node) -> Path:
+    """The asset file holding a FuseflowOp node's OpenVINO blob."""
+    from fuseflow.assets import BLOB_SUFFIX, file_name
+
+    key = node.attr["executable_file"].s.decode()
+    assert key and not node.attr["executable"].s, "the blob should be an asset, not an attr"
+    path = Path(model_dir) / "assets" / file_name(key, BLOB_SUFFIX)
+    assert path.is_file(), path
+    return path
+
+
 def op_types(graph_def) -> list[str]:
     return [n.op for n in graph_def.node]
+
+
+@pytest.fixture(autouse=True)
+def _own_compile_cache(tmp_path_factory, monkeypatch):
+    """Every test compiles against an empty compile cache of its own: a segment another
+    test compiled must not skip the compiler (and the faults injected into it)."""
+    monkeypatch.setenv("FUSEFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("compile-cache")))
 
 
 @pytest.fixture

@@ -158,17 +158,19 @@ def test_tf_module_cond_both_branches(backend, tmp_path, rng):
 
 def _corrupt_executables(model_dir) -> int:
     """Make every FuseflowOp's blob unimportable (an OpenVINO version that doesn't exist)."""
+    from conftest import fused_blob
+
     from fuseflow.load import read_saved_model_proto
 
     proto = read_saved_model_proto(str(model_dir))
     count = 0
     for node in proto.meta_graphs[0].graph_def.node:
         if node.op == "FuseflowOp":
-            blob = node.attr["executable"].s
+            path = fused_blob(model_dir, node)
+            blob = path.read_bytes()
             at = blob.index(b"ov=")
-            node.attr["executable"].s = blob[:at] + b"ov=1999.9.9" + blob[at + 11:]
+            path.write_bytes(blob[:at] + b"ov=1999.9.9" + blob[at + 11:])
             count += 1
-    (model_dir / "saved_model.pb").write_bytes(proto.SerializeToString())
     return count
 
 

@@ -18,7 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, assert_outputs_close, op_types, run_fresh, save_tf1, saved_graph
+from conftest import (
+    REPO,
+    assert_outputs_close,
+    fused_blob,
+    op_types,
+    run_fresh,
+    save_tf1,
+    saved_graph,
+)
 
 import fuseflow
 from fuseflow import errors
@@ -365,7 +373,7 @@ def test_auto_multicore_cli_on_a_compiled_dir(compiled_dense, tmp_path, rng):
     # OpenVINO itself takes these properties and makes 2 streams of the blob (it caps
     # streams at the CPU count, 2 on the smallest machines that run this).
     props = dict(p.decode().split("=", 1) for p in node.attr["properties"].list.s)
-    compiled = ov.Core().import_model(node.attr["executable"].s, "CPU", props)
+    compiled = ov.Core().import_model(fused_blob(out, node).read_bytes(), "CPU", props)
     assert compiled.get_property("NUM_STREAMS") == 2
     feeds = {"x": rng.standard_normal((4, 8)).astype(np.float32)}
     assert_outputs_close(run_fresh(compiled_dense / "c", feeds, tmp_path),

@@ -9,6 +9,7 @@ import pytest
 from conftest import (
     assert_outputs_close,
     assert_ran,
+    fused_blob,
     op_types,
     run_fresh,
     run_saved_model,
@@ -73,11 +74,11 @@ def test_corrupted_executable_still_runs_with_one_warning(tmp_path, rng):
     proto = read_saved_model_proto(str(tmp_path / "c"))
     fused = [n for n in proto.meta_graphs[0].graph_def.node if n.op == "FuseflowOp"]
     assert len(fused) == 2
-    blob = bytearray(fused[0].attr["executable"].s)
+    path = fused_blob(tmp_path / "c", fused[0])
+    blob = bytearray(path.read_bytes())
     middle = len(blob) // 2
     blob[middle:middle + 64] = bytes(64)  # weights, not the header OpenVINO checks
-    fused[0].attr["executable"].s = bytes(blob)
-    (tmp_path / "c" / "saved_model.pb").write_bytes(proto.SerializeToString())
+    path.write_bytes(bytes(blob))
     feeds = {"x": rng.random((3, 6), np.float32)}
     out, log, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_log=True,
                                 with_stats=True)

@@ -218,7 +218,7 @@ def test_inspect_shows_what_the_report_says(compiled_conv, tmp_path):
 def test_inspect_opens_segments_into_the_original_graph(tmp_path):
     _compile(tmp_path, _string)
     graph = read_saved_model_proto(str(tmp_path / "c")).meta_graphs[0].graph_def
-    nodes = {n.name: n for n in logical_graph(graph)}
+    nodes = {n.name: n for n in logical_graph(graph, tmp_path / "c")}
     assert nodes["text"].segment is None and nodes["Relu"].segment == "fuseflow_segment_0"
     assert "Relu" in nodes["text"].inputs  # TF op reads the segment's node, not an IdentityN
     consumer = next(n for n in nodes.values() if "StringToNumber" in n.inputs)

@@ -58,6 +58,7 @@ class Artifact:
     executable: bytes
     log: str = ""
     files: dict[str, bytes] = field(default_factory=dict)  # extra files for the workdir
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per compile step
 
 
 class Backend(ABC):

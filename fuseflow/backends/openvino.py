@@ -311,7 +311,8 @@ class OpenVinoBackend(Backend):
                   for n, p in zip(output_names(segment), segment.outputs)]
         lines.append(f"blob {len(blob)} bytes, IR in model.xml/.bin; "
                      + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
-        return Artifact(executable=blob, log="\n".join(lines) + "\n")
+        return Artifact(executable=blob, log="\n".join(lines) + "\n",
+                        timings={f"openvino {k}": round(v, 3) for k, v in times.items()})
 
     def run(self, segment: SegmentGraph, artifact: Artifact, options: CompilerOptions,
             inputs: list) -> list:

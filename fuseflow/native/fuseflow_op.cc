@@ -13,7 +13,10 @@
 #include "absl/strings/str_join.h"
 #include "openvino_model.h"
 #include "runtime_stats.h"
+#include "tensorflow/core/common_runtime/process_function_library_runtime.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/function.h"
+#include "tensorflow/core/platform/env.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -43,6 +46,8 @@ REGISTER_OP("FuseflowOp")
     .Attr("backend: string")
     .Attr("executable: string = ''")
     .Attr("executable_crc32: string = ''")
+    .Attr("executable_file: string = ''")
+    .Attr("native_file: string = ''")
     .Attr("native_segment: func")
     .Attr("input_names: list(string)")
     .Attr("output_names: list(string)")
@@ -72,6 +77,16 @@ REGISTER_OP("FuseflowOp")
       }
       return absl::OkStatus();
     });
+
+// Runs in the SavedModel's main_op, which loaders run with every asset tensor fed
+// its file's path in the loaded model: records the path of each fused op's files
+// (the blob, the fallback library) under the content key the ops name.
+REGISTER_OP("FuseflowAssets")
+    .Input("paths: N * string")
+    .Attr("N: int >= 1")
+    .Attr("keys: list(string)")
+    .SetIsStateful()
+    .SetShapeFn(tensorflow::shape_inference::NoOutputs);
 
 // Process-wide counters, so tests and benchmarks can tell which path ran.
 REGISTER_OP("FuseflowOpStats")
@@ -136,6 +151,8 @@ class FuseflowOp : public AsyncOpKernel {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("backend", &backend_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("executable", &executable));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("executable_crc32", &spec_.executable_crc32));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("executable_file", &executable_file_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("native_file", &native_file_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("native_segment", &native_segment_));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("input_names", &spec_.input_names));
     OP_REQUIRES_OK(ctx, ctx->GetAttr("output_names", &spec_.output_names));
@@ -174,7 +191,7 @@ class FuseflowOp : public AsyncOpKernel {
     OP_REQUIRES_OK(ctx, ParseProperties(spec_.properties).status());
     max_requests_ = max_requests > 0 ? static_cast<int>(max_requests)
                                      : std::max(1u, std::thread::hardware_concurrency());
-    executable_ = std::make_shared<const std::string>(std::move(executable));
+    if (!executable.empty()) executable_ = OwnedBlob(std::move(executable));
     stats_ = RunStatsFor(name());
   }
 
@@ -208,23 +225,39 @@ class FuseflowOp : public AsyncOpKernel {
   std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx, std::string* kind,
                                            std::string* why) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!executable_) {  // already tried
+    if (tried_) {
       *kind = load_failure_kind_;
       *why = load_failure_;
       return segment_;
     }
+    tried_ = true;
     std::string reason;
-    if (backend_ != "openvino") {
+    if (!executable_ && !executable_file_.empty()) {  // the blob is an asset file: map it
+      auto path = AssetPath(executable_file_);
+      auto mapped = path.ok() ? MapBlob(*path)
+                              : absl::StatusOr<std::shared_ptr<const Blob>>(path.status());
+      if (mapped.ok()) {
+        executable_ = *mapped;
+      } else {
+        load_failure_kind_ = "load_failed";
+        reason = std::string(mapped.status().message());
+      }
+    }
+    if (!reason.empty()) {
+    } else if (backend_ != "openvino") {
       load_failure_kind_ = "unknown_backend";
       reason = absl::StrCat("unknown backend '", backend_, "'");
-    } else if (executable_->empty()) {
+    } else if (!executable_ || executable_->size() == 0) {
       load_failure_kind_ = "not_compiled";
       reason = "the segment was not compiled (empty executable)";
     } else {
       FunctionLibraryRuntime* lib = ctx->function_library();
-      auto segment = GetCompiledSegment(executable_, spec_, max_requests_,
-                                        lib ? lib->GetFunctionLibraryDefinition() : nullptr,
-                                        name());
+      LibraryGetter flib =
+          [this, lib]() -> absl::StatusOr<const tensorflow::FunctionLibraryDefinition*> {
+        if (!native_file_.empty()) return FileLibrary();
+        return lib ? lib->GetFunctionLibraryDefinition() : nullptr;
+      };
+      auto segment = GetCompiledSegment(executable_, spec_, max_requests_, flib, name());
       if (segment.ok()) {
         segment_ = *segment;
         batch_rows_ = BatchRows(*segment_);
@@ -242,6 +275,35 @@ class FuseflowOp : public AsyncOpKernel {
     *why = load_failure_;
     executable_.reset();  // the cache holds the bytes an imported model needs
     return segment_;
+  }
+
+  // The fallback's FunctionDefLibrary, read from its asset file on first use: it stays
+  // out of the graph so that it costs no load time or memory until it is needed.
+  absl::StatusOr<const tensorflow::FunctionLibraryDefinition*> FileLibrary() {
+    std::lock_guard<std::mutex> lock(file_mu_);
+    if (!file_lib_) {
+      auto path = AssetPath(native_file_);
+      if (!path.ok()) return path.status();
+      std::string bytes;
+      TF_RETURN_IF_ERROR(
+          tensorflow::ReadFileToString(tensorflow::Env::Default(), *path, &bytes));
+      auto proto = std::make_unique<tensorflow::FunctionDefLibrary>();
+      if (!proto->ParseFromString(bytes) || proto->function_size() == 0) {
+        return absl::DataLossError(absl::StrCat("FuseflowOp ", name(), ": ", *path,
+                                                " is not a fallback FunctionDefLibrary"));
+      }
+      // Its first function is the segment; the graph holds a stub under the name the
+      // loader gave it (TF2's loader renames functions): the segment takes that name.
+      if (proto->function(0).signature().name() != spec_.function_name) {
+        tensorflow::FunctionDef renamed = proto->function(0);
+        renamed.mutable_signature()->set_name(spec_.function_name);
+        *proto->add_function() = std::move(renamed);
+      }
+      file_lib_ = std::make_unique<tensorflow::FunctionLibraryDefinition>(
+          tensorflow::OpRegistry::Global(), *proto);
+      file_lib_proto_ = std::move(proto);
+    }
+    return file_lib_.get();
   }
 
   // The compiled dim-0 size k when calls may be split into chunks of k rows, else -1.
@@ -426,7 +488,7 @@ class FuseflowOp : public AsyncOpKernel {
                                                        "native segment")),
                       done);
     FunctionLibraryRuntime::Handle handle;
-    OP_REQUIRES_OK_ASYNC(ctx, NativeHandle(ctx, lib, &handle), done);
+    OP_REQUIRES_OK_ASYNC(ctx, NativeHandle(ctx, &lib, &handle), done);
     FunctionLibraryRuntime::Options options(ctx->step_id());
     options.rendezvous = ctx->rendezvous();
     options.cancellation_manager = ctx->cancellation_manager();
@@ -450,16 +512,31 @@ class FuseflowOp : public AsyncOpKernel {
              });
   }
 
-  absl::Status NativeHandle(OpKernelContext* ctx, FunctionLibraryRuntime* lib,
+  // The handle of native_segment and the runtime to run it with: the graph's own, or,
+  // when the function is in an asset file, a clone of it with the file's functions added.
+  absl::Status NativeHandle(OpKernelContext* ctx, FunctionLibraryRuntime** lib,
                             FunctionLibraryRuntime::Handle* handle) {
     std::lock_guard<std::mutex> lock(native_mu_);
     if (native_handle_ == tensorflow::kInvalidHandle) {
+      native_lib_ = *lib;
+      if (!native_file_.empty()) {  // the graph's native_segment is a stub
+        auto file = FileLibrary();
+        if (!file.ok()) return file.status();
+        TF_RETURN_IF_ERROR((*lib)->Clone(&clone_lib_def_, &clone_pflr_, &native_lib_));
+        for (const tensorflow::FunctionDef& fdef : file_lib_proto_->function()) {
+          const std::string& fname = fdef.signature().name();
+          TF_RETURN_IF_ERROR(clone_lib_def_->Find(fname) == nullptr
+                                 ? clone_lib_def_->AddFunctionDef(fdef)
+                                 : clone_lib_def_->ReplaceFunction(fname, fdef));
+        }
+      }
       FunctionLibraryRuntime::InstantiateOptions options;
       options.target = ctx->device()->name();
-      TF_RETURN_IF_ERROR(lib->Instantiate(native_segment_.name(),
-                                          tensorflow::AttrSlice(&native_segment_.attr()), options,
-                                          &native_handle_));
+      TF_RETURN_IF_ERROR(native_lib_->Instantiate(native_segment_.name(),
+                                                  tensorflow::AttrSlice(&native_segment_.attr()),
+                                                  options, &native_handle_));
     }
+    *lib = native_lib_;
     *handle = native_handle_;
     return absl::OkStatus();
   }
@@ -479,16 +556,42 @@ class FuseflowOp : public AsyncOpKernel {
   std::vector<int64_t> input_batch_axis_, output_batch_axis_;
   int max_requests_;
   std::shared_ptr<OpRunStats> stats_;
+  std::string executable_file_, native_file_;  // asset keys; "" = in the graph
 
   std::mutex mu_;
-  std::shared_ptr<const std::string> executable_;  // reset once loading was tried
+  bool tried_ = false;  // loading the compiled segment was tried
+  std::shared_ptr<const Blob> executable_;  // reset once loading was tried
   std::shared_ptr<CompiledSegment> segment_;
   int64_t batch_rows_ = -1;  // written once under mu_ before segment_ is handed out
   std::string load_failure_kind_, load_failure_;  // why segment_ is null
   std::set<std::string> warned_;
 
+  std::mutex file_mu_;
+  std::unique_ptr<tensorflow::FunctionDefLibrary> file_lib_proto_;
+  std::unique_ptr<tensorflow::FunctionLibraryDefinition> file_lib_;
+
   std::mutex native_mu_;
   FunctionLibraryRuntime::Handle native_handle_ = tensorflow::kInvalidHandle;
+  FunctionLibraryRuntime* native_lib_ = nullptr;  // the runtime native_handle_ belongs to
+  std::unique_ptr<tensorflow::FunctionLibraryDefinition> clone_lib_def_;
+  std::unique_ptr<tensorflow::ProcessFunctionLibraryRuntime> clone_pflr_;
+};
+
+class FuseflowAssets : public tensorflow::OpKernel {
+ public:
+  explicit FuseflowAssets(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("keys", &keys_));
+    OP_REQUIRES(ctx, static_cast<int>(keys_.size()) == ctx->num_inputs(),
+                absl::InvalidArgumentError("FuseflowAssets: one key per path"));
+  }
+  void Compute(OpKernelContext* ctx) override {
+    for (int i = 0; i < ctx->num_inputs(); ++i) {
+      RegisterAsset(keys_[i], std::string(ctx->input(i).scalar<tensorflow::tstring>()()));
+    }
+  }
+
+ private:
+  std::vector<std::string> keys_;
 };
 
 class FuseflowOpStats : public tensorflow::OpKernel {
@@ -508,6 +611,7 @@ class FuseflowOpStats : public tensorflow::OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("FuseflowOp").Device(tensorflow::DEVICE_CPU), FuseflowOp);
 REGISTER_KERNEL_BUILDER(Name("FuseflowOpStats").Device(tensorflow::DEVICE_CPU), FuseflowOpStats);
+REGISTER_KERNEL_BUILDER(Name("FuseflowAssets").Device(tensorflow::DEVICE_CPU), FuseflowAssets);
 
 }  // namespace
 }  // namespace fuseflow

@@ -1,6 +1,11 @@
 #include "openvino_model.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
@@ -19,6 +24,9 @@
 #include "tensorflow/core/framework/node_def.pb.h"
 #include "tensorflow/core/platform/logging.h"
 #include "tensorflow/core/public/version.h"
+
+// zlib, as libtensorflow_framework exports it (no zlib headers in the TF wheel).
+extern "C" unsigned long crc32_z(unsigned long crc, const unsigned char* buf, size_t len);
 
 namespace fuseflow {
 namespace {
@@ -222,32 +230,102 @@ std::shared_ptr<ov::Model> ReadSegment(const tensorflow::FunctionLibraryDefiniti
   return ordered;
 }
 
-// zlib's CRC-32 (Python: zlib.crc32), so a damaged blob is caught before import:
-// OpenVINO only checks the header, and damaged weights would give wrong answers.
-uint32_t Crc32(const std::string& data) {
-  static const auto table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  uint32_t crc = 0xFFFFFFFFu;
-  for (unsigned char byte : data) crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8);
-  return crc ^ 0xFFFFFFFFu;
-}
-
-std::string CacheKey(const std::string& blob, const SegmentSpec& spec) {
+std::string CacheKey(const Blob& blob, const SegmentSpec& spec) {
   std::vector<std::string> shapes;
   for (const auto& s : spec.input_shapes) shapes.push_back(s.DebugString());
-  return absl::StrCat(std::hash<std::string_view>()(blob), "/", blob.size(), "|",
+  // The CRC when the op carries one (checked before import), else a hash of the bytes.
+  const std::string content =
+      spec.executable_crc32.empty()
+          ? absl::StrCat(std::hash<std::string_view>()(std::string_view(blob.data(), blob.size())))
+          : spec.executable_crc32;
+  return absl::StrCat(content, "/", blob.size(), "|",
                       absl::StrJoin(spec.properties, ","), "|", absl::StrJoin(spec.input_names, ","),
                       "|", absl::StrJoin(spec.output_names, ","), "|", absl::StrJoin(shapes, ","));
 }
 
+class StringBlob : public Blob {
+ public:
+  explicit StringBlob(std::string bytes) : bytes_(std::move(bytes)) {}
+  const char* data() const override { return bytes_.data(); }
+  size_t size() const override { return bytes_.size(); }
+
+ private:
+  std::string bytes_;
+};
+
+class MappedBlob : public Blob {
+ public:
+  MappedBlob(void* data, size_t size) : data_(data), size_(size) {}
+  ~MappedBlob() override {
+    if (size_ > 0) munmap(data_, size_);
+  }
+  const char* data() const override { return static_cast<const char*>(data_); }
+  size_t size() const override { return size_; }
+
+ private:
+  void* data_;
+  size_t size_;
+};
+
+std::mutex& AssetMutex() {
+  static std::mutex* mu = new std::mutex();
+  return *mu;
+}
+
+std::map<std::string, std::string>& Assets() {
+  static auto* assets = new std::map<std::string, std::string>();
+  return *assets;
+}
+
 }  // namespace
+
+std::shared_ptr<const Blob> OwnedBlob(std::string bytes) {
+  return std::make_shared<StringBlob>(std::move(bytes));
+}
+
+absl::StatusOr<std::shared_ptr<const Blob>> MapBlob(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", strerror(errno)));
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    close(fd);
+    return absl::InternalError(absl::StrCat("cannot stat ", path, ": ", strerror(errno)));
+  }
+  const size_t size = static_cast<size_t>(st.st_size);
+  void* data = nullptr;
+  if (size > 0) {
+    data = mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (data == MAP_FAILED) {
+      close(fd);
+      return absl::InternalError(absl::StrCat("cannot map ", path, ": ", strerror(errno)));
+    }
+    madvise(data, size, MADV_WILLNEED);  // it is read whole, at once
+  }
+  close(fd);
+  return std::make_shared<MappedBlob>(data, size);
+}
+
+void RegisterAsset(const std::string& key, const std::string& path) {
+  std::lock_guard<std::mutex> lock(AssetMutex());
+  Assets()[key] = path;
+}
+
+absl::StatusOr<std::string> AssetPath(const std::string& key) {
+  std::lock_guard<std::mutex> lock(AssetMutex());
+  auto it = Assets().find(key);
+  if (it == Assets().end()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "asset '", key, "' was never registered: the SavedModel's main_op (which runs "
+        "FuseflowAssets) did not run; load the model with a SavedModel loader"));
+  }
+  return it->second;
+}
+
+uint32_t Crc32(const char* data, size_t size) {
+  // zlib's, as TensorFlow's framework library exports it.
+  return static_cast<uint32_t>(
+      crc32_z(0, reinterpret_cast<const unsigned char*>(data), size));
+}
 
 absl::StatusOr<ov::AnyMap> ParseProperties(const std::vector<std::string>& properties) {
   ov::AnyMap map;
@@ -341,8 +419,8 @@ void InferRequestPool::Release(ov::InferRequest request) {
 }
 
 absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
-    std::shared_ptr<const std::string> blob, const SegmentSpec& spec, int max_requests,
-    const tensorflow::FunctionLibraryDefinition* flib, const std::string& node_name) {
+    std::shared_ptr<const Blob> blob, const SegmentSpec& spec, int max_requests,
+    const LibraryGetter& flib, const std::string& node_name) {
   auto properties = ParseProperties(spec.properties);
   if (!properties.ok()) return properties.status();
 
@@ -363,7 +441,7 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
   try {
     if (!spec.executable_crc32.empty()) {
       char hex[9];
-      std::snprintf(hex, sizeof(hex), "%08x", Crc32(*blob));
+      std::snprintf(hex, sizeof(hex), "%08x", Crc32(blob->data(), blob->size()));
       if (spec.executable_crc32 != hex) {
         throw std::runtime_error(absl::StrCat("the executable is corrupted (CRC-32 ", hex,
                                               ", expected ", spec.executable_crc32, ")"));
@@ -374,10 +452,11 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
         blob, SharedCore().import_model(bytes, kDevice, *properties), max_requests);
     GlobalCounters().imports++;
   } catch (const std::exception& import_error) {
-    if (flib == nullptr) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("import failed and there is no function library to recompile from: ",
-                       import_error.what()));
+    auto library = flib();
+    if (!library.ok() || *library == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "import failed and there is no function library to recompile from (",
+          library.ok() ? "none" : library.status().message(), "): ", import_error.what()));
     }
     LOG(WARNING) << "FuseflowOp '" << node_name
                  << "': the compiled OpenVINO executable can't be imported here (built by another "
@@ -385,7 +464,7 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
                     "segment, which takes a while. Import error: "
                  << import_error.what();
     try {
-      ov::CompiledModel compiled = SharedCore().compile_model(ReadSegment(*flib, spec), kDevice,
+      ov::CompiledModel compiled = SharedCore().compile_model(ReadSegment(**library, spec), kDevice,
                                                               *properties);
       segment = std::make_shared<CompiledSegment>(nullptr, compiled, max_requests);
       segment->recompiled = true;

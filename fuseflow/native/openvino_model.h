@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -31,6 +32,26 @@ struct SegmentSpec {
   std::vector<std::string> properties;       // "KEY=VALUE"
   std::string executable_crc32;              // zlib CRC-32 of the blob, 8 hex digits; "" = unchecked
 };
+
+// The bytes of an exported blob: the op attribute's copy, or a file mapped read-only
+// (file pages are shared and can be dropped by the kernel, never copied).
+class Blob {
+ public:
+  virtual ~Blob() = default;
+  virtual const char* data() const = 0;
+  virtual size_t size() const = 0;
+};
+std::shared_ptr<const Blob> OwnedBlob(std::string bytes);
+absl::StatusOr<std::shared_ptr<const Blob>> MapBlob(const std::string& path);
+
+// Asset files of loaded SavedModels, by the content key their ops name: the
+// FuseflowAssets init op registers the path the loader resolved; a FuseflowOp
+// looks its files up when it first needs them.
+void RegisterAsset(const std::string& key, const std::string& path);
+absl::StatusOr<std::string> AssetPath(const std::string& key);
+
+// zlib's CRC-32 (Python: zlib.crc32) of `size` bytes.
+uint32_t Crc32(const char* data, size_t size);
 
 // Parses "KEY=VALUE" strings; OpenVINO converts string values to the typed ones.
 absl::StatusOr<ov::AnyMap> ParseProperties(const std::vector<std::string>& properties);
@@ -82,12 +103,12 @@ class InferRequestPool {
 
 // A compiled segment with its ports bound to the op's inputs and outputs.
 struct CompiledSegment {
-  CompiledSegment(std::shared_ptr<const std::string> blob_bytes, ov::CompiledModel model,
+  CompiledSegment(std::shared_ptr<const Blob> blob_bytes, ov::CompiledModel model,
                   int max_requests)
       : blob(std::move(blob_bytes)), compiled(model), pool(model, max_requests) {}
 
   // Declared first so it is destroyed last: an imported model reads it in place.
-  std::shared_ptr<const std::string> blob;
+  std::shared_ptr<const Blob> blob;
   ov::CompiledModel compiled;
   bool recompiled = false;
   std::string recompile_reason;  // the import error, when recompiled
@@ -104,10 +125,13 @@ struct CompiledSegment {
 // Returns the compiled model for `blob` (the bytes of CompiledModel::export_model),
 // importing it at most once per process while someone holds the result. If the
 // blob can't be imported (other OpenVINO version or CPU), the segment function
-// is read from `flib` through OpenVINO's TensorFlow frontend and compiled.
+// is read from the library `flib()` returns through OpenVINO's TensorFlow frontend
+// and compiled (flib is asked only then: the library may have to be read from disk).
+using LibraryGetter =
+    std::function<absl::StatusOr<const tensorflow::FunctionLibraryDefinition*>()>;
 absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
-    std::shared_ptr<const std::string> blob, const SegmentSpec& spec, int max_requests,
-    const tensorflow::FunctionLibraryDefinition* flib, const std::string& node_name);
+    std::shared_ptr<const Blob> blob, const SegmentSpec& spec, int max_requests,
+    const LibraryGetter& flib, const std::string& node_name);
 
 // Process-wide counters, read by the FuseflowOpStats op.
 struct Counters {

@@ -1,0 +1,70 @@
+"""Cold start: what loading a compiled model has to parse and keep.
+
+A fused OpenVINO node's blob and its TF fallback (the segment's function with its
+weights) live in asset files, not in the graph: the graph a loader parses holds
+neither copy of the weights, the blob is mapped at the first call, and the fallback
+is read only when it runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import (
+    assert_outputs_close,
+    assert_ran,
+    fused_blob,
+    fused_segments,
+    run_fresh,
+    run_saved_model,
+    save_tf1,
+    saved_graph,
+    tf,
+)
+from test_compile_core import compile_model
+
+WEIGHTS = 256 * 256 * 4  # bytes of one weight matrix below
+
+
+def _dense_model(batch_statistics: bool = False):
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 256], name="x")
+        w = tf.constant(np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32))
+        h = tf.nn.relu(tf.matmul(x, w) + 1.0)
+        if batch_statistics:  # mixes samples: other batch sizes run the TF fallback
+            h = h - tf.reduce_mean(h, axis=0)
+        return {"x": x}, {"y": tf.tanh(tf.matmul(h, w * 0.01), name="y")}
+    return build
+
+
+def test_weights_are_in_assets_not_in_the_graph(tmp_path, rng):
+    src = save_tf1(tmp_path / "m", _dense_model())
+    compile_model("openvino", src, tmp_path / "c")
+    graph = saved_graph(tmp_path / "c")
+    [node] = [n for n in graph.node if n.op == "FuseflowOp"]
+    assert fused_blob(tmp_path / "c", node).stat().st_size > WEIGHTS
+    assert node.attr["native_file"].s
+    # Neither copy of the weights is in the graph: no constant over 1 kB anywhere, and
+    # the fallback function the node names is a stub.
+    consts = [n for n in graph.node if n.op == "Const"]
+    consts += [n for f in graph.library.function for n in f.node_def if n.op == "Const"]
+    assert max(n.ByteSize() for n in consts) < 1024
+    assert (tmp_path / "c" / "saved_model.pb").stat().st_size < WEIGHTS // 4
+    assert any(n.op == "FuseflowAssets" for n in graph.node)
+    feeds = {"x": rng.random((2, 256), np.float32)}
+    expected = run_saved_model(src, feeds)
+    for api in ("v2", "v1"):
+        assert_outputs_close(expected, run_fresh(tmp_path / "c", feeds, tmp_path, api=api,
+                                                 backend="openvino"), rtol=1e-3, atol=1e-4)
+
+
+def test_fallback_runs_from_its_asset_file(tmp_path, rng):
+    src = save_tf1(tmp_path / "m", _dense_model(batch_statistics=True))
+    compile_model("openvino", src, tmp_path / "c", batch_size=3)
+    segments = fused_segments(tmp_path / "c")
+    for batch, path in ((3, "compiled"), (5, "fallback")):
+        feeds = {"x": rng.random((batch, 256), np.float32)}
+        for api in ("v2", "v1"):
+            out, stats = run_fresh(tmp_path / "c", feeds, tmp_path, api=api, with_stats=True)
+            assert_outputs_close(run_saved_model(src, feeds), out, rtol=1e-3, atol=1e-4)
+            assert_ran(stats, "openvino", segments, path=path,
+                       reason="shape" if path == "fallback" else None)

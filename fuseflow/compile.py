@@ -32,6 +32,7 @@ class CompiledSegment:
     artifact: Artifact | None  # None: failed, the segment stays in TF
     error: str | None
     seconds: float
+    options: CompilerOptions | None = None  # set when this segment was compiled with its own
 
 
 def worker_count(options: CompilerOptions, jobs: int) -> int:

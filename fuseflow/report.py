@@ -72,6 +72,7 @@ class CompileReport:
     not_compiled: list[NotCompiled] = field(default_factory=list)  # most ops first
     unknown_shapes: list[UnknownShape] = field(default_factory=list)  # costliest first
     dynamic_batch: bool = True  # the compiled model accepts any batch size
+    accuracy: dict | None = None  # below f32: the accuracy guard's figures (accuracy.py)
 
     @property
     def ratio(self) -> float:
@@ -90,6 +91,7 @@ class CompileReport:
             "backend": self.backend,
             "ops_per_backend": {self.backend: self.num_ops_on_backend},
             "dynamic_batch": self.dynamic_batch,
+            **({"accuracy": self.accuracy} if self.accuracy is not None else {}),
         }
 
     def to_json(self) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuseflow import errors
+from fuseflow import accuracy, errors
 from fuseflow.backends import get_backend
 from fuseflow.batch import batch_tensors, runs_at_other_batch
 from fuseflow.compile import compile_segments
@@ -93,6 +93,7 @@ class _Plan:
     partition: Partition
     backend_name: str
     options: CompilerOptions
+    calibration_data: object = None  # compile(calibration_data=...): see quantize.py
 
 
 def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
@@ -158,7 +159,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             compiler_workdir=None, *, backend=None, force_fuse_ops=None,
             subgraph_builder_function=None, supported_op_types=None, dynamic_batch_size=False,
             compiler_timeout=None, compiler_recovery=True, compiler_verbose=None,
-            max_num_compilers=None) -> dict:
+            max_num_compilers=None, calibration_data=None) -> dict:
     """Compile a SavedModel into a new one whose supported segments run on a backend.
 
     Returns {'OnNeuronRatio': ..., and the counts behind it}.
@@ -171,6 +172,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     subgraph_builder_function(node_def) -> bool, when given, is asked about every
     computing node of the optimized graph: True forces it into a segment (as
     force_fuse_ops), False keeps it in TensorFlow (as no_fuse_ops).
+    calibration_data ({input: array with N samples on axis 0}, or an iterable of
+    feed dicts) calibrates --quantize int8 and feeds the accuracy guard that runs
+    below f32 (fuseflow/quantize.py, fuseflow/accuracy.py).
     """
     with shown(logging.WARNING), tf_quiet():
         args = _as_list(compiler_args) + reference_keywords(
@@ -186,6 +190,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                      signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
                      subgraph_builder_function, options)
+        plan.calibration_data = calibration_data
         result = _compile_plan(plan, out, workdir)
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
@@ -223,8 +228,12 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     segments = [extract_segment(graph_def, s, infos, consumers, fetches, batch_info, constants)
                 for s in partition.segments]
 
+    accuracy_report = None
     with _workdir(workdir) as work:
+        calibration = accuracy.prepare(plan, segments, work, chosen)
         compiled = compile_segments(backend_name, segments, options, work)
+        if calibration is not None:
+            compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen)
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:
         raise errors.SegmentCompileError(
@@ -243,6 +252,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     report = build_report(backend_name, model.num_ops, graph_def, partition.excluded, compiled,
                           tensor_infos=infos)
     report.dynamic_batch = serving != inputs.shapes
+    if accuracy_report is not None:
+        report.accuracy = accuracy_report.to_json()
     with shown_info():
         log_report(report)
     with staging_dir(out) as path:

@@ -279,6 +279,9 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
         graph_def, model.init_nodes, [s.tensor_name for s in model.outputs], compiled, calib,
         backend, options, lambda c: rewrite_graph(graph_def, c, backend, options, keep),
         recompile)
-    for line in summary_lines(report.to_json()):
-        log.info("%s", line)
+    from fuseflow.logs import shown_info
+
+    with shown_info():
+        for line in summary_lines(report.to_json()):
+            log.info("%s", line)
     return compiled, report

@@ -330,9 +330,10 @@ class OpenVinoBackend(Backend):
 
     def tolerance(self, options: CompilerOptions) -> float:
         # f32 matches TF to ~1e-6; bf16 keeps 8 mantissa bits (~0.4% error per model).
-        # int8 is checked for garbage only here: the accuracy guard judges it on real data.
+        # int8 is checked for garbage only here (random inputs fall outside the calibrated
+        # ranges, where int8 is wrong by design): the accuracy guard judges it on real data.
         if options.quantize == "int8":
-            return 0.5
+            return 1.0
         return 1e-3 if precision(options) == "f32" else 1e-1
 
     def fused_node(self, segment: SegmentGraph, function_name: str, artifact: Artifact,

@@ -271,6 +271,23 @@ def _calibration_error(reference, candidate, batches) -> float:
     return diff / (scale + 1e-12)
 
 
+def _quantize_cnn(nncf, model, batches) -> tuple[object | None, str]:
+    """nncf.quantize with its defaults; if it fails, once more without bias correction
+    (NNCF 3.4 fails on a bias added as a scalar constant: "cannot reshape array")."""
+    try:
+        return nncf.quantize(model.clone(), nncf.Dataset(batches),
+                             subset_size=len(batches)), ""
+    except Exception as e:  # noqa: BLE001 - retried, then the segment stays unquantized
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    try:
+        return nncf.quantize(
+            model.clone(), nncf.Dataset(batches), subset_size=len(batches),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(
+                disable_bias_correction=True)), f" (bias correction off: {first})"
+    except Exception as e:  # noqa: BLE001
+        return None, f"{first}; without bias correction: {type(e).__name__}: {e}"
+
+
 def quantize_model(model, seg_dir: Path) -> tuple[object, str]:
     """The segment's OpenVINO model quantized to INT8 by NNCF on its calibration.npz,
     and a log line. Runs in the compile worker.
@@ -288,17 +305,25 @@ def quantize_model(model, seg_dir: Path) -> tuple[object, str]:
                                  "calibrated")
     transformer = has_attention(model)
     if not transformer:
-        quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
-        note = ""
+        quantized, note = _quantize_cnn(nncf, model, batches)
+        if quantized is None:
+            return model, f"int8: nncf {nncf.__version__} failed ({note}): segment left unquantized"
     else:
         candidates = {}
         for label, alpha in (("SmoothQuant", None), ("no SmoothQuant", -1)):
             extra = {} if alpha is None else {"advanced_parameters": (
                 nncf.AdvancedQuantizationParameters(
                     smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=alpha)))}
-            q = nncf.quantize(model.clone(), nncf.Dataset(batches), subset_size=len(batches),
-                              model_type=nncf.ModelType.TRANSFORMER, **extra)
+            try:
+                q = nncf.quantize(model.clone(), nncf.Dataset(batches),
+                                  subset_size=len(batches),
+                                  model_type=nncf.ModelType.TRANSFORMER, **extra)
+            except Exception as e:  # noqa: BLE001 - the other candidate may do
+                log.warning("nncf.quantize (%s) failed: %s", label, e)
+                continue
             candidates[label] = (_calibration_error(model, q, batches), q)
+        if not candidates:
+            return model, f"int8: nncf {nncf.__version__} failed: segment left unquantized"
         label = min(candidates, key=lambda k: candidates[k][0])
         quantized = candidates[label][1]
         note = (", transformer model type (attention found), " + label + " ("

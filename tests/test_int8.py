@@ -226,3 +226,19 @@ def test_object_arrays_in_calibration_npz_are_refused(tmp_path):
             tmp_path / "m", tmp_path / "c", batch_size=BATCH,
             compiler_args=["--quantize", "int8", "--calibration-data",
                            str(tmp_path / "cal.npz")])
+
+
+def test_cli_takes_the_int8_flags(tmp_path):
+    from test_cli import fuseflow as run_cli
+
+    from fuseflow import cli
+
+    _outlier_model(tmp_path / "m", np.random.default_rng(0))
+    for flags, message in ((["--quantize", "int8"], "needs calibration data"),
+                           (["--quantize", "int8", "--calibration-data", tmp_path / "no.npz"],
+                            "is not a file"),
+                           (["--accuracy-tolerance", "mean=-1"], "bad --accuracy-tolerance")):
+        proc = run_cli("compile", tmp_path / "m", tmp_path / "c", "--batch-size", BATCH, *flags)
+        assert proc.returncode == cli.EXIT_BAD_INPUT, proc.stderr
+        assert message in proc.stderr, proc.stderr
+    assert not (tmp_path / "c").exists()

@@ -264,6 +264,9 @@ def prepare(plan, segments: list[SegmentGraph], workdir, backend: Backend
         raise errors.OptionError(f"--quantize int8 needs the OpenVINO backend, not "
                                  f"{backend.name}: drop --quantize or use --backend openvino")
     if not guarded(options, backend):
+        if plan.calibration_data is not None or options.calibration_data is not None:
+            log.warning("calibration data is used by --quantize int8 and the accuracy guard "
+                        "below f32 only; this compile runs at f32 and ignores it")
         return None
     int8 = options.quantize == "int8"
     calib = calibration_set(plan.model, plan.inputs.shapes, plan.calibration_data,

@@ -116,6 +116,9 @@ def test_int8_keeps_held_out_accuracy_within_one_point(tmp_path, build):
     compiled = run_fresh(tmp_path / "c", {key: x_test}, tmp_path, backend="openvino")
     compiled = next(iter(compiled.values()))
     fp32_acc, int8_acc = _accuracy(original, y_test), _accuracy(compiled, y_test)
+    print(f"{build.__name__}: held-out accuracy f32 {fp32_acc:.4f}, int8 {int8_acc:.4f}; "
+          f"guard: max rel {acc['max_relative_error']:.3g}, mean rel "
+          f"{acc['mean_relative_error']:.3g}, top-1 agreement {acc['top1_agreement']}")
     assert fp32_acc > 0.9, f"the model did not learn its task: {fp32_acc}"
     assert abs(fp32_acc - int8_acc) <= 0.01, (fp32_acc, int8_acc)
     assert inspect_model(tmp_path / "c")["accuracy"]["segments"] == acc["segments"]

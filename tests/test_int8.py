@@ -237,11 +237,9 @@ def test_cli_takes_the_int8_flags(tmp_path):
     from fuseflow import cli
 
     _outlier_model(tmp_path / "m", np.random.default_rng(0))
-    for flags, message in ((["--quantize", "int8"], "needs calibration data"),
-                           (["--quantize", "int8", "--calibration-data", tmp_path / "no.npz"],
-                            "is not a file"),
-                           (["--accuracy-tolerance", "mean=-1"], "bad --accuracy-tolerance")):
-        proc = run_cli("compile", tmp_path / "m", tmp_path / "c", "--batch-size", BATCH, *flags)
-        assert proc.returncode == cli.EXIT_BAD_INPUT, proc.stderr
-        assert message in proc.stderr, proc.stderr
+    # one run (a subprocess imports TF): --quantize and --calibration-data both reach compile()
+    proc = run_cli("compile", tmp_path / "m", tmp_path / "c", "--batch-size", BATCH,
+                   "--quantize", "int8", "--calibration-data", tmp_path / "no.npz")
+    assert proc.returncode == cli.EXIT_BAD_INPUT, proc.stderr
+    assert "--calibration-data" in proc.stderr and "is not a file" in proc.stderr, proc.stderr
     assert not (tmp_path / "c").exists()

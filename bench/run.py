@@ -12,7 +12,12 @@ been spent (at least 5 samples): slow rows (XLA's depthwise convolutions, batch
 outputs on the same input.
 
 Targets (read here, not asserted in tests): geomean speed-up >= 2x at f32 and
->= 3.5x with --fp32-cast all, and ahead of onnxruntime on every row.
+>= 3.5x with --fp32-cast all, and ahead of onnxruntime on every row. INT8
+(`--quantize int8`, calibrated on --calibration-samples random inputs, which
+also feed fuseflow's accuracy guard) is set beside onnxruntime's own static
+INT8 quantization of the tf2onnx model (quantize_static, same samples): INT8
+geomean >= 1.3x over `--fp32-cast all` in the same run, ahead of onnxruntime
+INT8 on every row, compile time under 2x that of f32.
 """
 
 from __future__ import annotations
@@ -57,16 +62,23 @@ class Variant:
 
 ORIGINAL = Variant("tf", "TF original")
 ONNXRUNTIME = Variant("onnxruntime", "tf2onnx + onnxruntime")
+ONNXRUNTIME_INT8 = Variant("onnxruntime-int8", "tf2onnx + onnxruntime quantize_static INT8")
+# The bench times INT8 itself: its guard reports the error (random weights give outputs
+# that say little) but demotes nothing.
+INT8_ARGS = ("--no-profile", "--quantize", "int8", "--accuracy-tolerance", "mean=inf,top1=1")
 VARIANTS = [
     ORIGINAL,
     Variant("auto", "fuseflow auto (timed placement, the default)", "auto"),
     Variant("ov-f32", "fuseflow OpenVINO f32", "openvino", ("--no-profile",)),
     Variant("ov-cast-all", "fuseflow OpenVINO --fp32-cast all", "openvino",
             ("--no-profile", "--fp32-cast", "all")),
+    Variant("ov-int8", "fuseflow OpenVINO --quantize int8", "openvino", INT8_ARGS),
     Variant("xla", "fuseflow XLA", "xla", ("--no-profile",)),
     ONNXRUNTIME,
+    ONNXRUNTIME_INT8,
 ]
 TARGETS = {"ov-f32": 2.0, "ov-cast-all": 3.5}
+INT8_OVER_CAST_ALL = 1.3  # INT8 geomean over --fp32-cast all, in the same run
 
 
 @dataclass
@@ -167,6 +179,16 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                 _progress(f"[{name}] tf2onnx: {onnx_compile_s:.1f} s")
             except Exception as e:  # noqa: BLE001 - the row says n/a with the reason
                 onnx_na = _first_line(e)
+    calibration = model.feed(args.calibration_samples, np.random.default_rng(1))
+    onnx_int8, onnx_int8_s, onnx_int8_na = tmp / f"{name}-int8.onnx", None, onnx_na
+    if ONNXRUNTIME_INT8 in variants and onnx_int8_na is None:
+        try:
+            if not onnx_path.exists():
+                onnx_baseline.convert(src, onnx_path)
+            onnx_int8_s = onnx_baseline.quantize_static_int8(onnx_path, onnx_int8, calibration)
+            _progress(f"[{name}] onnxruntime quantize_static: {onnx_int8_s:.1f} s")
+        except Exception as e:  # noqa: BLE001 - the row says n/a with the reason
+            onnx_int8_na = _first_line(e)
     rows = []
     rng = np.random.default_rng(0)
     for batch in batches:
@@ -180,9 +202,11 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                 if v.backend:
                     out = tmp / f"{v.key}-b{batch}"
                     start = time.perf_counter()
+                    extra = ({"calibration_data": {key: calibration}}
+                             if "--quantize" in v.compiler_args else {})
                     row.compile_result = fuseflow.saved_model.compile(
                         str(src), str(out), batch_size=batch, backend=v.backend,
-                        compiler_args=list(v.compiler_args) or None)
+                        compiler_args=list(v.compiler_args) or None, **extra)
                     row.compile_s = time.perf_counter() - start
                     _progress(f"[{name} b{batch}] {v.label}: compiled in {row.compile_s:.1f} s "
                               f"{row.compile_result}")
@@ -201,6 +225,12 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                         continue
                     row.compile_s = onnx_compile_s
                     load = functools.partial(_onnx_call, onnx_path, feeds)
+                elif v is ONNXRUNTIME_INT8:
+                    if onnx_int8_na:
+                        row.na = onnx_int8_na
+                        continue
+                    row.compile_s = (onnx_compile_s or 0.0) + onnx_int8_s
+                    load = functools.partial(_onnx_call, onnx_int8, feeds)
                 else:
                     load = functools.partial(_tf_call, src, feeds)
                 start = time.perf_counter()
@@ -348,7 +378,38 @@ def print_report(env: dict, rows: list[Row], summ: dict) -> None:
         print(f"| {s['label']} | {_fmt(s['geomean'], '.2f', 'x')} | "
               + " | ".join(_fmt(s["by_batch"][b], ".2f", "x") for b in batches)
               + f" | {ahead} |")
+    accuracy = [r for r in rows if r.compile_result.get("accuracy")]
+    if accuracy:
+        print("\nfuseflow's accuracy guard (held-out random inputs; random weights):\n")
+        print("| model | batch | variant | max rel err | mean rel err | top-1 agreement "
+              "| demoted |")
+        print("|---|---:|---|---:|---:|---:|---|")
+        for r in accuracy:
+            a = r.compile_result["accuracy"]
+            print(f"| {r.model} | {r.batch} | {r.label} "
+                  f"| {_fmt(a.get('max_relative_error'), '.2e')} "
+                  f"| {_fmt(a.get('mean_relative_error'), '.2e')} "
+                  f"| {_fmt(a.get('top1_agreement'), '.3f')} | {', '.join(a['demoted']) or '-'} |")
     print()
+    int8, cast = summ.get("ov-int8"), summ.get("ov-cast-all")
+    if int8 and cast and int8["geomean"] and cast["geomean"]:
+        ratio = int8["geomean"] / cast["geomean"]
+        print(f"- target INT8 over --fp32-cast all: geomean >= {INT8_OVER_CAST_ALL}x "
+              f"{'met' if ratio >= INT8_OVER_CAST_ALL else 'NOT met'} ({ratio:.2f}x)")
+        ort8 = {(r.model, r.batch): r.median_ms for r in rows
+                if r.variant == ONNXRUNTIME_INT8.key and r.median_ms}
+        mine = [r for r in rows if r.variant == "ov-int8" and r.median_ms
+                and (r.model, r.batch) in ort8]
+        ahead = sum(r.median_ms < ort8[r.model, r.batch] for r in mine)
+        print(f"- target INT8 ahead of onnxruntime INT8 on every row: "
+              f"{'met' if mine and ahead == len(mine) else 'NOT met'} ({ahead}/{len(mine)} rows)")
+        f32 = {(r.model, r.batch): r.compile_s for r in rows if r.variant == "ov-f32"
+               and r.compile_s}
+        slow = [f"{r.model} b{r.batch} {r.compile_s / f32[r.model, r.batch]:.1f}x"
+                for r in rows if r.variant == "ov-int8" and r.compile_s
+                and (r.model, r.batch) in f32]
+        if slow:
+            print(f"- INT8 compile time over f32 (target < 2x): {', '.join(slow)}")
     for key, goal in TARGETS.items():
         s = summ.get(key)
         if s is None or s["geomean"] is None:
@@ -411,6 +472,8 @@ def main(argv=None) -> int:
                         help="time budget of one variant's timed calls in a row; slow "
                         f"variants stop early, after at least {MIN_RUNS} (env BENCH_SECONDS)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--calibration-samples", type=int, default=128,
+                        help="random samples calibrating the INT8 variants (default 128)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--verbose", action="store_true", help="show fuseflow's compile log")
     args = parser.parse_args(argv)

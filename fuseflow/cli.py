@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -132,6 +133,14 @@ def _compile_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true",
                    help="don't time segments against TF at compile time (faster compile; "
                         "backends are then chosen by op kind)")
+    p.add_argument("--quantize", choices=("int8", "none"),
+                   help="int8: calibrated post-training quantization (OpenVINO, NNCF)")
+    p.add_argument("--calibration-data", metavar="FILE.npz",
+                   help="samples for --quantize int8 and the accuracy guard: one array per "
+                        "input, N samples on axis 0 (default: the --feed values)")
+    p.add_argument("--accuracy-tolerance", metavar="X|METRIC=X[,...]",
+                   help="bound on the error below f32: a number (mean relative error) or "
+                        "max=, mean=, top1= pairs")
     p.add_argument("--graph-html", metavar="FILE", help="also draw the compiled graph here")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(run=run_compile)
@@ -216,8 +225,7 @@ def run_compile(args) -> int:
         model_shape_feed_dict=shapes, model_feed_dict=feeds, tags=args.tags,
         signature_def_key=args.signature_def_key,
         minimum_segment_size=args.minimum_segment_size,
-        no_fuse_ops=_node_names(args.no_fuse_ops),
-        compiler_args=(args.compiler_args or "") + (" --no-profile" if args.no_profile else ""),
+        no_fuse_ops=_node_names(args.no_fuse_ops), compiler_args=_compiler_args(args),
         compiler_workdir=args.compiler_workdir, backend=args.backend,
         force_fuse_ops=_node_names(args.force_fuse_ops))
     if args.graph_html:
@@ -230,6 +238,19 @@ def run_compile(args) -> int:
         print(f"wrote {args.new_model_dir} in {time.monotonic() - start:.1f} s: "
               f"{summary_line(result)}")
     return EXIT_OK
+
+
+def _compiler_args(args) -> list[str]:
+    """--compiler-args plus the compile flags the CLI also takes on its own."""
+    flags = shlex.split(args.compiler_args) if args.compiler_args else []
+    if args.no_profile:
+        flags.append("--no-profile")
+    for flag, value in (("--quantize", args.quantize),
+                        ("--calibration-data", args.calibration_data),
+                        ("--accuracy-tolerance", args.accuracy_tolerance)):
+        if value is not None:
+            flags += [flag, value]
+    return flags
 
 
 def run_auto_multicore(args) -> int:

@@ -44,6 +44,7 @@ class CompiledSegment:
     seconds: float
     backend: str = ""
     cached: bool = False  # the artifact came from the compile cache
+    options: CompilerOptions | None = None  # set when this segment was compiled with its own
 
 
 def worker_count(options: CompilerOptions, jobs: int) -> int:

@@ -232,6 +232,10 @@ def format_inspect(info: dict) -> str:
     lines += ["  " + summary_line(info)] + _runtime_lines(info["runtime"])
     if not info["report_found"]:
         lines.append(f"  no {REPORT_DIR}/{REPORT_FILE}: shapes, times and reasons unknown")
+    if info.get("accuracy"):
+        from fuseflow.accuracy import summary_lines as accuracy_lines
+
+        lines += ["  " + line for line in accuracy_lines(info["accuracy"])]
     lines += ["", segment_table(info["segments"])]
     if info["not_compiled"]:
         lines += ["", not_compiled_table(info["not_compiled"])]

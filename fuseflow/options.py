@@ -23,6 +23,8 @@ FP32_CAST_CHOICES = ("all", "matmult", "matmult-bf16", "matmult-fp16", "all-fp16
                      "none")
 FAST_MATH_CHOICES = ("all", "none", "fp32-cast-all", "fp32-cast-matmult", "no-fp32-cast",
                      "fast-relayout", "no-fast-relayout")
+QUANTIZE_CHOICES = ("int8", "none")
+ACCURACY_METRICS = ("max", "mean", "top1")  # see fuseflow/accuracy.py
 ENV_FLAGS = ("FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS")
 DEFAULT_TIMEOUT_S = 18000.0
 DEFAULT_PROFILE_BUDGET_S = 120.0  # timing candidates at compile time, all together
@@ -61,6 +63,9 @@ class CompilerOptions:
     dynamic_batch: bool = True
     ignored_flags: tuple[str, ...] = ()  # accepted neuron-cc flags that mean nothing here
     cache: bool = True  # --no-cache: compile every segment, read and write no cache (cache.py)
+    quantize: str = "none"  # "int8": calibrated post-training quantization (quantize.py)
+    calibration_data: str | None = None  # --calibration-data FILE.npz
+    accuracy_tolerance: tuple[tuple[str, float], ...] = ()  # metric -> bound (accuracy.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +91,9 @@ def _parser() -> _Parser:
     p.add_argument("--no-dynamic-batch", action="store_true")
     p.add_argument("--dynamic-batch-size", action="store_true")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES)
+    p.add_argument("--calibration-data")
+    p.add_argument("--accuracy-tolerance")
     for flag, nargs in IGNORED_FLAGS.items():
         dest = "ignored_" + flag.strip("-").replace("-", "_")
         if nargs == 0:
@@ -157,8 +165,8 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             f"unknown compiler flag(s) {unknown}: fuseflow understands --backend, "
             "--must-compile, --timeout, --workers, --workdir, --verbose, "
             "--neuroncore-pipeline-cores, --fp32-cast, --fast-math, --max-segments, "
-            "--no-dynamic-batch, --dynamic-batch-size, --no-cache and the neuron-cc flags "
-            "listed in the "
+            "--no-dynamic-batch, --dynamic-batch-size, --no-cache, --quantize, "
+            "--calibration-data, --accuracy-tolerance and the neuron-cc flags listed in the "
             "README")
     for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
                         ("--neuroncore-pipeline-cores", ns.cores),
@@ -195,4 +203,30 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
         dynamic_batch=not ns.no_dynamic_batch,
         ignored_flags=ignored,
         cache=not ns.no_cache,
+        quantize=ns.quantize or "none",
+        calibration_data=ns.calibration_data,
+        accuracy_tolerance=parse_tolerance(ns.accuracy_tolerance),
     )
+
+
+def parse_tolerance(text: str | None) -> tuple[tuple[str, float], ...]:
+    """--accuracy-tolerance: a number (the bound on mean relative error) or
+    METRIC=X pairs separated by commas, METRIC one of max, mean, top1 (the fraction
+    of top-1 answers allowed to change)."""
+    if text is None:
+        return ()
+    pairs = []
+    for part in text.split(","):
+        metric, _, value = part.strip().rpartition("=")
+        metric = metric.strip() or "mean"
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = -1.0
+        if metric not in ACCURACY_METRICS or not bound >= 0:
+            raise errors.CompilerArgsError(
+                f"bad --accuracy-tolerance {text!r}: give a non-negative number (the bound on "
+                "mean relative error) or METRIC=X pairs such as 'mean=0.02,top1=0.01', "
+                f"METRIC one of {', '.join(ACCURACY_METRICS)}")
+        pairs.append((metric, bound))
+    return tuple(pairs)

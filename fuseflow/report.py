@@ -78,6 +78,7 @@ class CompileReport:
     placement: dict | None = None  # how backends were chosen: mode, timings, seconds
     model_timing: dict | None = None  # the whole compiled model against the original
     timings: dict[str, float] = field(default_factory=dict)  # compile() stage -> seconds
+    accuracy: dict | None = None  # below f32: the accuracy guard's figures (accuracy.py)
 
     @property
     def ratio(self) -> float:
@@ -96,6 +97,7 @@ class CompileReport:
             "backend": self.backend,
             "ops_per_backend": self.ops_per_backend(),
             "dynamic_batch": self.dynamic_batch,
+            **({"accuracy": self.accuracy} if self.accuracy is not None else {}),
         }
 
     def ops_per_backend(self) -> dict[str, int]:

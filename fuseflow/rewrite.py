@@ -54,7 +54,8 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
         seg = item.segment
         function_name = _unique(f"{seg.name}_native", taken)
         out.library.function.add().CopyFrom(segment_function(seg, function_name))
-        fused = backends[item.backend].fused_node(seg, function_name, item.artifact, options)
+        fused = backends[item.backend].fused_node(seg, function_name, item.artifact,
+                                                  item.options or options)
         fused.name = _unique(seg.name, taken)
         fused.input.extend(seg.input_sources)
         new_nodes.append(fused)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuseflow import errors
+from fuseflow import accuracy, errors
 from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import batch_tensors, runs_at_other_batch
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
@@ -93,9 +93,14 @@ def default_backend() -> str:
     return "xla" if has_gpu() else "auto"
 
 
-def backend_names(backend: str) -> list[str]:
-    """The backends a compile may use, in order of preference for ops both take."""
-    return list(BACKEND_NAMES) if backend == "auto" else [backend]
+def backend_names(backend: str, options: CompilerOptions) -> list[str]:
+    """The backends a compile may use, in order of preference for ops both take. Precision
+    below f32 (--quantize, --fp32-cast, --fast-math) is OpenVINO's: auto means OpenVINO."""
+    if backend != "auto":
+        return [backend]
+    if options.quantize != "none" or options.fp32_cast != "none" or options.fast_math:
+        return ["openvino"]
+    return list(BACKEND_NAMES)
 
 
 @dataclass
@@ -116,6 +121,7 @@ class _Plan:
     force_fuse: frozenset[str]
     internal: set[str]
     watch: Stopwatch  # seconds per stage so far
+    calibration_data: object = None  # compile(calibration_data=...): see quantize.py
 
 
 def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
@@ -133,7 +139,7 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
         raise errors.OptionError("subgraph_builder_function must be a callable taking a "
                                  f"NodeDef and returning a bool, got {subgraph_builder_function!r}")
     backend_name = options.backend or default_backend()
-    backends = {name: get_backend(name) for name in backend_names(backend_name)}
+    backends = {name: get_backend(name) for name in backend_names(backend_name, options)}
 
     watch = Stopwatch()
     model = load_saved_model(model_dir, tags, signature_def_key)
@@ -194,7 +200,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
             compiler_workdir=None, *, backend=None, force_fuse_ops=None,
             subgraph_builder_function=None, supported_op_types=None, dynamic_batch_size=False,
             compiler_timeout=None, compiler_recovery=True, compiler_verbose=None,
-            max_num_compilers=None) -> dict:
+            max_num_compilers=None, calibration_data=None) -> dict:
     """Compile a SavedModel into a new one whose supported segments run on a backend.
 
     Returns {'OnNeuronRatio': ..., and the counts behind it}.
@@ -207,6 +213,9 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
     subgraph_builder_function(node_def) -> bool, when given, is asked about every
     computing node of the optimized graph: True forces it into a segment (as
     force_fuse_ops), False keeps it in TensorFlow (as no_fuse_ops).
+    calibration_data ({input: array with N samples on axis 0}, or an iterable of
+    feed dicts) calibrates --quantize int8 and feeds the accuracy guard that runs
+    below f32 (fuseflow/quantize.py, fuseflow/accuracy.py).
     """
     with shown(logging.WARNING), tf_quiet():
         args = _as_list(compiler_args) + reference_keywords(
@@ -222,6 +231,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                      signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
                      subgraph_builder_function, options)
+        plan.calibration_data = calibration_data
         result = _compile_plan(plan, out, workdir)
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
@@ -263,7 +273,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         placement = Placement(plan.partition, summary={
             "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
             "backends": list(plan.supports)})
-        if options.profile:
+        # int8 segments are calibrated before compiling (accuracy.prepare): timed
+        # candidates would be f32, so int8 models are placed by kind.
+        if options.profile and options.quantize == "none":
             placement = place(graph_def, plan.supports, plan.partitioner, options,
                               plan.force_fuse, plan.internal, extract,
                               feed_value_function(graph_def, model, _input_values(model,
@@ -275,6 +287,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         consumers = consumers_outside(graph_def, members_of)
         segments = [extract(s, consumers) for s in partition.segments]
         watch.lap("extract")
+        chosen = get_backend(next(iter(plan.supports)))
+        calibration = accuracy.prepare(plan, segments, work, chosen)
         ready: dict[int, CompiledSegment] = {}
         jobs = []
         for k, (seg, graph) in enumerate(zip(partition.segments, segments)):
@@ -288,6 +302,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             ready[k] = item
         _compile_elsewhere(ready, partition.segments, plan, work)
         compiled = [ready[k] for k in range(len(segments))]
+        accuracy_report = None
+        if calibration is not None:
+            compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen)
     watch.lap("workers")
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:
@@ -315,6 +332,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                           tensor_infos=infos, details=placement.details, timings=timings)
     report.dynamic_batch = serving != inputs.shapes
     report.placement = placement.summary
+    if accuracy_report is not None:
+        report.accuracy = accuracy_report.to_json()
     with shown_info():
         log_report(report)
     runtime: dict = {}

@@ -52,7 +52,10 @@ def _openvino_library(libs: Path) -> str:
 
 
 def _tf_flags() -> tuple[list[str], list[str], str]:
-    from fuseflow.tf_compat import tf
+    try:
+        from fuseflow.tf_compat import tf
+    except ImportError:  # loaded by setup.py, where fuseflow itself is not importable
+        import tensorflow as tf
 
     return tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags(), tf.__version__
 

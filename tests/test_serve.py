@@ -16,9 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 from conftest import fused_segments, run_saved_model, save_tf1, tf
-from serve_helpers import ServeProcess, fuseflow_command
 
 import fuseflow
+from bench.serve_process import ServeProcess, fuseflow_command
 
 pytest.importorskip("ray.serve")
 
@@ -73,27 +73,39 @@ def _example(x, code):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def served(tmp_path_factory):
+    """(model root, running server). The server starts before the compiled model exists: Ray
+    starts while fuseflow compiles, and the model is served once its version 1 appears."""
     root = tmp_path_factory.mktemp("serve")
     save_tf1(root / "dense_orig", _dense(1.0))
-    fuseflow.saved_model.compile(str(root / "dense_orig"), str(root / "dense/1"), batch_size=1)
-    assert fused_segments(root / "dense/1")  # what is served is a compiled model
     save_tf1(root / "docs/1", _docs_model)
     _save_census(root / "census/1")
     save_tf1(root / "versioned/1", _dense(1.0))
     save_tf1(root / "v2_staging", _dense(-2.0))
-    return root
+    (root / "dense").mkdir()
+    server = ServeProcess(fuseflow_command() + [
+        "serve", "--model", f"dense={root / 'dense'}", "--model", f"docs={root / 'docs'}",
+        "--model", f"census={root / 'census'}", "--model", f"versioned={root / 'versioned'}",
+        "--batching", "dense=16,100", "--poll-seconds", "0.5", "--max-body-mb", "0.05"])
+    server.start()
+    try:
+        fuseflow.saved_model.compile(str(root / "dense_orig"), str(root / "dense_build"),
+                                     batch_size=1)
+        assert fused_segments(root / "dense_build")  # what is served is a compiled model
+        os.rename(root / "dense_build", root / "dense/1")  # a version appears whole
+        yield root, server.wait_healthy()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def server(models):
-    command = fuseflow_command() + [
-        "serve", "--model", f"dense={models / 'dense'}", "--model", f"docs={models / 'docs'}",
-        "--model", f"census={models / 'census'}",
-        "--model", f"versioned={models / 'versioned'}",
-        "--batching", "dense=16,100", "--poll-seconds", "0.5", "--max-body-mb", "0.05"]
-    with ServeProcess(command) as s:
-        yield s
+def models(served):
+    return served[0]
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[1]
 
 
 def _dense_tf(models, x):
@@ -253,6 +265,19 @@ def test_new_version_is_picked_up_and_old_one_answers_until_then(server, models)
     status, body = server.post("/v1/models/versioned/versions/1:predict",
                                {"instances": x.tolist()})
     assert status == 404 and "Specific(versioned, 1)" in body["error"], body
+    # a broken version 3 never replaces the working version 2
+    (models / "versioned/3").mkdir()
+    (models / "versioned/3/saved_model.pb").write_bytes(b"not a SavedModel")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = server.get("/v1/models/versioned")[1]["model_version_status"]
+        if len(states) == 2:
+            break
+        time.sleep(0.5)
+    assert [(s["version"], s["state"]) for s in states] == [("2", "AVAILABLE"), ("3", "END")]
+    assert states[1]["status"]["error_message"], states
+    status, body = server.post("/v1/models/versioned:predict", {"instances": x.tolist()})
+    assert status == 200 and np.allclose(body["predictions"], v2, rtol=1e-5), body
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def test_installed_wheel_compiles_and_runs_outside_the_source_tree(venv, tmp_pat
 
 def test_installed_wheel_serves(venv, tmp_path):
     """`fuseflow serve` of the installed wheel answers a TF Serving predict request."""
-    from serve_helpers import ServeProcess
+    from bench.serve_process import ServeProcess
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     _run([venv / "bin/python", "-c", _COMPILE_AND_RUN], cwd=tmp_path, env=env, timeout=900)

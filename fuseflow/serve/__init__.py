@@ -13,10 +13,14 @@ Ray is imported only here, so `import fuseflow` does not need it.
 
 from __future__ import annotations
 
+import logging
+
 from fuseflow import errors
 from fuseflow.serve.app import ModelConfig, ServeConfig, serve_forever, start, stop
 
 __all__ = ["ModelConfig", "ServeConfig", "model_config", "serve_forever", "start", "stop"]
+
+log = logging.getLogger("fuseflow.serve")
 
 
 def model_config(spec: str, batching: dict[str, tuple[int, float]] | None = None,
@@ -33,10 +37,10 @@ def model_config(spec: str, batching: dict[str, tuple[int, float]] | None = None
     if not os.path.isdir(base):
         raise errors.ModelLoadError(f"--model {name}: base path {base!r} is not a directory: "
                                     "pass the folder that holds <version>/saved_model.pb")
-    if not versions_on_disk(base):
-        raise errors.ModelLoadError(f"--model {name}: no version under {base!r}: put the "
-                                    f"SavedModel in {os.path.join(base, '1')}/ (TF Serving's "
-                                    "<base>/<version>/saved_model.pb layout)")
+    if not versions_on_disk(base):  # as TF Serving: served once a version appears
+        log.warning("--model %s: no version under %s yet; it is served once %s/ (TF "
+                    "Serving's <base>/<version>/saved_model.pb layout) appears", name, base,
+                    os.path.join(base, "1"))
     size, wait_ms = (batching or {}).get(name, default_batch)
     if size < 1 or wait_ms < 0:
         raise errors.OptionError(f"--model {name}: max batch size must be >= 1 and the wait "

@@ -166,23 +166,34 @@ class ModelVersions:
         self._lock = threading.Lock()
         self._latest: LoadedVersion | None = None
         self._failed: dict[int, str] = {}
+        self._failed_stamp: dict[int, float] = {}
+
+    def _stamp(self, version: int) -> float:
+        """The newest mtime under a version folder: a failed version is retried once its
+        files change (e.g. it was still being copied in)."""
+        folder = self.base / str(version)
+        return max((p.stat().st_mtime for p in folder.rglob("*")), default=0.0)
 
     def refresh(self) -> bool:
         """Load the newest version on disk if it is newer than the served one; True if so."""
-        on_disk = [v for v in versions_on_disk(self.base) if v not in self._failed]
+        on_disk = [v for v in versions_on_disk(self.base)
+                   if v not in self._failed or self._stamp(v) != self._failed_stamp[v]]
         if not on_disk or (self._latest and on_disk[-1] <= self._latest.version):
             return False
         version = on_disk[-1]
+        stamp = self._stamp(version)
         try:
             loaded = load_version(self.base, version, self.threads, self._scratch)
             warm_up(loaded)
         except Exception as e:  # a broken version never replaces a working one
+            self._failed_stamp[version] = stamp
             self._failed[version] = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.error("model %s version %d failed to load, still serving %s: %s", self.name,
                       version, self._latest.version if self._latest else "nothing", e)
             return False
         with self._lock:
             self._latest = loaded
+            self._failed.pop(version, None)
         log.info("model %s: serving version %d from %s", self.name, version, loaded.path)
         return True
 

@@ -32,35 +32,33 @@ def _dense(scale: float):
     return build
 
 
-def _docs_model():
-    """The inputs of TF Serving's REST API doc example: tag, signal, sensor."""
-    tag = tf.compat.v1.placeholder(tf.string, [None], name="tag")
-    signal_ = tf.compat.v1.placeholder(tf.float32, [None, 5], name="signal")
-    sensor = tf.compat.v1.placeholder(tf.float32, [None, 2, 2], name="sensor")
-    score = tf.reduce_sum(signal_, axis=1) * 2.0 + tf.reduce_sum(sensor, axis=[1, 2])
-    tagged = tf.strings.join([tag, tf.strings.as_string(score, precision=1)], separator=":")
-    scaled = {"signal": signal_}, {"scaled": signal_ * 3.0}
-    return ({"tag": tag, "signal": signal_, "sensor": sensor},
-            {"score": score, "tagged": tagged}, {"scaled": scaled})
-
-
-def _save_census(path):
-    """A classify and a regress signature over serialized tf.Examples."""
+def _save_docs_model(path):
+    """The inputs of TF Serving's REST API doc example (tag, signal, sensor) in a predict
+    signature, plus a classify and a regress signature over serialized tf.Examples."""
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        tag = tf.compat.v1.placeholder(tf.string, [None], name="tag")
+        signal_ = tf.compat.v1.placeholder(tf.float32, [None, 5], name="signal")
+        sensor = tf.compat.v1.placeholder(tf.float32, [None, 2, 2], name="sensor")
+        score = tf.reduce_sum(signal_, axis=1) * 2.0 + tf.reduce_sum(sensor, axis=[1, 2])
+        tagged = tf.strings.join([tag, tf.strings.as_string(score, precision=1)], separator=":")
         serialized = tf.compat.v1.placeholder(tf.string, [None], name="tf_example")
         features = tf.io.parse_example(serialized, {
             "x": tf.io.FixedLenFeature([2], tf.float32),
             "code": tf.io.FixedLenFeature([], tf.int64, default_value=0)})
         logits = tf.matmul(features["x"], tf.constant([[1.0, -1.0], [0.5, 2.0]])) + \
             tf.cast(features["code"], tf.float32)[:, None] * tf.constant([[0.0, 1.0]])
-        scores = tf.nn.softmax(logits)
         classes = tf.tile(tf.constant([["cat", "dog"]]), [tf.shape(serialized)[0], 1])
         value = tf.reduce_sum(features["x"], axis=1, keepdims=True) + 1.0
         sigs = tf.compat.v1.saved_model.signature_def_utils
+        predict = tf.compat.v1.saved_model.predict_signature_def
         builder = tf.compat.v1.saved_model.Builder(str(path))
         builder.add_meta_graph_and_variables(sess, ["serve"], signature_def_map={
-            "serving_default": sigs.classification_signature_def(serialized, classes, scores),
+            "serving_default": predict({"tag": tag, "signal": signal_, "sensor": sensor},
+                                       {"score": score, "tagged": tagged}),
+            "scaled": predict({"signal": signal_}, {"scaled": signal_ * 3.0}),
+            "classify_x_to_y": sigs.classification_signature_def(
+                serialized, classes, tf.nn.softmax(logits)),
             "regress_x": sigs.regression_signature_def(serialized, value)})
         builder.save()
     return path
@@ -78,14 +76,13 @@ def served(tmp_path_factory):
     starts while fuseflow compiles, and the model is served once its version 1 appears."""
     root = tmp_path_factory.mktemp("serve")
     save_tf1(root / "dense_orig", _dense(1.0))
-    save_tf1(root / "docs/1", _docs_model)
-    _save_census(root / "census/1")
+    _save_docs_model(root / "docs/1")
     save_tf1(root / "versioned/1", _dense(1.0))
     save_tf1(root / "v2_staging", _dense(-2.0))
     (root / "dense").mkdir()
     server = ServeProcess(fuseflow_command() + [
         "serve", "--model", f"dense={root / 'dense'}", "--model", f"docs={root / 'docs'}",
-        "--model", f"census={root / 'census'}", "--model", f"versioned={root / 'versioned'}",
+        "--model", f"versioned={root / 'versioned'}",
         "--batching", "dense=16,100", "--poll-seconds", "0.5", "--max-body-mb", "0.05"])
     server.start()
     try:
@@ -154,20 +151,21 @@ def test_the_docs_json_with_named_inputs_signature_name_and_strings(server, mode
 
 def test_classify_and_regress(server, models):
     # TF Serving's doc shape: "context" shared by every one of "examples"
-    request = {"signature_name": "serving_default", "context": {"code": 1},
+    request = {"signature_name": "classify_x_to_y", "context": {"code": 1},
                "examples": [{"x": [1.0, 2.0]}, {"x": [-0.5, 0.25]}]}
     serialized = np.array([_example([1.0, 2.0], 1).SerializeToString(),
                            _example([-0.5, 0.25], 1).SerializeToString()], dtype=object)
-    want = run_saved_model(models / "census/1", {"inputs": serialized})
-    status, body = server.post("/v1/models/census:classify", request)
+    want = run_saved_model(models / "docs/1", {"inputs": serialized},
+                           signature="classify_x_to_y")
+    status, body = server.post("/v1/models/docs:classify", request)
     assert status == 200, body
     assert [[label for label, _ in row] for row in body["result"]] == [["cat", "dog"]] * 2
     np.testing.assert_allclose([[s for _, s in row] for row in body["result"]], want["scores"],
                                rtol=1e-5)
     request["signature_name"] = "regress_x"
-    status, body = server.post("/v1/models/census:regress", request)
+    status, body = server.post("/v1/models/docs:regress", request)
     assert status == 200, body
-    reg = run_saved_model(models / "census/1", {"inputs": serialized}, signature="regress_x")
+    reg = run_saved_model(models / "docs/1", {"inputs": serialized}, signature="regress_x")
     np.testing.assert_allclose(body["result"], reg["outputs"].reshape(-1), rtol=1e-6)
     status, body = server.post("/v1/models/dense:classify", {**request,
                                                              "signature_name": "serving_default"})

@@ -338,11 +338,11 @@ def build_app(config: ServeConfig):
             name=f"model-{model.name}", num_replicas=config.replicas,
             max_ongoing_requests=max(16, 4 * model.max_batch_size),
             ray_actor_options={"num_cpus": 0},  # threads are set per replica instead
-            health_check_period_s=5)
+            health_check_period_s=5, graceful_shutdown_timeout_s=5)
         handles[model.name] = deployment.bind(model, threads, config.poll_seconds)
     gateway = serve.deployment(Gateway).options(
         name="gateway", num_replicas=1, max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0})
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5)
     return gateway.bind(handles, config.max_body_bytes)
 
 

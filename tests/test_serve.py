@@ -318,3 +318,17 @@ def test_killed_replica_never_gives_a_wrong_answer(models):
                 pids.add(body["pid"])
             time.sleep(0.5)
         assert len(pids - {victim}) == 2, f"Ray did not replace replica {victim}: {pids}"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "nobase"], "expected NAME=BASE_PATH"),
+    (["--model", "m=/does/not/exist"], "is not a directory"),
+    (["--model", "m=.", "--replicas", "0"], "--replicas must be >= 1"),
+    (["--model", "m=.", "--batching", "m=big"], "expected NAME=SIZE,WAIT_MS"),
+    (["--model", "m=.", "--batching", "other=4,1"], "must name one of them"),
+])
+def test_bad_serve_command_lines_exit_1_before_starting_ray(args, words, capsys):
+    from fuseflow import cli
+
+    assert cli.main(["serve", *args]) == 1
+    assert words in capsys.readouterr().err

@@ -98,7 +98,8 @@ def _digest(command: list[str], versions: str) -> str:
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (NATIVE_DIR / name).read_bytes() + b"\0")
     site = str(_openvino_dir().parent)
-    portable = [arg.replace(site, "<site>").replace(str(NATIVE_DIR), "<native>")
+    # NATIVE_DIR first: an installed fuseflow sits inside that same site-packages
+    portable = [arg.replace(str(NATIVE_DIR), "<native>").replace(site, "<site>")
                 for arg in command]
     digest.update("\0".join(portable).encode())
     digest.update(versions.encode())

@@ -205,13 +205,13 @@ class ModelServer:
             return error.http_status, error.body()
 
     def ready(self) -> bool:
-        return self.versions._latest is not None
+        return self.versions.latest is not None
 
     def stats(self) -> dict:
         """This replica's counters: what batching saved, which process answered."""
         from fuseflow.runtime import runtime_stats
 
-        latest = self.versions._latest
+        latest = self.versions.latest
         return {"pid": os.getpid(), "requests": self.requests, "model_calls": self.model_calls,
                 "version": latest.version if latest else None, "runtime": runtime_stats()}
 

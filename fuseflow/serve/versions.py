@@ -197,6 +197,10 @@ class ModelVersions:
         log.info("model %s: serving version %d from %s", self.name, version, loaded.path)
         return True
 
+    @property
+    def latest(self) -> LoadedVersion | None:
+        return self._latest
+
     def get(self, version: int | None) -> LoadedVersion:
         latest = self._latest
         if latest is None or (version is not None and version != latest.version):

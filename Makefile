@@ -4,12 +4,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install native browser demo test test-all bench fuzz zoo lint clean
+.PHONY: install native browser demo test test-all bench bench-serve fuzz zoo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,serve]'
 	touch $(STAMP)
 
 install: $(STAMP) native
@@ -51,6 +51,15 @@ $(BENCH_STAMP): $(STAMP)
 
 bench: install $(BENCH_STAMP)
 	$(PY) -m bench.run --json .build/bench.json
+
+# fuseflow serve under wrk (Debian's HTTP load generator): 1 and 2 replicas, original vs
+# compiled, p50/p99 and req/s at fixed concurrency. TIMING_LOCK=FILE holds FILE (flock)
+# around each timed run.
+bench-serve: install
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } >/dev/null 2>&1 || \
+	  { echo "bench-serve needs wrk (apt-get install wrk)"; exit 1; }
+	$(PY) -m bench.serve --json .build/bench-serve.json $(if $(TIMING_LOCK),--lock $(TIMING_LOCK))
 
 # Many more random graphs than make test's 10 fixed ones, from a new seed each run.
 fuzz: install

@@ -1,4 +1,4 @@
-"""The command line: `fuseflow compile | inspect | bench | auto-multicore`, over the API.
+"""The command line: `fuseflow compile | inspect | bench | auto-multicore | serve`, over the API.
 
 Exit codes: 0 ok, 1 bad input (a FuseflowError, shown as one line), 2 bad
 usage (argparse), 3 a bug in fuseflow, 130 interrupted, 141 stdout closed
@@ -91,7 +91,85 @@ def _parser() -> argparse.ArgumentParser:
         help="serve concurrent calls of a compiled model on N streams",
         description="auto_multicore on the command line (tf-neuron-auto-multicore): "
                     "each OpenVINO segment runs N streams with a pool of N infer requests."))
+    _serve_parser(commands.add_parser(
+        "serve", parents=[common], formatter_class=raw, epilog=_SERVE_HELP,
+        help="serve models over TF Serving's REST API (Ray Serve)",
+        description="Serve (compiled) SavedModels from TF Serving-style base paths "
+                    "(<base>/<version>/saved_model.pb) with TF Serving's REST API, on Ray "
+                    "Serve: locally, or on a Ray cluster with --address."))
     return parser
+
+
+_SERVE_HELP = """\
+examples:
+  fuseflow serve --model resnet=/models/resnet                # http://0.0.0.0:8501
+  fuseflow serve --model a=/models/a --model b=/models/b --replicas 2
+  fuseflow serve --model resnet=/models/resnet --batching resnet=16,5   # batch 16, wait 5 ms
+  fuseflow serve --model resnet=/models/resnet --address auto  # join a running Ray cluster
+
+  curl -d '{"instances": [[1.0, 2.0]]}' localhost:8501/v1/models/resnet:predict
+  curl localhost:8501/v1/models/resnet          # status; /metadata for signatures
+  curl localhost:8501/healthz; curl localhost:8501/metrics
+
+Drop a new version folder (<base>/2/) in and it is served once it loads and runs."""
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="NAME=BASE_PATH",
+                   help="a model and its base path (repeat per model)")
+    p.add_argument("--port", type=int, default=8501, help="HTTP port (default 8501, TF "
+                   "Serving's REST port)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="replicas of each model (default 1)")
+    p.add_argument("--address", metavar="RAY_ADDRESS",
+                   help="join this Ray cluster (e.g. auto, or ray://head:10001); default: "
+                        "start a local Ray instance")
+    p.add_argument("--max-batch-size", type=int, default=8, metavar="N",
+                   help="requests gathered into one model call (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, metavar="MS",
+                   help="longest wait for a batch to fill (default 2 ms)")
+    p.add_argument("--batching", action="append", default=[], metavar="NAME=SIZE,WAIT_MS",
+                   help="per-model batching, overriding the two flags above")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="OpenVINO and TF threads per replica (default: cores // replicas)")
+    p.add_argument("--poll-seconds", type=float, default=1.0,
+                   help="how often base paths are checked for new versions (default 1)")
+    p.add_argument("--max-body-mb", type=float, default=64.0,
+                   help="largest request body (default 64 MB)")
+    p.add_argument("--runtime-env", metavar="JSON",
+                   help="Ray runtime_env for the replicas, e.g. '{\"pip\": [\"fuseflow-0.1.0-"
+                        "cp311-cp311-linux_x86_64.whl[serve]\"]}' to install fuseflow on a "
+                        "cluster's nodes")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from fuseflow import serve
+
+    if args.replicas < 1:
+        raise errors.OptionError(f"--replicas must be >= 1, got {args.replicas}")
+    batching = {}
+    for spec in args.batching:
+        name, _, values = spec.partition("=")
+        try:
+            size, wait = values.split(",")
+            batching[name] = (int(size), float(wait))
+        except ValueError:
+            raise errors.OptionError(f"--batching {spec!r}: expected NAME=SIZE,WAIT_MS, e.g. "
+                                     "resnet=16,5") from None
+    models = tuple(serve.model_config(m, batching, (args.max_batch_size, args.batch_wait_ms))
+                   for m in args.model)
+    names = [m.name for m in models]
+    if len(set(names)) != len(names) or set(batching) - set(names):
+        raise errors.OptionError(f"--model names must be unique and --batching must name one "
+                                 f"of them: models {names}, batching {sorted(batching)}")
+    runtime_env = json.loads(args.runtime_env) if args.runtime_env else {}
+    serve.serve_forever(serve.ServeConfig(
+        models, port=args.port, host=args.host, replicas=args.replicas, address=args.address,
+        threads=args.threads, poll_seconds=args.poll_seconds,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), runtime_env=runtime_env))
+    return EXIT_OK
 
 
 def _auto_multicore_parser(p: argparse.ArgumentParser) -> None:

@@ -52,7 +52,10 @@ def _openvino_library(libs: Path) -> str:
 
 
 def _tf_flags() -> tuple[list[str], list[str], str]:
-    from fuseflow.tf_compat import tf
+    try:
+        from fuseflow.tf_compat import tf
+    except ImportError:  # loaded by setup.py, where fuseflow itself is not importable
+        import tensorflow as tf
 
     return tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags(), tf.__version__
 
@@ -95,7 +98,8 @@ def _digest(command: list[str], versions: str) -> str:
     for name in SOURCES + HEADERS:
         digest.update(name.encode() + b"\0" + (NATIVE_DIR / name).read_bytes() + b"\0")
     site = str(_openvino_dir().parent)
-    portable = [arg.replace(site, "<site>").replace(str(NATIVE_DIR), "<native>")
+    # NATIVE_DIR first: an installed fuseflow sits inside that same site-packages
+    portable = [arg.replace(str(NATIVE_DIR), "<native>").replace(site, "<site>")
                 for arg in command]
     digest.update("\0".join(portable).encode())
     digest.update(versions.encode())

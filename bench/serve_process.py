@@ -1,0 +1,105 @@
+"""A real `fuseflow serve` in a subprocess, and plain-HTTP clients for it (tests, bench)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(port: int, method: str, path: str, body=None, raw: bytes | None = None,
+         timeout: float = 120) -> tuple[int, dict | str]:
+    """One request; returns (status, parsed JSON body, or text when not JSON)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        status, text = e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+class ServeProcess:
+    """`with ServeProcess([... "serve", ...]) as s: s.post(...)`: starts the command with a
+    free --port, waits for /healthz, and on exit stops it with SIGTERM (Ray shuts down)."""
+
+    def __init__(self, command: list, cwd=None, env=None, startup_timeout: float = 300):
+        self.port = free_port()
+        self.command = [str(c) for c in command] + ["--port", str(self.port),
+                                                    "--host", "127.0.0.1"]
+        self.cwd, self.env, self.startup_timeout = cwd, env, startup_timeout
+        self.log_path: Path | None = None
+
+    def __enter__(self) -> ServeProcess:
+        self.start()
+        return self.wait_healthy()
+
+    def start(self) -> None:
+        import tempfile
+
+        self.log_path = Path(tempfile.mkstemp(prefix="fuseflow-serve-", suffix=".log")[1])
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self) -> ServeProcess:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fuseflow serve exited {self.proc.returncode}:\n"
+                                   f"{self.log()[-4000:]}")
+            try:
+                status, _ = http(self.port, "GET", "/healthz", timeout=5)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"fuseflow serve not healthy after {self.startup_timeout} s:\n"
+                           f"{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path else ""
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+    def get(self, path: str, **kw):
+        return http(self.port, "GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return http(self.port, "POST", path, body, **kw)
+
+
+def fuseflow_command() -> list[str]:
+    script = Path(sys.executable).parent / "fuseflow"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fuseflow.cli"]

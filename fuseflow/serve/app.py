@@ -1,0 +1,388 @@
+"""The Ray Serve application: one `ModelServer` deployment per model, behind a `Gateway`.
+
+The gateway is the HTTP ingress: it parses TF Serving's REST paths and JSON, answers
+health and metrics, and calls the model's deployment through its handle, retrying a
+request whose replica died (predict is idempotent) and answering 503 when retries run
+out. A `ModelServer` replica imports fuseflow (so FuseflowOp is registered), serves the
+latest version of its base path, picks up new versions, and gathers concurrent requests
+into one model call with Ray Serve's `@serve.batch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fuseflow.serve import rest
+from fuseflow.serve.rest import RestError
+
+log = logging.getLogger("fuseflow.serve")
+
+RETRIES = 3  # calls of a replica that died mid-request, before the gateway answers 503
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One `--model NAME=BASE_PATH` and its batching."""
+
+    name: str
+    base_path: str
+    max_batch_size: int = 8
+    batch_wait_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    models: tuple[ModelConfig, ...]
+    port: int = 8501  # TF Serving's REST port
+    host: str = "0.0.0.0"
+    replicas: int = 1
+    address: str | None = None  # None: start a local Ray instance
+    threads: int | None = None  # OpenVINO/TF threads per replica; None: cores // replicas
+    poll_seconds: float = 1.0  # TF Serving's --file_system_poll_wait_seconds
+    max_body_bytes: int = 64 << 20
+    runtime_env: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Call:
+    """One request's feeds, waiting in a batch."""
+
+    version: object  # versions.LoadedVersion
+    signature: object  # versions.Signature
+    feeds: dict[str, np.ndarray]
+
+    def group(self) -> tuple:
+        """Calls with the same group can be concatenated along dim 0."""
+        return (id(self.version), self.signature.key,
+                tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(self.feeds.items())))
+
+
+_TF_ERRORS = {"InvalidArgumentError": "INVALID_ARGUMENT", "NotFoundError": "NOT_FOUND",
+              "FailedPreconditionError": "FAILED_PRECONDITION", "OutOfRangeError": "OUT_OF_RANGE",
+              "ResourceExhaustedError": "RESOURCE_EXHAUSTED", "UnimplementedError":
+              "UNIMPLEMENTED", "UnavailableError": "UNAVAILABLE"}
+
+
+def _as_rest_error(e: Exception) -> RestError:
+    if isinstance(e, RestError):
+        return e
+    from fuseflow.errors import reason
+
+    return RestError(_TF_ERRORS.get(type(e).__name__, "INTERNAL"), reason(e))
+
+
+class ModelServer:
+    """A replica of one model: its versions, its batcher, its counters."""
+
+    def __init__(self, model: ModelConfig, threads: int | None, poll_seconds: float):
+        from ray import serve
+        from ray.serve.metrics import Counter
+
+        from fuseflow.serve.versions import ModelVersions
+
+        _set_tf_threads(threads)
+        self.model = model
+        self.versions = ModelVersions(model.name, model.base_path, threads)
+        self.versions.refresh()
+        self.requests = self.model_calls = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
+        self._requests_metric = Counter("fuseflow_serve_requests", "requests per model",
+                                        tag_keys=("model",))
+        self._calls_metric = Counter("fuseflow_serve_model_calls",
+                                     "model calls per model (one per batch)",
+                                     tag_keys=("model",))
+
+        @serve.batch(max_batch_size=model.max_batch_size,
+                     batch_wait_timeout_s=model.batch_wait_ms / 1000)
+        async def batched(calls: list[_Call]) -> list:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self._run_calls, calls)
+
+        self._batched = batched
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, args=(poll_seconds,), daemon=True,
+                         name=f"watch-{model.name}").start()
+
+    def _watch(self, poll_seconds: float) -> None:
+        while not self._stop.wait(poll_seconds):
+            try:
+                self.versions.refresh()
+            except Exception:  # a bad folder must not end the watcher
+                log.exception("model %s: checking %s for new versions failed",
+                              self.model.name, self.model.base_path)
+
+    def _run_calls(self, calls: list[_Call]) -> list:
+        """Each group of compatible calls as one model call, split back per request."""
+        results: list = [None] * len(calls)
+        groups: dict[tuple, list[int]] = {}
+        for i, call in enumerate(calls):
+            groups.setdefault(call.group(), []).append(i)
+        for members in groups.values():
+            first = calls[members[0]]
+            sizes = [len(next(iter(calls[i].feeds.values()))) for i in members]
+            try:
+                if len(members) == 1:
+                    outs = [self._run(first.version, first.signature, first.feeds)]
+                else:
+                    feeds = {k: np.concatenate([calls[i].feeds[k] for i in members])
+                             for k in first.feeds}
+                    merged = self._run(first.version, first.signature, feeds)
+                    if not all(v.ndim and v.shape[0] == sum(sizes) for v in merged.values()):
+                        # an output not batch-major: these requests run one by one
+                        outs = [self._run(calls[i].version, calls[i].signature, calls[i].feeds)
+                                for i in members]
+                    else:
+                        bounds = np.cumsum(sizes)[:-1]
+                        split = {k: np.split(v, bounds) for k, v in merged.items()}
+                        outs = [{k: split[k][j] for k in merged} for j in range(len(members))]
+                for i, out in zip(members, outs):
+                    results[i] = out
+            except Exception as e:  # one bad batch answers its own requests, nothing else
+                for i in members:
+                    results[i] = _as_rest_error(e)
+        return results
+
+    def _run(self, version, signature, feeds):
+        self.model_calls += 1
+        self._calls_metric.inc(tags={"model": self.model.name})
+        return version.run(signature, feeds)
+
+    async def _outputs(self, version, signature, feeds, batchable: bool) -> dict:
+        if batchable and all(v.ndim >= 1 for v in feeds.values()):
+            out = await self._batched(_Call(version, signature, feeds))
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                out = await loop.run_in_executor(self._pool, self._run, version, signature,
+                                                 feeds)
+            except Exception as e:
+                out = _as_rest_error(e)
+        if isinstance(out, RestError):
+            raise out
+        return out
+
+    async def handle(self, verb: str, version: int | None, body: dict) -> tuple[int, dict]:
+        """One REST call: (HTTP status, JSON body), errors in TF Serving's shape."""
+        self.requests += 1
+        self._requests_metric.inc(tags={"model": self.model.name})
+        try:
+            if verb == "status":
+                return 200, self.versions.status(version)
+            loaded = self.versions.get(version)
+            if verb == "metadata":
+                return 200, {"model_spec": {"name": self.model.name, "signature_name": "",
+                                            "version": str(loaded.version)},
+                             "metadata": loaded.metadata}
+            signature = loaded.signature(body.get("signature_name"))
+            if verb == "predict":
+                feeds, row_form = rest.predict_inputs(body, signature.inputs)
+                outputs = await self._outputs(loaded, signature, feeds, row_form)
+                return 200, rest.predict_response(outputs, row_form)
+            method = rest.CLASSIFY_METHOD if verb == "classify" else rest.REGRESS_METHOD
+            if signature.method != method or len(signature.inputs) != 1:
+                raise RestError("INVALID_ARGUMENT", f"Expected {verb} signature method_name to "
+                                f"be {method}. Was: {signature.method}")
+            key = next(iter(signature.inputs))
+            outputs = await self._outputs(loaded, signature, {key: rest.examples(body)}, True)
+            return 200, (rest.classify_response(outputs) if verb == "classify"
+                         else rest.regress_response(outputs))
+        except Exception as e:  # nothing a request sends takes the replica down
+            error = _as_rest_error(e)
+            if not isinstance(e, RestError):
+                log.warning("model %s: %s", self.model.name, error.message)
+            return error.http_status, error.body()
+
+    def ready(self) -> bool:
+        return self.versions.latest is not None
+
+    def stats(self) -> dict:
+        """This replica's counters: what batching saved, which process answered."""
+        from fuseflow.runtime import runtime_stats
+
+        latest = self.versions.latest
+        return {"pid": os.getpid(), "requests": self.requests, "model_calls": self.model_calls,
+                "version": latest.version if latest else None, "runtime": runtime_stats()}
+
+
+def _set_tf_threads(threads: int | None) -> None:
+    if not threads:
+        return
+    from fuseflow.tf_compat import tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TF's context already started in this process
+        log.warning("TF thread pools already started; not limited to %d threads", threads)
+
+
+def _replica_died_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "WorkerCrashedError",
+             "NodeDiedError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+class Gateway:
+    """HTTP ingress: TF Serving's REST routes, /healthz, /metrics, per-model stats."""
+
+    def __init__(self, handles: dict, max_body_bytes: int):
+        self.handles, self.max_body_bytes = handles, max_body_bytes
+        self._died = _replica_died_errors()
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, PlainTextResponse
+
+        path = request.url.path
+        if path == "/healthz":
+            return await self._health()
+        if path == "/metrics":
+            return PlainTextResponse(await asyncio.get_running_loop().run_in_executor(
+                None, _ray_metrics))
+        if path.startswith("/fuseflow/stats/"):
+            handle = self.handles.get(path.rsplit("/", 1)[1])
+            if handle is None:
+                return JSONResponse({"error": "no such model"}, status_code=404)
+            return JSONResponse(await handle.stats.remote())
+        try:
+            route = rest.parse_path(path, request.method)
+            handle = self.handles.get(route.model)
+            if handle is None:
+                spec = f"Specific({route.model}, {route.version})" if route.version is not None \
+                    else f"Latest({route.model})"
+                raise RestError("NOT_FOUND", f"Servable not found for request: {spec}")
+            body = await self._body(request) if request.method == "POST" else {}
+            status, payload = await self._call(handle, route, body)
+        except RestError as e:
+            status, payload = e.http_status, e.body()
+        return JSONResponse(payload, status_code=status)
+
+    async def _body(self, request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise RestError("RESOURCE_EXHAUSTED", f"Request body of {declared} bytes is over "
+                            f"the limit of {self.max_body_bytes} bytes (--max-body-mb)")
+        raw = await request.body()
+        if len(raw) > self.max_body_bytes:
+            raise RestError("RESOURCE_EXHAUSTED", f"Request body of {len(raw)} bytes is over "
+                            f"the limit of {self.max_body_bytes} bytes (--max-body-mb)")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RestError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from e
+        if not isinstance(body, dict):
+            raise RestError("INVALID_ARGUMENT", "JSON Value: the request body must be a JSON "
+                            "object")
+        return body
+
+    async def _call(self, handle, route: rest.Route, body: dict) -> tuple[int, dict]:
+        last: BaseException | None = None
+        for attempt in range(RETRIES):
+            try:
+                return await handle.handle.remote(route.verb, route.version, body)
+            except self._died as e:  # the replica went away: Ray replaces it, we retry
+                last = e
+                log.warning("model %s: replica died (attempt %d): %s", route.model,
+                            attempt + 1, type(e).__name__)
+                await asyncio.sleep(0.5 * (attempt + 1))
+        message = (f"Model {route.model}: the replica serving this request died and "
+                   f"{RETRIES} attempts failed ({type(last).__name__}); retry later")
+        return rest.HTTP_STATUS["UNAVAILABLE"], {"error": message}
+
+    async def _health(self):
+        from starlette.responses import JSONResponse
+
+        ready = {}
+        for name, handle in self.handles.items():
+            try:
+                ready[name] = await handle.ready.remote()
+            except self._died:
+                ready[name] = False
+        ok = all(ready.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "models": ready},
+                            status_code=200 if ok else 503)
+
+
+def _ray_metrics() -> str:
+    """This node's Prometheus page, as Ray's metrics agent exports it."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def build_app(config: ServeConfig):
+    """The bound Ray Serve application (gateway over one deployment per model)."""
+    from ray import serve
+
+    threads = config.threads or max(1, (os.cpu_count() or 1) // config.replicas)
+    handles = {}
+    for model in config.models:
+        deployment = serve.deployment(ModelServer).options(
+            name=f"model-{model.name}", num_replicas=config.replicas,
+            max_ongoing_requests=max(16, 4 * model.max_batch_size),
+            ray_actor_options={"num_cpus": 0},  # threads are set per replica instead
+            health_check_period_s=5, graceful_shutdown_timeout_s=5)
+        handles[model.name] = deployment.bind(model, threads, config.poll_seconds)
+    gateway = serve.deployment(Gateway).options(
+        name="gateway", num_replicas=1, max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5)
+    return gateway.bind(handles, config.max_body_bytes)
+
+
+def start(config: ServeConfig) -> None:
+    """Start (or join, with config.address) Ray and deploy the application; returns once
+    every model's first version answers."""
+    import ray
+    from ray import serve
+
+    if config.address:
+        ray.init(address=config.address, namespace="fuseflow", runtime_env=config.runtime_env
+                 or None, log_to_driver=False)
+    else:
+        # a local instance talks over loopback only
+        ray.init(namespace="fuseflow", include_dashboard=False, log_to_driver=False,
+                 runtime_env=config.runtime_env or None, _node_ip_address="127.0.0.1")
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="fuseflow", route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def serve_forever(config: ServeConfig) -> None:
+    """`fuseflow serve`: start, say where, then wait until interrupted."""
+    start(config)
+    # after ray.init, which installs its own SIGTERM handler: ours shuts Ray down below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    names = ", ".join(m.name for m in config.models)
+    print(f"fuseflow serve: {names} on http://{config.host}:{config.port}/v1/models/<name> "
+          f"({config.replicas} replica(s) each; /healthz, /metrics)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        stop()

@@ -15,6 +15,7 @@ import fcntl
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lock", help="flock this file around each wrk run")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    # a timeout's SIGTERM still stops the server below (the `with` block's exit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     wrk = shutil.which("wrk")
     if wrk is None:
         print("bench-serve: wrk not found (apt-get install wrk)", file=sys.stderr)

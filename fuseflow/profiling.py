@@ -121,7 +121,8 @@ def profile(model_dir, timeline_json=None, batch_size=1, model_shape_feed_dict=N
     ops = sorted((OpTime(n, op_type[n], t, n in fused) for n, t in times.items()),
                  key=lambda o: -o.micros)
     segments = [{"name": o.name, "backend": _backend(fused[o.name]), "micros": o.micros,
-                 "ops": _segment_size(fused[o.name], graph)} for o in ops if o.segment]
+                 "ops": _segment_size(fused[o.name], graph, model_dir)}
+                for o in ops if o.segment]
     result = ProfileResult(total_micros=sum(o.micros for o in ops), ops=ops, segments=segments)
     if timeline_json is not None:
         trace = json.loads(timeline.Timeline(metadata.step_stats).generate_chrome_trace_format())
@@ -141,11 +142,14 @@ def profile(model_dir, timeline_json=None, batch_size=1, model_shape_feed_dict=N
     return result
 
 
-def _segment_size(node, graph) -> int:
-    """Computing ops in a fused node's embedded subgraph."""
+def _segment_size(node, graph, model_dir) -> int:
+    """Computing ops in a fused node's embedded subgraph (kept in the model's assets)."""
+    from fuseflow.assets import read_asset_libraries
     from fuseflow.graph_util import NON_COMPUTE_OPS
     from fuseflow.inspect_model import _body_name
 
-    library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    graph_def = graph.as_graph_def()
+    read_asset_libraries(graph_def, model_dir)
+    library = {f.signature.name: f for f in graph_def.library.function}
     body = library.get(_body_name(node))
     return 0 if body is None else sum(n.op not in NON_COMPUTE_OPS for n in body.node_def)

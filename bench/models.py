@@ -38,6 +38,13 @@ def bert_like(seq: int = 128, layers: int = 4, dim: int = 256, heads: int = 4,
     return tf.keras.Model(ids, tf.keras.layers.Dense(2)(pooled))
 
 
+def tiny_mlp():
+    """16 -> 32 -> 4: a model whose per-call overhead outweighs its arithmetic."""
+    x = tf.keras.Input((16,), name="x")
+    hidden = tf.keras.layers.Dense(32, activation="relu")(x)
+    return tf.keras.Model(x, tf.keras.layers.Dense(4)(hidden))
+
+
 MODELS = {
     "MobileNetV2": BenchModel(
         "MobileNetV2", lambda: tf.keras.applications.MobileNetV2(
@@ -52,6 +59,8 @@ MODELS = {
     "BERT-like": BenchModel(
         "BERT-like", bert_like,
         lambda batch, rng: rng.integers(0, 8000, (batch, 128)).astype(np.int32)),
+    "TinyMLP": BenchModel(
+        "TinyMLP", tiny_mlp, lambda batch, rng: rng.random((batch, 16), np.float32)),
 }
 
 

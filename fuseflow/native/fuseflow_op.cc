@@ -396,10 +396,12 @@ class FuseflowOp : public AsyncOpKernel {
       }
       running.assign(leases.size(), false);
       stats_->SawInferRequests(segment.pool.Created());
-      if (chunks == 1) {
+      if (chunks == 1 && segment.streams == 1) {
         bind(leases[0], 0);
-        leases[0]->infer();
+        leases[0]->infer();  // on this thread: no hand-over to OpenVINO's
       } else {
+        // OpenVINO's executor hands each request to a free stream (infer() on this
+        // thread would pick the stream by thread, and two calls could share one).
         for (int64_t c = 0; c < chunks; ++c) {
           const size_t j = c % leases.size();
           if (running[j]) {

@@ -392,6 +392,30 @@ def print_report(env: dict, rows: list[Row], summ: dict) -> None:
                   if compared else "unknown (no onnxruntime rows)")
         print(f"- target {s['label']}: geomean >= {goal}x {speed} ({s['geomean']:.2f}x); "
               f"ahead of onnxruntime on every row {versus}")
+    for line in concurrency_lines(rows):
+        print(line)
+
+
+def concurrency_lines(rows: list[Row]) -> list[str]:
+    """Issue 10's concurrency targets per fuseflow variant: with n calls in flight, at least
+    the original's throughput, and never below its own with one in flight."""
+    original = {(r.model, r.batch): r.throughput for r in rows
+                if r.variant == ORIGINAL.key and r.throughput}
+    lines = []
+    for key in dict.fromkeys(r.variant for r in rows if r.variant not in
+                             (ORIGINAL.key, ONNXRUNTIME.key)):
+        mine = [r for r in rows if r.variant == key and r.throughput
+                and (r.model, r.batch) in original]
+        if not mine:
+            continue
+        cells = [(r, n) for r in mine for n in IN_FLIGHT if n > 1]
+        beats = sum(r.throughput[n] >= original[r.model, r.batch][n] for r, n in cells)
+        holds = sum(r.throughput[n] >= r.throughput[1] for r, n in cells)
+        lines.append(f"- calls in flight, {mine[0].label}: at least the original's throughput "
+                     f"{beats}/{len(cells)}, at least its own with 1 in flight "
+                     f"{holds}/{len(cells)} (rows x {', '.join(map(str, IN_FLIGHT[1:]))} "
+                     "in flight)")
+    return lines
 
 
 def _names(text: str, choices) -> list[str]:

@@ -442,7 +442,7 @@ def main(argv=None) -> int:
                         f"variants stop early, after at least {MIN_RUNS} (env BENCH_SECONDS)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     parser.add_argument("--throughput-seconds", type=float,
-                        default=float(os.environ.get("BENCH_THROUGHPUT_SECONDS", 1.5)),
+                        default=float(os.environ.get("BENCH_THROUGHPUT_SECONDS", 1.0)),
                         help="seconds per variant and number of calls in flight for the "
                         "throughput columns; 0 skips them (env BENCH_THROUGHPUT_SECONDS)")
     parser.add_argument("--json", type=Path, help="also write the results here")

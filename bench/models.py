@@ -54,6 +54,13 @@ def crnn(height: int = 32, width: int = 128, classes: int = 40, units: int = 128
     return tf.keras.Model(image, tf.keras.layers.Dense(classes, activation="softmax")(x))
 
 
+def tiny_mlp():
+    """16 -> 32 -> 4: a model whose per-call overhead outweighs its arithmetic."""
+    x = tf.keras.Input((16,), name="x")
+    hidden = tf.keras.layers.Dense(32, activation="relu")(x)
+    return tf.keras.Model(x, tf.keras.layers.Dense(4)(hidden))
+
+
 MODELS = {
     "MobileNetV2": BenchModel(
         "MobileNetV2", lambda: tf.keras.applications.MobileNetV2(
@@ -70,6 +77,8 @@ MODELS = {
         lambda batch, rng: rng.integers(0, 8000, (batch, 128)).astype(np.int32)),
     "CRNN": BenchModel(
         "CRNN", crnn, lambda batch, rng: rng.random((batch, 32, 128, 1), np.float32)),
+    "TinyMLP": BenchModel(
+        "TinyMLP", tiny_mlp, lambda batch, rng: rng.random((batch, 16), np.float32)),
 }
 
 

@@ -11,6 +11,10 @@ been spent (at least 5 samples): slow rows (XLA's depthwise convolutions, batch
 8) get fewer samples. Errors are the max abs difference from the original's
 outputs on the same input.
 
+Throughput: after the latency timing, each variant is called from 1, 2 and 4
+threads at once (calls in flight), each thread calling back to back for
+--throughput-seconds; the column is samples (calls x batch) per second.
+
 Targets (read here, not asserted in tests): geomean speed-up >= 2x at f32 and
 >= 3.5x with --fp32-cast all, and ahead of onnxruntime on every row. INT8
 (`--quantize int8`, calibrated on --calibration-samples random inputs, which
@@ -32,6 +36,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +55,7 @@ from fuseflow.tf_compat import tf
 MIN_RUNS = 5
 BLOCK = 5  # consecutive timed calls of one variant before the next one's turn
 DEGENERATE = 1e-6  # outputs spread less than this: the error column cannot tell much
+IN_FLIGHT = (1, 2, 4)  # calls in flight for the throughput columns
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class Row:
     na: str | None = None  # why there is no number
     reference_spread: float | None = None  # max - min of the original's outputs
     compile_result: dict = field(default_factory=dict)
+    throughput: dict[int, float] = field(default_factory=dict)  # in flight -> samples/s
 
 
 def _progress(message: str) -> None:
@@ -162,6 +169,40 @@ def measure(calls: dict[str, Callable], runs: int, seconds: float,
                 call()  # unrecorded: lets the previous variant's threads and caches settle
                 samples[key] += [_timed(call) for _ in range(todo)]
     return samples
+
+
+def throughput(call: Callable, in_flight: int, seconds: float) -> float:
+    """Calls per second with `in_flight` threads each calling back to back for `seconds`."""
+    counts = [0] * in_flight
+    barrier = threading.Barrier(in_flight + 1)
+    deadline = [0.0]
+
+    def worker(k: int) -> None:
+        call()  # this thread's first call (TF and OpenVINO set up per-thread state)
+        barrier.wait()
+        while time.perf_counter() < deadline[0]:
+            call()
+            counts[k] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(in_flight)]
+    for t in threads:
+        t.start()
+    deadline[0] = time.perf_counter() + 3600  # until the barrier lets the workers go
+    barrier.wait()
+    start = time.perf_counter()
+    deadline[0] = start + seconds
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def measure_throughput(calls: dict[str, Callable], seconds: float) -> dict[str, dict[int, float]]:
+    """Calls per second for each variant and number of calls in flight (variants take turns)."""
+    rates: dict[str, dict[int, float]] = {key: {} for key in calls}
+    for n in IN_FLIGHT:
+        for key, call in calls.items():
+            rates[key][n] = throughput(call, n, seconds)
+    return rates
 
 
 def bench_model(name: str, batches: list[int], variants: list[Variant], args,
@@ -263,6 +304,10 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
             row.median_ms, row.runs = float(np.median(ms)), len(times)
             row.p10_ms, row.p90_ms = float(np.percentile(ms, 10)), float(np.percentile(ms, 90))
             row.speedup = 1000 * base / row.median_ms
+        if args.throughput_seconds > 0:
+            _progress(f"[{name} b{batch}] throughput with {IN_FLIGHT} calls in flight")
+            for k, rates in measure_throughput(calls, args.throughput_seconds).items():
+                by_key[k].throughput = {n: rate * batch for n, rate in rates.items()}
         rows += by_key.values()
         del calls
         gc.collect()
@@ -323,6 +368,7 @@ def environment(args) -> dict:
             "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
             "FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS") if k in os.environ},
         "runs": args.runs, "seconds_per_variant": args.seconds, "warmup": args.warmup,
+        "throughput_seconds": args.throughput_seconds,
     }
     reason = onnx_baseline.unavailable()
     env["onnxruntime"] = ({**onnx_baseline.versions(), "threads": onnx_baseline.thread_settings()}
@@ -350,18 +396,25 @@ def print_report(env: dict, rows: list[Row], summ: dict) -> None:
     print("- compile s: fuseflow compile at that batch; for onnxruntime the tf2onnx conversion "
           "(once per model, dynamic batch; child process start included). XLA compiles its "
           "clusters on the first call: see load+1st call s\n")
+    if env["throughput_seconds"] > 0:
+        print(f"- n in flight /s: samples per second with n threads calling at once, each "
+              f"back to back for {env['throughput_seconds']} s (variants take turns)\n")
+    flight = "".join(f" {n} in flight /s |" for n in IN_FLIGHT)
     print("| model | batch | variant | median ms | speed-up | max abs err | compile s "
-          "| load+1st call s | runs |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+          f"| load+1st call s | runs |{flight}")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(IN_FLIGHT))
     for r in rows:
         if r.na:
-            print(f"| {r.model} | {r.batch} | {r.label} | n/a: {r.na} | | | | | |")
+            print(f"| {r.model} | {r.batch} | {r.label} | n/a: {r.na} | | | | | |"
+                  + " |" * len(IN_FLIGHT))
             continue
+        rates = "".join(f" {_fmt(r.throughput.get(n), '.0f')} |" for n in IN_FLIGHT)
         flag = " †" if r.reference_spread is not None and r.reference_spread < DEGENERATE else ""
         err = ("reference" if r.variant == ORIGINAL.key else _fmt(r.max_abs_err, ".1e")) + flag
         print(f"| {r.model} | {r.batch} | {r.label} | {_fmt(r.median_ms, '.2f')} "
               f"| {_fmt(r.speedup, '.2f', 'x')} | {err} "
-              f"| {_fmt(r.compile_s, '.1f')} | {_fmt(r.load_first_call_s, '.2f')} | {r.runs} |")
+              f"| {_fmt(r.compile_s, '.1f')} | {_fmt(r.load_first_call_s, '.2f')} | {r.runs} |"
+              + rates)
     degenerate = sorted({r.model for r in rows if r.variant == ORIGINAL.key
                          and r.reference_spread is not None and r.reference_spread < DEGENERATE})
     if degenerate:
@@ -420,6 +473,30 @@ def print_report(env: dict, rows: list[Row], summ: dict) -> None:
                   if compared else "unknown (no onnxruntime rows)")
         print(f"- target {s['label']}: geomean >= {goal}x {speed} ({s['geomean']:.2f}x); "
               f"ahead of onnxruntime on every row {versus}")
+    for line in concurrency_lines(rows):
+        print(line)
+
+
+def concurrency_lines(rows: list[Row]) -> list[str]:
+    """Issue 10's concurrency targets per fuseflow variant: with n calls in flight, at least
+    the original's throughput, and never below its own with one in flight."""
+    original = {(r.model, r.batch): r.throughput for r in rows
+                if r.variant == ORIGINAL.key and r.throughput}
+    lines = []
+    for key in dict.fromkeys(r.variant for r in rows if r.variant not in
+                             (ORIGINAL.key, ONNXRUNTIME.key)):
+        mine = [r for r in rows if r.variant == key and r.throughput
+                and (r.model, r.batch) in original]
+        if not mine:
+            continue
+        cells = [(r, n) for r in mine for n in IN_FLIGHT if n > 1]
+        beats = sum(r.throughput[n] >= original[r.model, r.batch][n] for r, n in cells)
+        holds = sum(r.throughput[n] >= r.throughput[1] for r, n in cells)
+        lines.append(f"- calls in flight, {mine[0].label}: at least the original's throughput "
+                     f"{beats}/{len(cells)}, at least its own with 1 in flight "
+                     f"{holds}/{len(cells)} (rows x {', '.join(map(str, IN_FLIGHT[1:]))} "
+                     "in flight)")
+    return lines
 
 
 def print_coldstart(rows: list[Row]) -> None:
@@ -474,6 +551,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
     parser.add_argument("--calibration-samples", type=int, default=128,
                         help="random samples calibrating the INT8 variants (default 128)")
+    parser.add_argument("--throughput-seconds", type=float,
+                        default=float(os.environ.get("BENCH_THROUGHPUT_SECONDS", 1.0)),
+                        help="seconds per variant and number of calls in flight for the "
+                        "throughput columns; 0 skips them (env BENCH_THROUGHPUT_SECONDS)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--verbose", action="store_true", help="show fuseflow's compile log")
     args = parser.parse_args(argv)

@@ -40,7 +40,9 @@ def runtime_stats() -> dict:
                        "recompiled": calls run by one recompiled here (its import failed;
                                      "recompile_reason" says why),
                        "fallback": calls run by TensorFlow,
-                       "fallback_reasons": {kind: {"calls": n, "message": first reason}}}},
+                       "fallback_reasons": {kind: {"calls": n, "message": first reason}},
+                       "streams": OpenVINO streams the executable runs (0: not loaded),
+                       "infer_requests": the most of its calls OpenVINO has run at once}},
      "xla": {"compilations": XLA compilations, "launches": XLA cluster launches,
              "clusters": {cluster (function) name: compilations}}}
 
@@ -66,7 +68,8 @@ def since(before: dict, after: dict | None = None) -> dict:
             if calls:
                 reasons[kind] = {"calls": calls, "message": why["message"]}
         ops[name] = {**delta, "recompile_reason": op["recompile_reason"],
-                     "fallback_reasons": reasons}
+                     "fallback_reasons": reasons, "streams": op.get("streams", 0),
+                     "infer_requests": op.get("infer_requests", 0)}
     xla = after["xla"]
     clusters = {name: n - before["xla"]["clusters"].get(name, 0)
                 for name, n in xla["clusters"].items()}

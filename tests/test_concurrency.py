@@ -6,15 +6,21 @@ size, 8 variants each) with the original, then 8 threads call the compiled
 model 500 times each with batch sizes cycling through 1, 3, 4, 7, 16. Every
 answer must equal the original's, and the resident memory after the calls
 must stay within a bound of the memory after a 200-call warm-up.
+
+With --neuroncore-pipeline-cores, the same serving runs at the compiled batch
+and OpenVINO must report the streams the cores allow, with calls in flight on
+several infer requests at once (no lock in fuseflow serializes them).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from conftest import REPO, assert_ran, fused_segments, save_tf1, tf
 from test_compile_core import compile_model
 
@@ -118,3 +124,33 @@ def test_eight_threads_mixed_batches_same_answers_flat_memory(backend, tmp_path)
         assert op["compiled"] == THREADS * CALLS and op["fallback"] == 0, stats["serve_runs"]
     else:
         assert stats["serve_runs"]["xla"]["launches"] >= THREADS * CALLS, stats["serve_runs"]
+
+
+def _serve(src, compiled, threads, calls, warmup, batches) -> dict:
+    args = {"original": str(src), "compiled": str(compiled), "threads": threads,
+            "calls": calls, "warmup": warmup, "batches": list(batches)}
+    proc = subprocess.run([sys.executable, "-c", _SERVE, json.dumps(args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("pipeline_cores", [None, 1])
+def test_pipeline_cores_become_streams_threads_same_answers(pipeline_cores, tmp_path):
+    src = save_tf1(tmp_path / "m", _cnn)
+    args = None if pipeline_cores is None else ["--neuroncore-pipeline-cores",
+                                                str(pipeline_cores)]
+    result = compile_model("openvino", src, tmp_path / "c", batch_size=1, compiler_args=args)
+    assert result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0
+    stats = _serve(src, tmp_path / "c", threads=8, calls=100, warmup=16, batches=[1])
+    assert stats["mismatch_count"] == 0, stats["mismatches"]
+    assert_ran(stats["runs"], "openvino", fused_segments(tmp_path / "c"))
+    (op,) = stats["serve_runs"]["ops"].values()
+    assert op["compiled"] == 8 * 100 and op["fallback"] == 0, op
+    cores = len(os.sched_getaffinity(0))
+    # T threads per call leave cores for cores // T streams; by default one stream on all
+    want = cores // pipeline_cores if pipeline_cores and 2 * pipeline_cores <= cores else 1
+    assert op["streams"] == want, op
+    # every call is at the compiled batch (one request each): several at once means
+    # several calls were in OpenVINO together
+    assert op["infer_requests"] >= 2, op

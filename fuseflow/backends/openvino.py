@@ -34,7 +34,8 @@ between the last conv/matmul-like op and the outputs in f32. --fast-math
 follows neuron-cc: `all` casts to bf16 and sets EXECUTION_MODE_HINT=PERFORMANCE,
 `none` and `no-fp32-cast` force f32, `fp32-cast-all`/`-matmult` act like
 --fp32-cast, the relayout words change nothing; the last word wins.
---neuroncore-pipeline-cores N -> INFERENCE_NUM_THREADS=N.
+--neuroncore-pipeline-cores N -> INFERENCE_NUM_THREADS=N: N threads per call; the
+native op makes the cores left over more streams when it loads (SizeStreams).
 
 The CPU plugin computes int64 as int32 and float64 as float32: float64 stays
 in TF (the loss is certain), int64 does not (it matters only past 2**31).

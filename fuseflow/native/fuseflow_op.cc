@@ -4,11 +4,13 @@
 // input shapes it can't take) runs the original TensorFlow function, the way
 // TF-TRT's TRTEngineOp runs its native segment.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <set>
 #include <thread>
 
+#include "absl/container/inlined_vector.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "openvino_model.h"
@@ -112,6 +114,17 @@ TensorShape ToTensorShape(const ov::Shape& shape) {
   return result;
 }
 
+// Per-call tensor lists: on the stack for the usual few inputs and outputs.
+using Tensors = absl::InlinedVector<Tensor, 4>;
+
+bool SameShape(const TensorShape& got, const ov::Shape& want) {
+  if (got.dims() != static_cast<int>(want.size())) return false;
+  for (int d = 0; d < got.dims(); ++d) {
+    if (got.dim_size(d) != static_cast<int64_t>(want[d])) return false;
+  }
+  return true;
+}
+
 char* Data(const Tensor& tensor) { return const_cast<char*>(tensor.tensor_data().data()); }
 
 // Bytes of one dim-0 slice of a tensor of `shape`.
@@ -189,16 +202,19 @@ class FuseflowOp : public AsyncOpKernel {
                   absl::InvalidArgumentError("FuseflowOp: batch axes must be 0 or -1"));
     }
     OP_REQUIRES_OK(ctx, ParseProperties(spec_.properties).status());
-    max_requests_ = max_requests > 0 ? static_cast<int>(max_requests)
-                                     : std::max(1u, std::thread::hardware_concurrency());
+    // Every stream busy and as many calls again ready to start when one finishes.
+    max_requests_ = max_requests > 0
+                        ? static_cast<int>(max_requests)
+                        : std::max<int>({1, static_cast<int>(std::thread::hardware_concurrency()),
+                                         2 * StreamsFor(spec_.properties)});
     if (!executable.empty()) executable_ = OwnedBlob(std::move(executable));
     stats_ = RunStatsFor(name());
   }
 
   void ComputeAsync(OpKernelContext* ctx, DoneCallback done) override {
     std::string kind, reason;
-    if (std::shared_ptr<CompiledSegment> segment = Segment(ctx, &kind, &reason)) {
-      std::vector<Tensor> outputs;
+    if (CompiledSegment* segment = Segment(ctx, &kind, &reason)) {
+      Tensors outputs;
       absl::Status status = RunOpenVino(ctx, *segment, &outputs);
       if (status.ok()) {
         for (size_t o = 0; o < outputs.size(); ++o) ctx->set_output(o, outputs[o]);
@@ -222,15 +238,19 @@ class FuseflowOp : public AsyncOpKernel {
  private:
   // The compiled segment, loaded on first use; null when TensorFlow must run it,
   // with the reason's kind and text.
-  std::shared_ptr<CompiledSegment> Segment(OpKernelContext* ctx, std::string* kind,
-                                           std::string* why) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (tried_) {
+  // After the first call it takes no lock: every call reads what that call wrote.
+  CompiledSegment* Segment(OpKernelContext* ctx, std::string* kind, std::string* why) {
+    if (!loaded_.load(std::memory_order_acquire)) Load(ctx);
+    if (!segment_) {
       *kind = load_failure_kind_;
       *why = load_failure_;
-      return segment_;
     }
-    tried_ = true;
+    return segment_.get();
+  }
+
+  void Load(OpKernelContext* ctx) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (loaded_.load(std::memory_order_relaxed)) return;
     std::string reason;
     if (!executable_ && !executable_file_.empty()) {  // the blob is an asset file: map it
       auto path = AssetPath(executable_file_);
@@ -261,6 +281,7 @@ class FuseflowOp : public AsyncOpKernel {
       if (segment.ok()) {
         segment_ = *segment;
         batch_rows_ = BatchRows(*segment_);
+        stats_->SetStreams(segment_->streams);
         if (segment_->recompiled) stats_->SetRecompileReason(segment_->recompile_reason);
       } else {
         load_failure_kind_ = "load_failed";
@@ -271,10 +292,8 @@ class FuseflowOp : public AsyncOpKernel {
       LOG(WARNING) << "FuseflowOp '" << name() << "' runs its segment with TensorFlow: " << reason;
     }
     load_failure_ = reason;
-    *kind = load_failure_kind_;
-    *why = load_failure_;
     executable_.reset();  // the cache holds the bytes an imported model needs
-    return segment_;
+    loaded_.store(true, std::memory_order_release);
   }
 
   // The fallback's FunctionDefLibrary, read from its asset file on first use: it stays
@@ -329,14 +348,16 @@ class FuseflowOp : public AsyncOpKernel {
   // match), or -1 for an exact match of a segment that can't be split.
   // FailedPrecondition when the inputs fit neither way.
   absl::StatusOr<int64_t> CallRows(OpKernelContext* ctx, const CompiledSegment& segment) const {
-    std::vector<TensorShape> got, want;
     bool exact = true;
+    for (int i = 0; exact && i < ctx->num_inputs(); ++i) {
+      exact = SameShape(ctx->input(i).shape(), segment.input_shapes[i]);
+    }
+    if (exact) return batch_rows_;
+    std::vector<TensorShape> got, want;
     for (int i = 0; i < ctx->num_inputs(); ++i) {
       got.push_back(ctx->input(i).shape());
       want.push_back(ToTensorShape(segment.input_shapes[i]));
-      exact = exact && got[i] == want[i];
     }
-    if (exact) return batch_rows_;
     bool fits = batch_rows_ > 0;
     int64_t rows = -1;
     for (size_t i = 0; fits && i < got.size(); ++i) {
@@ -364,8 +385,7 @@ class FuseflowOp : public AsyncOpKernel {
   // Runs the compiled model. A call with B rows runs as ceil(B/k) chunks of the
   // compiled k rows on as many infer requests as the pool spares, the last chunk
   // zero-padded. TF buffers are handed to OpenVINO in place except for that chunk.
-  absl::Status RunOpenVino(OpKernelContext* ctx, CompiledSegment& segment,
-                           std::vector<Tensor>* outputs) {
+  absl::Status RunOpenVino(OpKernelContext* ctx, CompiledSegment& segment, Tensors* outputs) {
     auto call_rows = CallRows(ctx, segment);
     if (!call_rows.ok()) return call_rows.status();
     const bool split = *call_rows >= 0;
@@ -375,14 +395,16 @@ class FuseflowOp : public AsyncOpKernel {
     const int n_in = ctx->num_inputs(), n_out = static_cast<int>(segment.outputs.size());
 
     // From here on every buffer has its port's dtype (see CompiledSegment::input_dtypes).
-    std::vector<Tensor> inputs(n_in);
+    Tensors inputs(n_in);
     for (int i = 0; i < n_in; ++i) {
       TF_RETURN_IF_ERROR(Cast(ctx, ctx->input(i), segment.input_dtypes[i], &inputs[i]));
     }
+    // Temps, not allocate_output: a call that fails here falls back to TensorFlow,
+    // which sets the outputs. OpenVINO writes into them in place all the same.
     outputs->resize(n_out);
-    std::vector<Tensor> pad_in(n_in), pad_out(n_out);
+    Tensors pad_in(padded ? n_in : 0), pad_out(padded ? n_out : 0);
     for (int o = 0; o < n_out; ++o) {
-      TensorShape shape = ToTensorShape(segment.output_shapes[o]);
+      TensorShape shape = segment.output_tf_shapes[o];
       if (split) shape.set_dim(0, rows);
       TF_RETURN_IF_ERROR(ctx->allocate_temp(segment.output_dtypes[o], shape, &(*outputs)[o]));
       if (padded) {
@@ -403,7 +425,7 @@ class FuseflowOp : public AsyncOpKernel {
     if (chunks == 0) return absl::OkStatus();  // an empty batch
 
     // Points a request at chunk `c`'s rows of every input and output.
-    auto bind = [&](ov::InferRequest& request, int64_t c) {
+    auto bind = [&](InferRequestPool::Lease& lease, int64_t c) {
       const bool pad = padded && c == chunks - 1;
       for (int i = 0; i < n_in; ++i) {
         char* data = Data(inputs[i]);
@@ -411,8 +433,7 @@ class FuseflowOp : public AsyncOpKernel {
           data = pad ? Data(pad_in[i])
                      : data + c * k * RowBytes(segment.input_dtypes[i], segment.input_shapes[i]);
         }
-        request.set_tensor(segment.inputs[i],
-                           ov::Tensor(segment.input_types[i], segment.input_shapes[i], data));
+        lease.Bind(i, segment.inputs[i], segment.input_types[i], segment.input_shapes[i], data);
       }
       for (int o = 0; o < n_out; ++o) {
         char* data = Data((*outputs)[o]);
@@ -420,13 +441,13 @@ class FuseflowOp : public AsyncOpKernel {
           data = pad ? Data(pad_out[o])
                      : data + c * k * RowBytes(segment.output_dtypes[o], segment.output_shapes[o]);
         }
-        request.set_tensor(segment.outputs[o],
-                           ov::Tensor(segment.output_types[o], segment.output_shapes[o], data));
+        lease.Bind(n_in + o, segment.outputs[o], segment.output_types[o],
+                   segment.output_shapes[o], data);
       }
     };
 
-    std::vector<InferRequestPool::Lease> leases;
-    std::vector<bool> running;  // per lease: started and not yet waited for
+    absl::InlinedVector<InferRequestPool::Lease, 4> leases;
+    absl::InlinedVector<bool, 4> running;  // per lease: started and not yet waited for
     try {
       // One blocking Acquire, the rest only if idle: no call waits while holding requests.
       leases.push_back(segment.pool.Acquire());
@@ -435,17 +456,20 @@ class FuseflowOp : public AsyncOpKernel {
         leases.push_back(std::move(extra));
       }
       running.assign(leases.size(), false);
-      if (chunks == 1) {
-        bind(*leases[0], 0);
-        leases[0]->infer();
+      stats_->SawInferRequests(segment.pool.Created());
+      if (chunks == 1 && segment.streams == 1) {
+        bind(leases[0], 0);
+        leases[0]->infer();  // on this thread: no hand-over to OpenVINO's
       } else {
+        // OpenVINO's executor hands each request to a free stream (infer() on this
+        // thread would pick the stream by thread, and two calls could share one).
         for (int64_t c = 0; c < chunks; ++c) {
           const size_t j = c % leases.size();
           if (running[j]) {
             running[j] = false;
             leases[j]->wait();
           }
-          bind(*leases[j], c);
+          bind(leases[j], c);
           leases[j]->start_async();
           running[j] = true;
         }
@@ -558,11 +582,12 @@ class FuseflowOp : public AsyncOpKernel {
   std::shared_ptr<OpRunStats> stats_;
   std::string executable_file_, native_file_;  // asset keys; "" = in the graph
 
+  // Written once, by the first call, under mu_; loaded_ then publishes them.
   std::mutex mu_;
-  bool tried_ = false;  // loading the compiled segment was tried
+  std::atomic<bool> loaded_{false};
   std::shared_ptr<const Blob> executable_;  // reset once loading was tried
   std::shared_ptr<CompiledSegment> segment_;
-  int64_t batch_rows_ = -1;  // written once under mu_ before segment_ is handed out
+  int64_t batch_rows_ = -1;
   std::string load_failure_kind_, load_failure_;  // why segment_ is null
   std::set<std::string> warned_;
 

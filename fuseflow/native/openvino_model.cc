@@ -2,12 +2,14 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <stdexcept>
@@ -16,10 +18,12 @@
 #include <functional>
 #include <map>
 #include <string_view>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "openvino/core/model.hpp"
+#include "openvino/runtime/properties.hpp"
 #include "tensorflow/core/framework/graph.pb.h"
 #include "tensorflow/core/framework/node_def.pb.h"
 #include "tensorflow/core/platform/logging.h"
@@ -118,6 +122,9 @@ absl::Status BindPorts(const SegmentSpec& spec, bool by_position, CompiledSegmen
       segment->outputs.push_back(port);
       segment->output_types.push_back(port.get_element_type());
       segment->output_shapes.push_back(*shape);
+      tensorflow::TensorShape tf_shape;
+      for (size_t d : *shape) tf_shape.AddDim(static_cast<int64_t>(d));
+      segment->output_tf_shapes.push_back(tf_shape);
     }
   } catch (const std::exception& e) {  // model.input(name) throws for an unknown name
     return absl::InvalidArgumentError(e.what());
@@ -277,6 +284,13 @@ std::map<std::string, std::string>& Assets() {
   return *assets;
 }
 
+// The cores this process may run on.
+int UsableCores() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 }  // namespace
 
 std::shared_ptr<const Blob> OwnedBlob(std::string bytes) {
@@ -327,6 +341,36 @@ uint32_t Crc32(const char* data, size_t size) {
       crc32_z(0, reinterpret_cast<const unsigned char*>(data), size));
 }
 
+void SizeStreams(ov::AnyMap* properties, int cores) {
+  if (properties->count(ov::num_streams.name())) return;  // auto_multicore or the user chose
+  auto threads = properties->find(ov::inference_num_threads.name());
+  if (threads == properties->end()) return;  // one stream on all cores: lowest latency
+  int per_stream = 0;
+  try {
+    per_stream = std::stoi(threads->second.as<std::string>());
+  } catch (const std::exception&) {
+    return;  // not a number: OpenVINO will say so
+  }
+  if (per_stream <= 0 || per_stream * 2 > cores) return;
+  const int streams = cores / per_stream;
+  (*properties)[ov::hint::performance_mode.name()] = "THROUGHPUT";
+  (*properties)[ov::num_streams.name()] = std::to_string(streams);
+  threads->second = std::to_string(streams * per_stream);
+}
+
+int StreamsFor(const std::vector<std::string>& properties) {
+  auto map = ParseProperties(properties);
+  if (!map.ok()) return 1;
+  SizeStreams(&*map, UsableCores());
+  auto it = map->find(ov::num_streams.name());
+  if (it == map->end()) return 1;
+  try {
+    return std::max(1, std::stoi(it->second.as<std::string>()));
+  } catch (const std::exception&) {
+    return 1;
+  }
+}
+
 absl::StatusOr<ov::AnyMap> ParseProperties(const std::vector<std::string>& properties) {
   ov::AnyMap map;
   for (const std::string& property : properties) {
@@ -375,14 +419,24 @@ InferRequestPool::Lease::~Lease() {
   if (pool_ != nullptr) pool_->Release(std::move(request_));
 }
 
+void InferRequestPool::Lease::Bind(size_t port, const ov::Output<const ov::Node>& node,
+                                   const ov::element::Type& type, const ov::Shape& shape,
+                                   void* data) {
+  if (request_.bound.size() <= port) request_.bound.resize(port + 1, nullptr);
+  if (request_.bound[port] == data) return;
+  request_.bound[port] = nullptr;  // unknown if set_tensor throws
+  request_.request.set_tensor(node, ov::Tensor(type, shape, data));
+  request_.bound[port] = data;
+}
+
 InferRequestPool::Lease InferRequestPool::TakeLocked() {
   if (!idle_.empty()) {
-    ov::InferRequest request = std::move(idle_.back());
+    PooledRequest request = std::move(idle_.back());
     idle_.pop_back();
     return Lease(this, std::move(request));
   }
   ++created_;
-  return Lease(this, model_.create_infer_request());
+  return Lease(this, PooledRequest{model_.create_infer_request(), {}});
 }
 
 InferRequestPool::Lease InferRequestPool::Acquire() {
@@ -410,7 +464,7 @@ void InferRequestPool::RaiseLimit(int limit) {
   }
 }
 
-void InferRequestPool::Release(ov::InferRequest request) {
+void InferRequestPool::Release(PooledRequest request) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     idle_.push_back(std::move(request));
@@ -423,6 +477,7 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
     const LibraryGetter& flib, const std::string& node_name) {
   auto properties = ParseProperties(spec.properties);
   if (!properties.ok()) return properties.status();
+  SizeStreams(&*properties, UsableCores());
 
   // Weak entries: a model lives while some op instance uses it. Loading under
   // the one lock keeps two sessions from importing the same blob twice.
@@ -478,6 +533,11 @@ absl::StatusOr<std::shared_ptr<CompiledSegment>> GetCompiledSegment(
   }
   absl::Status bound = BindPorts(spec, segment->recompiled, segment.get());
   if (!bound.ok()) return bound;
+  try {
+    segment->streams = segment->compiled.get_property(ov::num_streams).num;
+  } catch (const std::exception&) {
+    segment->streams = 1;  // unreported: we only lose the stat
+  }
   for (auto it = cache->begin(); it != cache->end();) {
     it = it->second.expired() ? cache->erase(it) : std::next(it);
   }

@@ -56,8 +56,24 @@ uint32_t Crc32(const char* data, size_t size);
 // Parses "KEY=VALUE" strings; OpenVINO converts string values to the typed ones.
 absl::StatusOr<ov::AnyMap> ParseProperties(const std::vector<std::string>& properties);
 
+// --neuroncore-pipeline-cores as OpenVINO streams: INFERENCE_NUM_THREADS=T (T
+// threads per call) on C cores becomes C/T streams of T threads, so the cores one
+// call leaves idle serve other calls in flight. Without INFERENCE_NUM_THREADS, or
+// with NUM_STREAMS already set (auto_multicore), the properties stay as they are.
+void SizeStreams(ov::AnyMap* properties, int cores);
+// The streams the op's properties get on this machine (the infer-request pool's floor).
+int StreamsFor(const std::vector<std::string>& properties);
+
 // The OpenVINO element type holding the same bytes as `dtype`, if there is one.
 absl::StatusOr<ov::element::Type> ToOpenVinoType(tensorflow::DataType dtype);
+
+// An infer request and the buffers its ports point at, so a call that finds the
+// same TF buffers bound again (TF's allocator often hands back the same ones)
+// skips set_tensor and the plugin's rebinding work.
+struct PooledRequest {
+  ov::InferRequest request;
+  std::vector<const void*> bound;  // per port: inputs, then outputs; null = not yet
+};
 
 // Hands out infer requests, creating them on demand up to a limit, so that
 // concurrent Compute calls each get a request of their own.
@@ -67,17 +83,20 @@ class InferRequestPool {
   class Lease {
    public:
     Lease() = default;
-    Lease(InferRequestPool* pool, ov::InferRequest request)
+    Lease(InferRequestPool* pool, PooledRequest request)
         : pool_(pool), request_(std::move(request)) {}
     Lease(Lease&& other) noexcept { *this = std::move(other); }
     Lease& operator=(Lease&& other) noexcept;
     ~Lease();
-    ov::InferRequest& operator*() { return request_; }
-    ov::InferRequest* operator->() { return &request_; }
+    ov::InferRequest& operator*() { return request_.request; }
+    ov::InferRequest* operator->() { return &request_.request; }
+    // Points port `port` (inputs first, then outputs) at `data` unless it already is.
+    void Bind(size_t port, const ov::Output<const ov::Node>& node, const ov::element::Type& type,
+              const ov::Shape& shape, void* data);
 
    private:
     InferRequestPool* pool_ = nullptr;
-    ov::InferRequest request_;
+    PooledRequest request_;
   };
 
   InferRequestPool(ov::CompiledModel model, int limit) : model_(std::move(model)), limit_(limit) {}
@@ -88,16 +107,18 @@ class InferRequestPool {
   bool TryAcquire(Lease* lease);
   // Op instances sharing a model may ask for different limits: the largest wins.
   void RaiseLimit(int limit);
+  // Requests created so far: the most calls that have been in flight at once.
+  int Created() const { return created_.load(std::memory_order_relaxed); }
 
  private:
   Lease TakeLocked();  // requires mu_ held and a request available or creatable
-  void Release(ov::InferRequest request);
+  void Release(PooledRequest request);
 
   ov::CompiledModel model_;
   std::mutex mu_;
   std::condition_variable released_;
-  std::vector<ov::InferRequest> idle_;
-  int created_ = 0;
+  std::vector<PooledRequest> idle_;
+  std::atomic<int> created_{0};  // written under mu_
   int limit_;
 };
 
@@ -110,6 +131,7 @@ struct CompiledSegment {
   // Declared first so it is destroyed last: an imported model reads it in place.
   std::shared_ptr<const Blob> blob;
   ov::CompiledModel compiled;
+  int streams = 1;  // as OpenVINO reports it
   bool recompiled = false;
   std::string recompile_reason;  // the import error, when recompiled
   std::vector<ov::Output<const ov::Node>> inputs;   // op input order
@@ -119,6 +141,7 @@ struct CompiledSegment {
   // TensorFlow frontend widened a bfloat16 tensor to f32.
   tensorflow::DataTypeVector input_dtypes, output_dtypes;
   std::vector<ov::Shape> input_shapes, output_shapes;  // always static
+  std::vector<tensorflow::TensorShape> output_tf_shapes;  // output_shapes, made once
   InferRequestPool pool;
 };
 

@@ -95,6 +95,8 @@ std::string OpRunStats::Json() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::string json = absl::StrCat("{\"compiled\": ", compiled_.load(), ", \"recompiled\": ",
                                   recompiled_.load(), ", \"fallback\": ", fallback_.load(),
+                                  ", \"streams\": ", streams_.load(),
+                                  ", \"infer_requests\": ", infer_requests_.load(),
                                   ", \"recompile_reason\": ", Quote(recompile_reason_),
                                   ", \"fallback_reasons\": {");
   const char* sep = "";

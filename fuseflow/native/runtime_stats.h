@@ -22,6 +22,14 @@ class OpRunStats {
   void SetRecompileReason(const std::string& reason);
   // A call that TensorFlow ran; `kind` groups the reasons, the first text is kept.
   void Fallback(const std::string& kind, const std::string& reason);
+  // The OpenVINO streams the executable runs (read back from OpenVINO).
+  void SetStreams(int streams) { streams_ = streams; }
+  // The most infer requests the op has had: how many of its calls OpenVINO ran at once.
+  void SawInferRequests(int requests) {
+    int seen = infer_requests_.load(std::memory_order_relaxed);
+    while (requests > seen && !infer_requests_.compare_exchange_weak(seen, requests)) {
+    }
+  }
   int64_t Calls() const { return compiled_ + recompiled_ + fallback_; }
   std::string Json() const;
 
@@ -31,6 +39,7 @@ class OpRunStats {
     std::string message;
   };
   std::atomic<int64_t> compiled_{0}, recompiled_{0}, fallback_{0};
+  std::atomic<int> streams_{0}, infer_requests_{0};
   mutable std::mutex mu_;
   std::string recompile_reason_;
   std::map<std::string, Reason> fallback_reasons_;

@@ -12,7 +12,7 @@ import io
 import numpy as np
 import openvino as ov
 import pytest
-from conftest import run_fresh, save_tf1, saved_graph, tf
+from conftest import fused_blob, run_fresh, save_tf1, saved_graph, tf
 
 import fuseflow
 from fuseflow import errors
@@ -28,7 +28,8 @@ def _int8_kernels(model_dir) -> dict[str, int]:
         if node.op != "FuseflowOp":
             continue
         props = dict(p.decode().split("=", 1) for p in node.attr["properties"].list.s)
-        compiled = ov.Core().import_model(io.BytesIO(node.attr["executable"].s), "CPU", props)
+        blob = fused_blob(model_dir, node).read_bytes()
+        compiled = ov.Core().import_model(io.BytesIO(blob), "CPU", props)
         found[node.name] = sum(
             op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")
             and op.get_rt_info()["layerType"].astype(str) not in ("Const", "Input", "Output")

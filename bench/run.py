@@ -257,8 +257,12 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                         compiler_args=list(v.compiler_args) or None)
                     row.recompile_s = time.perf_counter() - start
                     if v.backend == "openvino":
-                        row.openvino_alone_s = coldstart.openvino_alone_s(src, batch,
-                                                                          v.compiler_args)
+                        try:
+                            row.openvino_alone_s = coldstart.openvino_alone_s(
+                                src, batch, v.compiler_args)
+                        except Exception as e:  # noqa: BLE001 - OpenVINO alone can't: n/a
+                            _progress(f"[{name} b{batch}] OpenVINO alone: n/a: "
+                                      f"{_first_line(e)}")
                     load = functools.partial(_tf_call, out, feeds)
                 elif v is ONNXRUNTIME:
                     if onnx_na:

@@ -13,8 +13,9 @@ pieces by their preferred backends. All are timed against TensorFlow
 (timing.py), and each region gets the fastest of: TF, whole on one backend,
 or its pieces each on its backend (or TF). The final partition then clusters
 nodes by the backend chosen for them, so a loop on XLA can sit between
-convolutions on OpenVINO. Without profiling (--no-profile) the preferred
-backends are used as they are.
+convolutions on OpenVINO. Without profiling (--no-profile), by_kind places
+each node on its preferred backend, a region whose only heavy ops are loops
+whole on the loop's backend.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ import numpy as np
 
 from bench.serve_process import ServeProcess, fuseflow_command
 
+# A level-2 long string: the JSON body holds "]]" (nested arrays), which ends a [[...]].
 _LUA = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = [[%s]]
+wrk.body = [==[%s]==]
 """
 
 

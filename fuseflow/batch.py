@@ -269,21 +269,23 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
         else:
             feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)
     fetches = [s.tensor_name for s in model.outputs]
-    original = _run(model.graph_def, model.init_nodes, feeds, fetches)
+    original = run_graph(model.graph_def, model.init_nodes, feeds, fetches)
     if original is None:
         return True  # the original can't run on random inputs: nothing to compare
     final = apply_input_shapes(final_graph_def, model, serving)
     with tempfile.TemporaryDirectory(prefix="fuseflow-check-") as tmp:
         # As the saved model will be: weights in files, not in a graph to parse and copy.
         final, files = move_to_assets(final, Path(tmp))
-        compiled_out = _run(final, model.init_nodes, feeds, fetches, files)
+        compiled_out = run_graph(final, model.init_nodes, feeds, fetches, files)
     if compiled_out is None:
         return False
     return all(a.shape == b.shape and relative_error(a, b) <= tolerance
                for a, b in zip(original, compiled_out) if a.dtype.kind in "fciub")
 
 
-def _run(graph_def, init_nodes, feeds, fetches, files=()):
+def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
+    """fetches' values with graph_def run on feeds (its init nodes first), or None when it
+    does not run."""
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")

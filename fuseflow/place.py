@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fuseflow import errors
 from fuseflow.backends.base import random_inputs
+from fuseflow.batch import run_graph
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
 from fuseflow.extract import consumers_outside
 from fuseflow.logs import shown_info
@@ -94,13 +94,19 @@ def preferred_backends(graph_def, supports: dict[str, dict], force: frozenset[st
     return prefer
 
 
+def _union(graph_def, supports: dict[str, dict], prefer: dict[str, str]) -> dict:
+    """Support for the partitioner: a node some backend takes is taken; otherwise the
+    first backend's reason."""
+    first = supports[next(iter(supports))]
+    return {n.name: None if n.name in prefer else first.get(n.name) for n in graph_def.node}
+
+
 def by_kind(graph_def, supports: dict[str, dict], prefer: dict[str, str],
             force: frozenset[str], partition: Partitioner) -> Partition:
     """Placement without timing: each node on its preferred backend, except that a region
     whose only heavy ops are loops goes whole to the loop's backend (the embedding and the
     dense head of an RNN are not worth their own segments)."""
-    first = supports[next(iter(supports))]
-    union = {n.name: None if n.name in prefer else first.get(n.name) for n in graph_def.node}
+    union = _union(graph_def, supports, prefer)
     colour = dict(prefer)
     if LOOP_BACKEND in supports and len(supports) > 1:
         ops = {n.name: n.op for n in graph_def.node}
@@ -112,8 +118,8 @@ def by_kind(graph_def, supports: dict[str, dict], prefer: dict[str, str],
     return partition(union, colour)
 
 
-def place(graph_def, supports: dict[str, dict], partition: Partitioner,
-          options: CompilerOptions, force: frozenset[str], internal: set[str],
+def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
+          partition: Partitioner, options: CompilerOptions, force: frozenset[str],
           extract: Callable[[Segment, dict], object], feed_values: Callable[[list], dict],
           workdir: Path) -> Placement:
     """Choose a backend (or TF) for every part of the graph by timing; see the module
@@ -123,9 +129,7 @@ def place(graph_def, supports: dict[str, dict], partition: Partitioner,
     extract(segment, consumers) cuts a segment out; feed_values(tensors) gives the
     original model's values of those tensors on the compile inputs (or {})."""
     names = list(supports)
-    prefer = preferred_backends(graph_def, supports, force, internal)
-    union = {n.name: (None if n.name in prefer else supports[names[0]].get(n.name))
-             for n in graph_def.node}
+    union = _union(graph_def, supports, prefer)
     started = time.monotonic()
     regions = partition(union, None)
     region_of = {n: s.name for s in regions.segments for n in s.nodes}
@@ -174,7 +178,7 @@ def place(graph_def, supports: dict[str, dict], partition: Partitioner,
     decisions = []
     figures: dict[frozenset, dict] = {}
     for region, whole, split in plans:
-        choice = _decide(region, whole, split, timings, compiled, prefer, force, options)
+        choice = _decide(region, whole, split, timings, prefer, force, options)
         decisions.append(choice.summary)
         for seg, backend, figure in choice.parts:
             figures[frozenset(seg.nodes)] = figure
@@ -230,7 +234,7 @@ def _slower_detail(figure: dict | None, backend: str) -> str:
             f"with calls in flight")
 
 
-def _decide(region: Segment, whole: list[str], split: list[Segment], timings, compiled,
+def _decide(region: Segment, whole: list[str], split: list[Segment], timings,
             prefer: dict[str, str], force: frozenset[str], options: CompilerOptions
             ) -> _Choice:
     """The fastest of TF, the region whole on one backend, or its pieces."""
@@ -290,25 +294,13 @@ def feed_value_function(graph_def, model, input_values: dict[str, np.ndarray]):
     """tensors -> their values when the optimized graph runs on input_values ({} when the
     model can't run on them: the caller falls back to random values)."""
     def values(tensors: list[str]) -> dict[str, np.ndarray]:
-        from fuseflow.tf_compat import tf
-
         if not tensors or not input_values:
             return {}
-        graph = tf.Graph()
-        with graph.as_default():
-            tf.graph_util.import_graph_def(graph_def, name="")
-        try:
-            with tf.compat.v1.Session(graph=graph) as sess:
-                names = {op.name for op in graph.get_operations()}
-                init = [n for n in model.init_nodes if n in names]
-                if init:
-                    sess.run([graph.get_operation_by_name(n) for n in init])
-                got = sess.run(tensors, input_values)
-        except Exception as e:
+        got = run_graph(graph_def, model.init_nodes, input_values, tensors)
+        if got is None:
             log.info("placement times segments on random inputs: the model did not run on "
-                     "synthesized inputs (%s)", errors.reason(e))
+                     "synthesized inputs")
             return {}
         return dict(zip(tensors, got))
 
     return values
-

@@ -119,7 +119,7 @@ class _Plan:
     supports: dict[str, dict]  # backend -> {node: Reason | None}
     partitioner: Callable[[dict, dict | None], Partition]
     force_fuse: frozenset[str]
-    internal: set[str]
+    prefer: dict[str, str]  # node -> the backend its kind runs best on (place.py)
     watch: Stopwatch  # seconds per stage so far
     calibration_data: object = None  # compile(calibration_data=...): see quantize.py
 
@@ -178,7 +178,7 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
     partition = by_kind(graph_def, supports, prefer, force_fuse, partitioner)
     watch.lap("partition")
     return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options,
-                 supports, partitioner, force_fuse, internal, watch)
+                 supports, partitioner, force_fuse, prefer, watch)
 
 
 def _builder_choices(graph_def, builder) -> tuple[frozenset[str], frozenset[str]]:
@@ -276,8 +276,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         # int8 segments are calibrated before compiling (accuracy.prepare): timed
         # candidates would be f32, so int8 models are placed by kind.
         if options.profile and options.quantize == "none":
-            placement = place(graph_def, plan.supports, plan.partitioner, options,
-                              plan.force_fuse, plan.internal, extract,
+            placement = place(graph_def, plan.supports, plan.prefer, plan.partitioner, options,
+                              plan.force_fuse, extract,
                               feed_value_function(graph_def, model, _input_values(model,
                                                                                    inputs)),
                               work)

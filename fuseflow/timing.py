@@ -9,7 +9,6 @@ first-call costs (XLA compiles at its first call).
 
 Timing runs in a fresh process, one candidate after another: a crashing backend
 costs only its timing, and no compile worker shares the cores meanwhile.
-The process runs main(JOBS.pkl, RESULTS.pkl).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import numpy as np
 from fuseflow.backends.base import Artifact, SegmentGraph
 from fuseflow.options import CompilerOptions
 
-_MAIN = "import sys; from fuseflow.timing import main; main(*sys.argv[1:])"
 IN_FLIGHT = 2  # calls in flight for the throughput figure (cores of a small replica)
 _WARMUP = 2
 _MIN_RUNS, _MAX_RUNS = 5, 200
@@ -60,19 +58,30 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
     """Timings by job key, and errors by job key; jobs past the budget are left out."""
     if not jobs:
         return {}, {}
-    src, dst = workdir / "timing_jobs.pkl", workdir / "timing_results.pkl"
-    src.write_bytes(pickle.dumps((jobs, options, budget_s)))
+    result, why = _in_fresh_process("main", (jobs, options, budget_s), workdir,
+                                    budget_s + 120)
+    if result is None:
+        return {}, {j.key: f"timing process {why}" for j in jobs}
+    return result
+
+
+def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float):
+    """function(payload) of this module run in a new interpreter, through pickle files:
+    (its result, None), or (None, why there is none)."""
+    src, dst = workdir / f"timing_{function}_in.pkl", workdir / f"timing_{function}_out.pkl"
+    src.write_bytes(pickle.dumps(payload))
     dst.unlink(missing_ok=True)
+    code = f"import sys; from fuseflow.timing import {function}; {function}(*sys.argv[1:])"
     try:
-        proc = subprocess.run([sys.executable, "-c", _MAIN, str(src), str(dst)],
+        proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=budget_s + 120)
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {}, {j.key: "timing process timed out" for j in jobs}
+        return None, "timed out"
     if not dst.exists():
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return {}, {j.key: f"timing process died: {tail[0]}" for j in jobs}
-    return pickle.loads(dst.read_bytes())
+        return None, f"died: {tail[0]}"
+    return pickle.loads(dst.read_bytes()), None
 
 
 def _graph(job: TimingJob, options: CompilerOptions):
@@ -175,16 +184,7 @@ class ModelTimingJob:
 def time_models(job: ModelTimingJob, workdir: Path) -> dict | None:
     """The original and the compiled model, each loaded as a server would and called in
     turn: {original_ms, compiled_ms, speedup}, or None when they could not be timed."""
-    src, dst = workdir / "model_timing_job.pkl", workdir / "model_timing.pkl"
-    src.write_bytes(pickle.dumps(job))
-    dst.unlink(missing_ok=True)
-    main = "import sys; from fuseflow.timing import models_main; models_main(*sys.argv[1:])"
-    try:
-        subprocess.run([sys.executable, "-c", main, str(src), str(dst)],
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        return None
-    return pickle.loads(dst.read_bytes()) if dst.exists() else None
+    return _in_fresh_process("models_main", job, workdir, 600)[0]
 
 
 def _model_callable(sess, model_dir: str, job: ModelTimingJob):

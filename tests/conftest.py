@@ -246,6 +246,15 @@ def op_types(graph_def) -> list[str]:
     return [n.op for n in graph_def.node]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _module_compile_cache(tmp_path_factory):
+    """Module-scoped fixtures compile too, before any function-scoped fixture: they get an
+    empty cache of their module's, never the user's ~/.cache/fuseflow."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FUSEFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_compile_cache(tmp_path_factory, monkeypatch):
     """Every test compiles against an empty compile cache of its own: a segment another

@@ -9,7 +9,8 @@ TensorFlow running the same segment: a compiler that returns garbage costs
 its segment (which stays in TF), never a silently wrong model.
 
 FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT][@BACKEND] makes the
-worker fail on purpose, so the recovery paths can be tested with real backends.
+worker fail on purpose, so the recovery paths can be tested with real backends
+(and `slow` makes placement's timing see a compiled segment slower than TF).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from fuseflow.backends.base import (
 from fuseflow.options import CompilerOptions
 
 
-def _fault(segment: SegmentGraph, backend: str) -> str | None:
+def injected_fault(segment: str, backend: str) -> str | None:
+    """The fault FUSEFLOW_INJECT_FAULT asks for on this segment and backend, if any."""
     spec, _, only_on = os.environ.get("FUSEFLOW_INJECT_FAULT", "").partition("@")
     kind, _, target = spec.partition(":")
-    return kind if kind and target in ("", segment.name) and only_on in ("", backend) else None
+    return kind if kind and target in ("", segment) and only_on in ("", backend) else None
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
@@ -77,7 +79,7 @@ def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,
 
 def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOptions,
                     seg_dir: Path) -> Artifact:
-    fault = _fault(segment, backend.name)
+    fault = injected_fault(segment.name, backend.name)
     if fault == "crash":
         os.abort()
     if fault == "hang":

@@ -9,6 +9,9 @@ first-call costs (XLA compiles at its first call).
 
 Timing runs in a fresh process, one candidate after another: a crashing backend
 costs only its timing, and no compile worker shares the cores meanwhile.
+
+FUSEFLOW_INJECT_FAULT=slow[@BACKEND] adds 5 ms to every timed call of a compiled
+candidate: a segment slower than TF on any machine, for the tests of that path.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ IN_FLIGHT = 2  # calls in flight for the throughput figure (cores of a small rep
 _WARMUP = 2
 _MIN_RUNS, _MAX_RUNS = 5, 200
 _SECONDS_PER_SIDE = 0.3  # per candidate: latency calls, then as long again in flight
+_INJECTED_DELAY_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,14 @@ def _graph(job: TimingJob, options: CompilerOptions):
 
 
 def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
+    from fuseflow.compile_worker import injected_fault
     from fuseflow.tf_compat import tf
 
     graph, feeds, fetches = _graph(job, options)
     with tf.compat.v1.Session(graph=graph) as sess:
         run = sess.make_callable(fetches, feeds)
+        if job.backend and injected_fault(job.segment.name, job.backend) == "slow":
+            run = _delayed(run)
         for _ in range(_WARMUP):
             run(*job.inputs)
         samples: list[float] = []
@@ -149,6 +156,14 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
     return Timing(latency * 1e3, in_flight * 1e3, len(samples))
 
 
+def _delayed(run):
+    def slow(*args):
+        time.sleep(_INJECTED_DELAY_S)
+        return run(*args)
+
+    return slow
+
+
 def main(src: str, dst: str) -> None:
     import fuseflow  # noqa: F401  (registers FuseflowOp)
     from fuseflow import errors
@@ -168,7 +183,6 @@ def main(src: str, dst: str) -> None:
             except Exception as e:  # a candidate that can't run is not a candidate
                 failures[job.key] = errors.reason(e)
     Path(dst).write_bytes(pickle.dumps((timings, failures)))
-
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ def test_timed_placement_keeps_only_segments_faster_than_tf(tmp_path):
 
 
 def _tiny(path):
-    """Two scalar ops: no compiled call beats TF running them."""
+    """Two scalar ops: compiled or not, a call costs about the same."""
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [4], name="x")
         y = tf.identity((x + 1.0) * 2.0, name="y")
@@ -122,8 +122,11 @@ def _tiny(path):
     return {"x": np.arange(4, dtype=np.float32)}
 
 
-def test_segment_slower_than_tf_stays_in_tf_with_both_timings(tmp_path):
+def test_segment_slower_than_tf_stays_in_tf_with_both_timings(tmp_path, monkeypatch):
+    """Both backends' calls are made 5 ms slower while timed (a tie with TF would go
+    either way with the machine's load)."""
     feeds = _tiny(tmp_path / "m")
+    monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "slow")
     result = fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c",
                                           compiler_args=["--profile"])
     assert result["num_segments"] == 0 and result["OnNeuronRatio"] == 0
@@ -132,6 +135,7 @@ def test_segment_slower_than_tf_stays_in_tf_with_both_timings(tmp_path):
     assert {"AddV2", "Mul"} <= {r["op_type"] for r in rows}
     assert all(" ms vs TF " in r["detail"] and "in flight" in r["detail"] for r in rows)
     assert report["placement"]["regions"][0]["chosen"] == "tensorflow"
+    monkeypatch.delenv("FUSEFLOW_INJECT_FAULT")
     actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
     np.testing.assert_allclose(actual["y"], (feeds["x"] + 1) * 2)
     assert_ran(stats, "openvino", {})

@@ -3,14 +3,22 @@
 Each segment compiles in a separate (spawned) process so that a compiler
 that crashes or hangs costs only its segment: the worker is killed and the
 segment goes back to TensorFlow (unless --must-compile).
+
+A worker costs seconds of TF and OpenVINO imports before its first job, so
+healthy idle workers are kept for the next compile in this process (placement
+then the final compile, or a script compiling many models) and the first one
+is started when compile() starts, its imports overlapping loading and Grappler.
+Idle workers exit after _IDLE_S, and at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -25,6 +33,11 @@ log = logging.getLogger("fuseflow")
 
 _MEMORY_PER_WORKER = 4 << 30  # the reference's rule: one worker per 4 GB available
 _STARTUP_S = 300.0  # a worker that can't even import TF in this long is stuck
+_IDLE_S = 120.0  # an idle worker kept longer than this exits
+_MAX_JOBS = 64  # then a worker is replaced: TF state grows with every segment it traces
+# Environment a worker does not read: a test's or a compile's changes to these don't make
+# a started worker stale.
+_ENV_IGNORED = frozenset({"PYTEST_CURRENT_TEST", "FUSEFLOW_CACHE_DIR"})
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,9 @@ class _Worker:
     """
 
     def __init__(self):
+        self.env = _env_key()
+        self.jobs_done = 0
+        self.idle_since = time.monotonic()
         parent_r, child_w = os.pipe()
         child_r, parent_w = os.pipe()
         self.process = subprocess.Popen(
@@ -78,6 +94,11 @@ class _Worker:
         self.job: tuple[int, float] | None = None  # (segment index, start time)
         self.started = False  # the current job was acknowledged
 
+    def reusable(self) -> bool:
+        """Alive, idle, started with this environment, not worn out."""
+        return (self.job is None and self.process.poll() is None and self.env == _env_key()
+                and self.jobs_done < _MAX_JOBS)
+
     def stop(self, kill: bool = False) -> None:
         if kill and self.process.poll() is None:
             self.process.kill()
@@ -88,6 +109,82 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _env_key() -> frozenset:
+    return frozenset((k, v) for k, v in os.environ.items() if k not in _ENV_IGNORED)
+
+
+class _Pool:
+    """Idle workers of this process, for the next compile_segments."""
+
+    def __init__(self) -> None:
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def take(self, count: int) -> list[_Worker]:
+        """count workers: idle ones first, then new ones."""
+        with self._lock:
+            keep = [w for w in self._idle if w.reusable()]
+            for w in self._idle:
+                if w not in keep:
+                    w.stop(kill=True)
+            taken, self._idle = keep[:count], keep[count:]
+        return taken + [_Worker() for _ in range(count - len(taken))]
+
+    def give(self, workers: list[_Worker]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for w in workers:
+                if w.reusable():
+                    w.idle_since = now
+                    self._idle.append(w)
+                else:
+                    w.stop(kill=True)
+            if self._timer is None and self._idle:
+                self._timer = threading.Timer(_IDLE_S, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def prestart(self) -> None:
+        """One worker starting now, unless one is idle already."""
+        with self._lock:
+            if any(w.reusable() for w in self._idle):
+                return
+        self.give([_Worker()])
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._timer = None
+            old = [w for w in self._idle if now - w.idle_since >= _IDLE_S]
+            self._idle = [w for w in self._idle if w not in old]
+            if self._idle:
+                wait = max(1.0, _IDLE_S - (now - min(w.idle_since for w in self._idle)))
+                self._timer = threading.Timer(wait, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+        for w in old:
+            w.stop(kill=True)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        for w in idle:
+            w.stop(kill=True)
+
+
+_POOL = _Pool()
+atexit.register(_POOL.close)
+
+
+def prestart_worker() -> None:
+    """Start a compiler process now, so its imports overlap the caller's own work."""
+    _POOL.prestart()
 
 
 def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path
@@ -106,8 +203,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                                  time.monotonic() - start, len(results) + 1, len(segments),
                                  cached=True)
     pending = [i for i in range(len(jobs)) if i not in results]
-    workers = [_Worker() for _ in range(worker_count(options, len(pending)))] \
-        if pending else []
+    workers = _POOL.take(worker_count(options, len(pending))) if pending else []
     progress.update(len(results), len(segments), "")
     try:
         while len(results) < len(segments):
@@ -125,6 +221,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                     continue
                 i, start = w.job
                 w.job, w.started = None, False
+                w.jobs_done += 1
                 results[i] = _record(jobs[i], workdir / jobs[i].directory, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments))
                 if outcome[0] == "ok":
@@ -136,8 +233,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                     workers[k] = _Worker()
             _wait_any(workers)
     finally:
-        for w in workers:
-            w.stop(kill=True)
+        _POOL.give(workers)  # busy ones (an interrupted compile) are stopped
     return [results[i] for i in range(len(segments))]
 
 

@@ -84,7 +84,7 @@ class XlaBackend(Backend):
     def __init__(self):
         self.gpu = has_gpu()
         self.device_type = "XLA_GPU_JIT" if self.gpu else "XLA_CPU_JIT"
-        self._functions: dict[str, tuple] = {}  # compile() then run() reuse one trace
+        self._functions: dict[tuple, tuple] = {}  # compile() then run() reuse one trace
 
     def support(self, graph_def, tensor_infos, options: CompilerOptions
                 ) -> dict[str, Reason | None]:
@@ -159,9 +159,11 @@ class XlaBackend(Backend):
 
     def _jit_function(self, segment: SegmentGraph):
         """The segment as a jit_compile=True tf.function, and its input specs."""
-        if segment.name not in self._functions:
-            self._functions = {segment.name: self._trace(segment)}  # one segment at a time
-        return self._functions[segment.name]
+        # By content: a compile worker serves many compiles, whose segments share names.
+        key = (segment.name, segment.graph_def_bytes)
+        if key not in self._functions:
+            self._functions = {key: self._trace(segment)}  # one segment at a time
+        return self._functions[key]
 
     @staticmethod
     def _trace(segment: SegmentGraph):

@@ -99,6 +99,7 @@ def summary_lines(stats: dict) -> list[str]:
         clusters = ", ".join(f"{name} x{n}" for name, n in sorted(xla["clusters"].items()))
         loaded = xla.get("cache_loads", 0)
         lines.append(f"XLA: {xla['compilations']} compilations, {xla['launches']} launches"
-                     + (f", {loaded} executables from the persistent cache" if loaded else "")
-                     + (f"; clusters compiled: {clusters}" if clusters else ""))
+                     + (f"; clusters compiled: {clusters}" if clusters else "")
+                     + (f"; {loaded} executables loaded from the persistent cache"
+                        if loaded else ""))
     return lines

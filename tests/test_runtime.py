@@ -36,7 +36,7 @@ def test_summary_lines_name_every_path_and_reason():
     assert summary_lines(stats) == [
         "seg: 1 compiled, 2 recompiled, 1 TensorFlow fallback (recompiled: version mismatch);"
         " fallback shape x1: fit neither",
-        "XLA: 1 compilations, 2 launches, 1 executables from the persistent cache; "
-        "clusters compiled: f x1"]
+        "XLA: 1 compilations, 2 launches; clusters compiled: f x1; 1 executables loaded "
+        "from the persistent cache"]
     assert summary_lines({"ops": {}, "xla": {"compilations": 0, "launches": 0,
                                              "clusters": {}}}) == []

@@ -135,3 +135,20 @@ def test_import_appends_to_the_users_flags_and_keeps_their_directory(monkeypatch
     monkeypatch.delenv("FUSEFLOW_XLA_FLAGS", raising=False)
     xla_cache.configure_process()
     assert os.environ["TF_XLA_FLAGS"] == mine
+
+
+def test_cpp_loader_reads_the_shipped_executables_with_stock_flags(compiled, monkeypatch):
+    """TF's C++ LoadSavedModel (TF Serving's loader), no fuseflow Python: the flags the
+    report names, pointed read-only at the model's assets, are all it takes."""
+    from cpp_runner import run_saved_model_cpp
+
+    from fuseflow.native import library_path
+
+    model, feeds, expected = compiled
+    monkeypatch.setenv("TF_XLA_FLAGS", xla_cache.serving_flags(
+        model / "assets" / xla_cache.ASSETS_DIR, read_only=True))
+    # The op library only counts here (the model has no FuseflowOp): runtime stats.
+    outputs, stats = run_saved_model_cpp(model, feeds, op_libs=[library_path()],
+                                         with_stats=True)
+    assert_outputs_close(expected, outputs)
+    assert stats["xla"]["compilations"] == 1 and stats["xla"]["cache_loads"] == 1, stats

@@ -135,7 +135,8 @@ def install(model_dir) -> int:
     source = Path(os.fspath(model_dir)) / "assets" / ASSETS_DIR
     flags = os.environ.get("TF_XLA_FLAGS", "")
     directory = _flag(flags, "directory")
-    if not directory or (_flag(flags, "read_only") or "").lower() in ("true", "1") \
+    read_only = re.findall(rf"{_FLAG}read_only(?:=(\S*))?(?:\s|$)", flags)
+    if not directory or (read_only and read_only[-1].lower() in ("", "true", "1")) \
             or not source.is_dir():
         return 0
     prefix = _flag(flags, "prefix") or TF_DEFAULT_PREFIX

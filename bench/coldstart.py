@@ -27,7 +27,7 @@ def _status_mb(field: str) -> float:
 def _child(model_dir: str, feeds_path: str, api: str) -> dict:
     import numpy as np
 
-    import fuseflow  # noqa: F401  (registers the native op, as a server would)
+    import fuseflow  # registers the native op, as a server would
     from fuseflow.tf_compat import tf
 
     feeds = dict(np.load(feeds_path))
@@ -50,9 +50,11 @@ def _child(model_dir: str, feeds_path: str, api: str) -> dict:
                        {sig.inputs[k].name: v for k, v in feeds.items()})
     end = time.perf_counter()
     assert all(np.all(np.isfinite(v)) for v in out.values() if v.dtype.kind == "f")
+    xla = fuseflow.runtime_stats()["xla"]  # cache_loads: executables not built here
     return {"load_s": loaded_at - start, "first_call_s": end - loaded_at,
             "load_first_call_s": end - start, "base_mb": base_mb,
-            "rss_mb": _status_mb("VmRSS"), "peak_mb": _status_mb("VmHWM")}
+            "rss_mb": _status_mb("VmRSS"), "peak_mb": _status_mb("VmHWM"),
+            "xla_compilations": xla["compilations"], "xla_cache_loads": xla["cache_loads"]}
 
 
 def measure(model_dir, feeds: dict, tmp: Path, api: str = "v2", env=None) -> dict:

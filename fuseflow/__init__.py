@@ -3,20 +3,26 @@
 `import fuseflow as tfn; tfn.saved_model.compile(...)` is the tensorflow-neuron
 1.x API; `tfn.trace`, `tfn.analyze_model` and `tfn.auto_multicore` the 2.x one.
 Importing fuseflow also registers the native FuseflowOp, so models compiled
-with the OpenVINO backend load (as `import tensorflow.neuron` did).
+with the OpenVINO backend load (as `import tensorflow.neuron` did), and turns on
+TF's persistent XLA cache, so XLA segments load their executables (xla_cache.py).
 """
 
 import logging
 
-from fuseflow import errors, graph_util, native, saved_model
-from fuseflow.multicore import auto_multicore
-from fuseflow.runtime import runtime_stats
-from fuseflow.trace import TracedModel, analyze_model, trace
+from fuseflow import xla_cache
+
+xla_cache.configure_process()  # before TF reads TF_XLA_FLAGS (at its first XLA use)
+
+from fuseflow import errors, graph_util, native, saved_model  # noqa: E402
+from fuseflow.multicore import auto_multicore  # noqa: E402
+from fuseflow.runtime import runtime_stats  # noqa: E402
+from fuseflow.trace import TracedModel, analyze_model, trace  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["errors", "graph_util", "native", "runtime_stats", "saved_model", "trace",
            "analyze_model", "auto_multicore", "TracedModel", "__version__"]
 
+xla_cache.hook_loaders()
 _log = logging.getLogger("fuseflow")
 _log.addHandler(logging.NullHandler())
 try:

@@ -66,6 +66,7 @@ class CompilerOptions:
     quantize: str = "none"  # "int8": calibrated post-training quantization (quantize.py)
     calibration_data: str | None = None  # --calibration-data FILE.npz
     accuracy_tolerance: tuple[tuple[str, float], ...] = ()  # metric -> bound (accuracy.py)
+    xla_cache: bool = True  # ship XLA executables in the model's assets (xla_cache.py)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +92,8 @@ def _parser() -> _Parser:
     p.add_argument("--no-dynamic-batch", action="store_true")
     p.add_argument("--dynamic-batch-size", action="store_true")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--xla-cache", dest="xla_cache", action="store_true", default=None)
+    p.add_argument("--no-xla-cache", dest="xla_cache", action="store_false")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES)
     p.add_argument("--calibration-data")
     p.add_argument("--accuracy-tolerance")
@@ -165,7 +168,7 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             f"unknown compiler flag(s) {unknown}: fuseflow understands --backend, "
             "--must-compile, --timeout, --workers, --workdir, --verbose, "
             "--neuroncore-pipeline-cores, --fp32-cast, --fast-math, --max-segments, "
-            "--no-dynamic-batch, --dynamic-batch-size, --no-cache, --quantize, "
+            "--no-dynamic-batch, --dynamic-batch-size, --no-cache, --no-xla-cache, --quantize, "
             "--calibration-data, --accuracy-tolerance and the neuron-cc flags listed in the "
             "README")
     for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
@@ -206,6 +209,7 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
         quantize=ns.quantize or "none",
         calibration_data=ns.calibration_data,
         accuracy_tolerance=parse_tolerance(ns.accuracy_tolerance),
+        xla_cache=ns.xla_cache is not False,
     )
 
 

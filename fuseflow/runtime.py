@@ -44,6 +44,8 @@ def runtime_stats() -> dict:
                        "streams": OpenVINO streams the executable runs (0: not loaded),
                        "infer_requests": the most of its calls OpenVINO has run at once}},
      "xla": {"compilations": XLA compilations, "launches": XLA cluster launches,
+             "cache_loads": compilations whose executable was loaded from TF's
+                            persistent XLA cache instead of being built (xla_cache.py),
              "clusters": {cluster (function) name: compilations}}}
 
     Fallback kinds: "not_compiled", "unknown_backend", "load_failed" (the executable
@@ -76,6 +78,8 @@ def since(before: dict, after: dict | None = None) -> dict:
     return {"ops": ops,
             "xla": {"compilations": xla["compilations"] - before["xla"]["compilations"],
                     "launches": xla["launches"] - before["xla"]["launches"],
+                    "cache_loads": xla.get("cache_loads", 0)
+                    - before["xla"].get("cache_loads", 0),
                     "clusters": {name: n for name, n in clusters.items() if n}}}
 
 
@@ -93,6 +97,9 @@ def summary_lines(stats: dict) -> list[str]:
     xla = stats["xla"]
     if xla["compilations"] or xla["launches"] or xla["clusters"]:
         clusters = ", ".join(f"{name} x{n}" for name, n in sorted(xla["clusters"].items()))
+        loaded = xla.get("cache_loads", 0)
         lines.append(f"XLA: {xla['compilations']} compilations, {xla['launches']} launches"
-                     + (f"; clusters compiled: {clusters}" if clusters else ""))
+                     + (f"; clusters compiled: {clusters}" if clusters else "")
+                     + (f"; {loaded} executables loaded from the persistent cache"
+                        if loaded else ""))
     return lines

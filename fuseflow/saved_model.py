@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuseflow import accuracy, errors
+from fuseflow import accuracy, errors, xla_cache
 from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import batch_tensors, runs_at_other_batch
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, prestart_worker
@@ -342,12 +342,20 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         runtime = {**get_backend(name).runtime_info(), **runtime}
     runtime["backend"] = label
     watch.lap("report")
-    with staging_dir(out) as path:
+    fill = options.xla_cache and "xla" in used and xla_cache.has_xla_segments(final)
+    with staging_dir(out) as path, tempfile.TemporaryDirectory(
+            prefix="fuseflow-xla-cache-") as staging:
         write_saved_model(final, model, serving, infos, path)
         watch.lap("export")
+        env = xla_cache.fill_env(Path(staging)) if fill else None
         if options.profile and used:
-            report.model_timing = _time_whole_model(model, inputs, path, report)
+            report.model_timing = _time_whole_model(model, inputs, path, report, env)
             watch.lap("model timing")
+        elif fill:
+            _run_once(model, inputs, path, env)
+        if fill:
+            runtime["xla_cache"] = _ship_xla_cache(Path(staging), path)
+            watch.lap("xla cache")
         report.timings = watch.seconds
         _write_report(path, report, runtime)
     if options.verbose:
@@ -356,18 +364,47 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     return report.result()
 
 
-def _time_whole_model(model: LoadedModel, inputs: InputShapes, path: Path,
-                      report: CompileReport) -> dict | None:
-    """Time the written model against the original; warn when it is slower, naming the
-    segments that cost the most."""
+def _ship_xla_cache(staging: Path, path: Path) -> dict:
+    """The XLA executables the run of the written model left in staging, into its assets;
+    what a server without fuseflow sets to use them (README: XLA segments start warm)."""
+    entries = xla_cache.ship(staging, path)
+    if not entries:
+        log.info("no XLA executables to ship with the model: its XLA segments compile at "
+                 "their first call in each process")
+    cache = f"<model dir>/assets/{xla_cache.ASSETS_DIR}"
+    return {"entries": len(entries), "prefix": xla_cache.cpu_prefix(),
+            "tf_xla_flags": xla_cache.serving_flags(cache, read_only=True)}
+
+
+def _model_feeds(model: LoadedModel, inputs: InputShapes) -> dict | None:
     values = _input_values(model, inputs)
-    if not values:
+    return {s.key: values[s.tensor_name] for s in model.inputs} if values else None
+
+
+def _run_once(model: LoadedModel, inputs: InputShapes, path: Path, env: dict) -> None:
+    """Call the written model once in a fresh process (through both Python loaders), so
+    XLA compiles its segments there, with `env` pointing its persistent cache."""
+    feeds = _model_feeds(model, inputs)
+    if feeds is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="fuseflow-timing-") as tmp:
+        if time_models(ModelTimingJob(None, str(path), list(model.tags), model.signature_key,
+                                      feeds, 0.0, both_loaders=True), Path(tmp), env) is None:
+            log.info("the compiled model could not be run to fill its XLA cache")
+
+
+def _time_whole_model(model: LoadedModel, inputs: InputShapes, path: Path,
+                      report: CompileReport, env: dict | None = None) -> dict | None:
+    """Time the written model against the original; warn when it is slower, naming the
+    segments that cost the most. With `env` (xla_cache.fill_env), the timing process
+    fills the model's XLA cache on the way."""
+    feeds = _model_feeds(model, inputs)
+    if feeds is None:
         return None
-    feeds = {s.key: values[s.tensor_name] for s in model.inputs}
     with tempfile.TemporaryDirectory(prefix="fuseflow-timing-") as tmp:
         timing = time_models(ModelTimingJob(
-            model.model_dir, str(path), list(model.tags), model.signature_key, feeds, 1.0),
-            Path(tmp))
+            model.model_dir, str(path), list(model.tags), model.signature_key, feeds, 1.0,
+            both_loaders=env is not None), Path(tmp), env)
     if timing is None:
         log.info("the compiled model could not be timed against the original")
         return None

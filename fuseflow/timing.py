@@ -69,9 +69,11 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
     return result
 
 
-def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float):
-    """function(payload) of this module run in a new interpreter, through pickle files:
-    (its result, None), or (None, why there is none)."""
+def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
+                      env: dict[str, str] | None = None):
+    """function(payload) of this module run in a new interpreter (with `env`, else this
+    one's environment), through pickle files: (its result, None), or (None, why there is
+    none)."""
     src, dst = workdir / f"timing_{function}_in.pkl", workdir / f"timing_{function}_out.pkl"
     src.write_bytes(pickle.dumps(payload))
     dst.unlink(missing_ok=True)
@@ -79,7 +81,7 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float):
     try:
         proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)],
                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout_s)
+                              timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return None, "timed out"
     if not dst.exists():
@@ -187,18 +189,31 @@ def main(src: str, dst: str) -> None:
 
 @dataclass(frozen=True)
 class ModelTimingJob:
-    original: str  # SavedModel directories
+    original: str | None  # SavedModel directories; no original: run the compiled one once
     compiled: str
     tags: list[str]
     signature_key: str
     feeds: dict[str, np.ndarray]  # signature input key -> value
     seconds: float  # per model, after warm-up
+    both_loaders: bool = False  # also call the compiled model through TF2's loader, first
 
 
-def time_models(job: ModelTimingJob, workdir: Path) -> dict | None:
+def time_models(job: ModelTimingJob, workdir: Path, env: dict[str, str] | None = None
+                ) -> dict | None:
     """The original and the compiled model, each loaded as a server would and called in
-    turn: {original_ms, compiled_ms, speedup}, or None when they could not be timed."""
-    return _in_fresh_process("models_main", job, workdir, 600)[0]
+    turn: {original_ms, compiled_ms, speedup}, or None when they could not be timed.
+    Without an original: {} once the compiled model ran (xla_cache.py fills its cache so)."""
+    return _in_fresh_process("models_main", job, workdir, 600, env)[0]
+
+
+def _call_with_tf2_loader(job: ModelTimingJob) -> None:
+    """One call through tf.saved_model.load: it renames the model's functions (so XLA's
+    cache keys differ from a session's) by a counter, the same in every fresh process
+    that loads the model before tracing anything."""
+    from fuseflow.tf_compat import tf
+
+    function = tf.saved_model.load(job.compiled, tags=job.tags).signatures[job.signature_key]
+    function(**{k: tf.constant(v) for k, v in job.feeds.items()})
 
 
 def _model_callable(sess, model_dir: str, job: ModelTimingJob):
@@ -220,6 +235,13 @@ def models_main(src: str, dst: str) -> None:
     job: ModelTimingJob = pickle.loads(Path(src).read_bytes())
     samples: dict[str, list[float]] = {"original": [], "compiled": []}
     with tf_quiet():
+        if job.both_loaders:
+            _call_with_tf2_loader(job)
+        if job.original is None:
+            with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+                _model_callable(sess, job.compiled, job)()
+            Path(dst).write_bytes(pickle.dumps({}))
+            return
         graphs = {side: tf.Graph() for side in samples}
         sessions = {side: tf.compat.v1.Session(graph=g) for side, g in graphs.items()}
         calls = {}

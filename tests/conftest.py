@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -17,7 +18,13 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 # Compile-time timing (place.py) makes placement follow the machine's load: tests prove
 # paths, so they place by op kind; tests of timed placement pass --profile themselves.
-os.environ.setdefault("FUSEFLOW_CC_FLAGS", "--no-profile")
+# Filling a model's XLA cache runs it once more in a fresh process: only test_xla_cache
+# pays for that.
+os.environ.setdefault("FUSEFLOW_CC_FLAGS", "--no-profile --no-xla-cache")
+# XLA's persistent cache (fuseflow/xla_cache.py) of this process, never the user's: fresh
+# processes use their test's FUSEFLOW_CACHE_DIR (the fixtures below).
+os.environ.setdefault("FUSEFLOW_CACHE_DIR", str(Path(tempfile.gettempdir())
+                                                / f"fuseflow-tests-{os.getuid()}"))
 REPO = Path(__file__).resolve().parents[1]
 
 import tensorflow as tf  # noqa: E402

@@ -129,9 +129,13 @@ std::string RuntimeStatsJson() {
     absl::StrAppend(&json, sep, Quote(name), ": ", stats->Json());
     sep = ", ";
   }
+  // A cluster whose executable came from the persistent cache is still counted as a
+  // compilation (it was lowered to HLO); persistent_cache_load_count tells them apart.
   absl::StrAppend(&json, "}, \"xla\": {\"compilations\": ",
                   CounterTotal(*metrics, "/tensorflow/core/xla_compilations"),
                   ", \"launches\": ", CounterTotal(*metrics, "/tensorflow/core/xla_launch_counter"),
+                  ", \"cache_loads\": ",
+                  CounterTotal(*metrics, "/tensorflow/core/persistent_cache_load_count"),
                   ", \"clusters\": {");
   sep = "";
   for (const auto& [cluster, compilations] : registry.xla_cluster_compilations) {

@@ -33,10 +33,14 @@ browser:
 	      '(CI=true)';; *) echo be skipped;; esac). apt-get said:"; \
 	    tail -n 3 $(BROWSER_LOG) | sed 's/^/    /'; }
 
-# -rs lists every skipped test with its reason in the summary.
+# -rs lists every skipped test with its reason in the summary. Test files run side by side,
+# one per core (at most 4; a file's tests stay together, so its module fixtures are built
+# once); PYTEST_WORKERS=0 runs them one after another.
+PYTEST_WORKERS ?= auto
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile)
 test: install browser
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -rs --durations=15 -m "not slow" tests
+	$(PY) -m pytest -q -rs --durations=15 $(XDIST) -m "not slow" tests
 
 test-all: install browser
 	$(PY) -m pytest -q -rs tests

@@ -105,6 +105,34 @@ def configure_process() -> None:
         ours += f" {_FLAG}device_types={_DEVICE_TYPES}"
     os.environ["TF_XLA_FLAGS"] = f"{flags} {ours}".strip()
     os.environ[_MARK] = ours
+    trim(Path(directory))
+
+
+def trim(directory: Path, limit_bytes: int | None = None) -> int:
+    """Delete the oldest executables while the per-user cache holds more than the limit
+    ($FUSEFLOW_XLA_CACHE_MB, default 2048): every XLA compile in a process that imported
+    fuseflow lands there. How many were deleted; never raises."""
+    if limit_bytes is None:
+        try:
+            limit_bytes = int(os.environ.get("FUSEFLOW_XLA_CACHE_MB", "2048")) << 20
+        except ValueError:
+            limit_bytes = 2048 << 20
+    try:
+        entries = [(e.stat(), e) for e in directory.glob("*.pb")]
+    except OSError:
+        return 0
+    total = sum(st.st_size for st, _ in entries)
+    deleted = 0
+    for st, entry in sorted(entries, key=lambda item: item[0].st_mtime):
+        if total <= limit_bytes:
+            break
+        try:
+            entry.unlink()
+        except OSError:
+            continue
+        total -= st.st_size
+        deleted += 1
+    return deleted
 
 
 def fill_env(staging: Path) -> dict[str, str]:
@@ -186,5 +214,5 @@ def has_xla_segments(graph_def) -> bool:
 
 
 __all__ = ["ASSETS_DIR", "cache_directory", "cpu_prefix", "serving_flags",
-           "configure_process", "fill_env", "ship", "install", "hook_loaders",
+           "configure_process", "fill_env", "ship", "install", "hook_loaders", "trim",
            "has_xla_segments"]

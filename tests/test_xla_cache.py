@@ -152,3 +152,15 @@ def test_cpp_loader_reads_the_shipped_executables_with_stock_flags(compiled, mon
                                          with_stats=True)
     assert_outputs_close(expected, outputs)
     assert stats["xla"]["compilations"] == 1 and stats["xla"]["cache_loads"] == 1, stats
+
+
+def test_per_user_cache_is_trimmed_oldest_first(tmp_path):
+    sizes = {"a": 400, "b": 300, "c": 200}  # a oldest
+    for k, (name, size) in enumerate(sizes.items()):
+        path = tmp_path / f"{name}.pb"
+        path.write_bytes(b"x" * size)
+        os.utime(path, (1000 + k, 1000 + k))
+    (tmp_path / "keep.txt").write_bytes(b"x" * 5000)  # not an executable: never touched
+    assert xla_cache.trim(tmp_path, limit_bytes=600) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pb", "c.pb", "keep.txt"]
+    assert xla_cache.trim(tmp_path, limit_bytes=600) == 0

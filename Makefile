@@ -43,7 +43,7 @@ test: install browser
 	$(PY) -m pytest -q -rs --durations=15 $(XDIST) -m "not slow" tests
 
 test-all: install browser
-	$(PY) -m pytest -q -rs tests
+	$(PY) -m pytest -q -rs $(XDIST) tests
 
 # The bench extra (tf2onnx, onnxruntime) alone, without reinstalling fuseflow. If it does
 # not install, the benchmark still runs and its onnxruntime rows say n/a.

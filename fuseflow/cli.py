@@ -8,12 +8,14 @@ early. --debug shows the traceback instead of the one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 
 from fuseflow import errors
 
@@ -502,17 +504,29 @@ class _Formatter(logging.Formatter):
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
-def _setup_logging(args) -> None:
+@contextlib.contextmanager
+def _logging(args) -> Iterator[None]:
+    """fuseflow's lines on stderr while the command runs; the loggers as they were after
+    (main() may be called from Python, as tests and scripts do)."""
     from fuseflow import progress
 
-    log = logging.getLogger("fuseflow")
+    log, tf_log = logging.getLogger("fuseflow"), logging.getLogger("tensorflow")
+    saved = log.level, log.propagate, tf_log.level
     handler = progress.enable(sys.stderr)
     handler.setFormatter(_Formatter())
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     log.propagate = False
     if not args.debug:
-        logging.getLogger("tensorflow").setLevel(logging.ERROR)
+        tf_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        progress.disable()
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        tf_log.setLevel(saved[2])
 
 
 def _one_line(e: BaseException) -> str:
@@ -521,7 +535,11 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args)
+    with _logging(args):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         return args.run(args)
     except errors.FuseflowError as e:

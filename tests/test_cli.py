@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pty
 import re
@@ -209,3 +210,17 @@ def test_shape_and_name_options_parse():
     with pytest.raises(cli.errors.OptionError, match="NAME=D0,D1"):
         cli.parse_shape("1,224,224,3")
     assert cli._node_names(["a,b", " c "]) == ["a", "b", "c"]
+
+
+def test_main_called_from_python_leaves_the_loggers_as_they_were(caplog):
+    """A script or test calling cli.main() keeps its logging: fuseflow's records still reach
+    the root logger's handlers afterwards (they didn't: caplog saw nothing after a CLI call)."""
+    log = logging.getLogger("fuseflow")
+    before = log.level, log.propagate, list(log.handlers)
+    with pytest.raises(SystemExit):
+        cli.main(["compile"])  # argparse exits before any logging is set up
+    assert cli.main(["inspect", "/does/not/exist"]) == cli.EXIT_BAD_INPUT
+    assert (log.level, log.propagate, list(log.handlers)) == before
+    with caplog.at_level("WARNING", logger="fuseflow"):
+        log.warning("still seen")
+    assert [r.getMessage() for r in caplog.records] == ["still seen"]

@@ -3,10 +3,17 @@
 Each segment compiles in a separate (spawned) process so that a compiler
 that crashes or hangs costs only its segment: the worker is killed and the
 segment goes back to TensorFlow (unless --must-compile).
+
+compile() starts a worker before it loads the model (warm_workers): importing
+TensorFlow and the backends then overlaps loading, Grappler and partitioning
+instead of following them, and an idle worker serves the next compile_segments
+call of the same compile() (placement, then the final segments).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import subprocess
@@ -62,15 +69,16 @@ class _Worker:
 
     A fresh interpreter (not multiprocessing's spawn) so that the user's
     __main__ is never re-imported and TF/OpenVINO state is never forked.
-    Each job names its backend: one worker serves every backend.
+    Each job names its backend: one worker serves every backend; the backends
+    named here are imported before the first job arrives.
     """
 
-    def __init__(self):
+    def __init__(self, backends: tuple[str, ...] = ()):
         parent_r, child_w = os.pipe()
         child_r, parent_w = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w)],
-            pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w),
+             *backends], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
         os.close(child_r)
         os.close(child_w)
         self.reader = Connection(parent_r, writable=False)
@@ -90,6 +98,26 @@ class _Worker:
             self.process.wait()
 
 
+# Idle workers of the compile() running in this context (warm_workers), else None.
+_IDLE: contextvars.ContextVar[list[_Worker] | None] = contextvars.ContextVar(
+    "fuseflow_idle_workers", default=None)
+
+
+@contextlib.contextmanager
+def warm_workers(backends: list[str]):
+    """One worker started now, importing TF and `backends` while the caller works;
+    compile_segments calls inside take it and give back the workers they leave idle.
+    All are stopped on exit."""
+    idle = [_Worker(tuple(backends))]
+    token = _IDLE.set(idle)
+    try:
+        yield
+    finally:
+        _IDLE.reset(token)
+        for w in idle:
+            w.stop(kill=True)
+
+
 def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path
                      ) -> list[CompiledSegment]:
     """Compile every job; failures and timeouts come back as errors, not raises.
@@ -106,8 +134,10 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                                  time.monotonic() - start, len(results) + 1, len(segments),
                                  cached=True)
     pending = [i for i in range(len(jobs)) if i not in results]
-    workers = [_Worker() for _ in range(worker_count(options, len(pending)))] \
-        if pending else []
+    idle = _IDLE.get()
+    backends = tuple(sorted({jobs[i].backend for i in pending}))
+    workers = [idle.pop() if idle else _Worker(backends)
+               for _ in range(worker_count(options, len(pending)) if pending else 0)]
     progress.update(len(results), len(segments), "")
     try:
         while len(results) < len(segments):
@@ -137,7 +167,10 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
             _wait_any(workers)
     finally:
         for w in workers:
-            w.stop(kill=True)
+            if idle is not None and w.job is None and w.process.poll() is None:
+                idle.append(w)  # for the next call of this compile()
+            else:
+                w.stop(kill=True)
     return [results[i] for i in range(len(segments))]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from fuseflow import accuracy, errors
 from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import batch_tensors, runs_at_other_batch
-from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
+from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, warm_workers
 from fuseflow.export import (
     REPORT_DIR,
     check_output_dir,
@@ -228,11 +228,12 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         model_dir = model_path(model_dir)
         out = check_output_dir(model_dir, new_model_dir)
         workdir = check_workdir(model_dir, options.workdir)
-        plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
-                     signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
-                     subgraph_builder_function, options)
-        plan.calibration_data = calibration_data
-        result = _compile_plan(plan, out, workdir)
+        with warm_workers(backend_names(options.backend or default_backend(), options)):
+            plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
+                         signature_def_key, minimum_segment_size, no_fuse_ops,
+                         force_fuse_ops, subgraph_builder_function, options)
+            plan.calibration_data = calibration_data
+            result = _compile_plan(plan, out, workdir)
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
     return result

@@ -45,7 +45,7 @@ from fuseflow.logs import shown_info
 from fuseflow.options import CompilerOptions
 from fuseflow.partition import Partition, Segment, internal_groups
 from fuseflow.reasons import Reason
-from fuseflow.timing import Timing, TimingJob, time_jobs
+from fuseflow.timing import Timing, TimingJob, prestart, time_jobs
 
 log = logging.getLogger("fuseflow")
 
@@ -168,6 +168,7 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
         consumers = consumers_outside(graph_def, dict.fromkeys(seg.nodes, key))
         graphs[key] = dataclasses.replace(extract(seg, consumers), name=key)
     jobs = [CompileJob(b, graphs[key], f"placement/{key}") for key, b, _ in candidates]
+    prestart()  # the timing process imports TF while the candidates compile
     compiled = {key: c for (key, _, _), c in zip(candidates, compile_segments(
         jobs, options, workdir))}
 

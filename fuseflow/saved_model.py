@@ -64,7 +64,7 @@ from fuseflow.shapes import (
 )
 from fuseflow.stages import Stopwatch
 from fuseflow.tf_compat import tf
-from fuseflow.timing import ModelTimingJob, time_models
+from fuseflow.timing import ModelTimingJob, prestart, time_models, warm_interpreters
 
 log = logging.getLogger("fuseflow")
 
@@ -228,7 +228,8 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         model_dir = model_path(model_dir)
         out = check_output_dir(model_dir, new_model_dir)
         workdir = check_workdir(model_dir, options.workdir)
-        with warm_workers(backend_names(options.backend or default_backend(), options)):
+        with warm_workers(backend_names(options.backend or default_backend(), options)), \
+                warm_interpreters():
             plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                          signature_def_key, minimum_segment_size, no_fuse_ops,
                          force_fuse_ops, subgraph_builder_function, options)
@@ -283,6 +284,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                                                                                    inputs)),
                               work)
             watch.lap("placement")
+            prestart()  # for the whole model's timing, after export
         partition = placement.partition
         members_of = {n: s.name for s in partition.segments for n in s.nodes}
         consumers = consumers_outside(graph_def, members_of)

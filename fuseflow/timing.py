@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,8 +93,20 @@ _SLOT: contextvars.ContextVar[list[subprocess.Popen] | None] = contextvars.Conte
 
 
 def _interpreter() -> subprocess.Popen:
+    # Its own process group: stopping it stops whatever it started too (a child forked
+    # during its imports would otherwise hold its pipes open).
     return subprocess.Popen([sys.executable, "-c", _STANDBY], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 @contextlib.contextmanager
@@ -106,8 +120,7 @@ def warm_interpreters():
     finally:
         _SLOT.reset(token)
         for proc in slot:
-            proc.kill()
-            proc.communicate()
+            _stop(proc)
 
 
 def prestart() -> None:
@@ -129,9 +142,11 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float):
         _, stderr = proc.communicate(json.dumps([function, str(src), str(dst)]) + "\n",
                                      timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+        _stop(proc)
         return None, "timed out"
+    except BaseException:  # interrupted: the process must not outlive compile()
+        _stop(proc)
+        raise
     if not dst.exists():
         tail = (stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return None, f"died: {tail[0]}"

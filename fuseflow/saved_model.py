@@ -17,6 +17,7 @@ from fuseflow.batch import batch_tensors, runs_at_other_batch
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, warm_workers
 from fuseflow.export import (
     REPORT_DIR,
+    assets_folder,
     check_output_dir,
     check_workdir,
     staging_dir,
@@ -320,31 +321,31 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     label = "+".join(used) if used else "+".join(plan.supports)
     tolerance = max(get_backend(b).tolerance(options) for b in plan.supports)
     watch.lap("rewrite")
-    if serving != inputs.shapes and not runs_at_other_batch(
-            model, final, serving, inputs.shapes, tolerance):
-        log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
-                    "which compiling fixed: the compiled model accepts batch %s only; "
-                    "compile again for other batch sizes", _batch_dim(inputs.shapes))
-        serving = inputs.shapes
-        final = guard_input_shapes(final, model, serving)
-    final = apply_input_shapes(final, model, serving)
-    watch.lap("other-batch check")
-    timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
-               for seg, graph in zip(partition.segments, segments)}
-    report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
-                          tensor_infos=infos, details=placement.details, timings=timings)
-    report.dynamic_batch = serving != inputs.shapes
-    report.placement = placement.summary
-    if accuracy_report is not None:
-        report.accuracy = accuracy_report.to_json()
-    with shown_info():
-        log_report(report)
-    runtime: dict = {}
-    for name in used or list(plan.supports):
-        runtime = {**get_backend(name).runtime_info(), **runtime}
-    runtime["backend"] = label
-    watch.lap("report")
     with staging_dir(out) as path:
+        if serving != inputs.shapes and not runs_at_other_batch(
+                model, final, serving, inputs.shapes, tolerance, assets_folder(path)):
+            log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
+                        "which compiling fixed: the compiled model accepts batch %s only; "
+                        "compile again for other batch sizes", _batch_dim(inputs.shapes))
+            serving = inputs.shapes
+            final = guard_input_shapes(final, model, serving)
+        final = apply_input_shapes(final, model, serving)
+        watch.lap("other-batch check")
+        timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
+                   for seg, graph in zip(partition.segments, segments)}
+        report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
+                              tensor_infos=infos, details=placement.details, timings=timings)
+        report.dynamic_batch = serving != inputs.shapes
+        report.placement = placement.summary
+        if accuracy_report is not None:
+            report.accuracy = accuracy_report.to_json()
+        with shown_info():
+            log_report(report)
+        runtime: dict = {}
+        for name in used or list(plan.supports):
+            runtime = {**get_backend(name).runtime_info(), **runtime}
+        runtime["backend"] = label
+        watch.lap("report")
         write_saved_model(final, model, serving, infos, path)
         watch.lap("export")
         if options.profile and used:

@@ -29,7 +29,7 @@ from fuseflow.assets import add_assets_op, move_to_assets
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
-from fuseflow.tf_compat import tf
+from fuseflow.tf_compat import plain_session_config, tf
 
 _UNARY = frozenset({
     "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign",
@@ -301,7 +301,7 @@ def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
     if files:
         init.append(add_assets_op(graph, list(files))[0])
     try:
-        with tf.compat.v1.Session(graph=graph) as sess:
+        with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
             if init:
                 sess.run(init)
             return sess.run(fetches, feeds)

@@ -43,13 +43,13 @@ def injected_fault(segment: str, backend: str) -> str | None:
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    from fuseflow.tf_compat import tf
+    from fuseflow.tf_compat import plain_session_config, tf
 
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(
             tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
-    with tf.compat.v1.Session(graph=graph) as sess:
+    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         return sess.run([p.name for p in segment.outputs],
                         {f"{p.name}:0": v for p, v in zip(segment.inputs, inputs)})
 

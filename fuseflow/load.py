@@ -16,7 +16,7 @@ import numpy as np
 
 from fuseflow import errors
 from fuseflow.graph_util import count_ops, node_name
-from fuseflow.tf_compat import tf
+from fuseflow.tf_compat import plain_session_config, tf
 
 log = logging.getLogger("fuseflow")
 
@@ -252,7 +252,8 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     _check_signature_tensors(meta_graph.graph_def, key, inputs + outputs)
 
     graph = tf.Graph()
-    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+    with graph.as_default(), tf.compat.v1.Session(graph=graph,
+                                                  config=plain_session_config()) as sess:
         _load_into_session(sess, model_dir, tag_list)
         _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig, meta_graph)
         full = graph.as_graph_def()

@@ -51,7 +51,8 @@ def _key(node_name: str, data: bytes) -> str:
 def move_to_assets(graph_def, folder: Path):
     """(graph without fused ops' blobs and fallback functions, the files now holding them).
 
-    Functions anything else in the graph calls stay in the library."""
+    Functions anything else in the graph calls stay in the library. A file already in
+    folder under its content's name is kept as it is."""
     out = tf.compat.v1.GraphDef()
     out.CopyFrom(graph_def)
     fused = [n for n in out.node if n.op == FUSED_OP and n.attr["executable"].s]
@@ -68,7 +69,7 @@ def move_to_assets(graph_def, folder: Path):
         blob = node.attr["executable"].s
         key = _key(node.name, blob)
         path = folder / file_name(key, BLOB_SUFFIX)
-        path.write_bytes(blob)
+        _write_once(path, blob)
         files.append(AssetFile(key, path))
         node.attr["executable"].s = b""
         node.attr["executable_file"].s = key.encode()
@@ -81,7 +82,7 @@ def move_to_assets(graph_def, folder: Path):
         data = library.SerializeToString()
         key = _key(node.name, data)
         path = folder / file_name(key, LIBRARY_SUFFIX)
-        path.write_bytes(data)
+        _write_once(path, data)
         files.append(AssetFile(key, path))
         node.attr["native_file"].s = key.encode()
         moved.update(names[1:])
@@ -91,6 +92,13 @@ def move_to_assets(graph_def, folder: Path):
     del out.library.function[:]
     out.library.function.extend(kept)
     return out, files
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Files are named by their content: one already there (the other-batch check wrote
+    it into the export's folder) is not written again."""
+    if not (path.is_file() and path.stat().st_size == len(data)):
+        path.write_bytes(data)
 
 
 def _stub(function):

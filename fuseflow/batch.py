@@ -16,8 +16,10 @@ segment's split ports.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from fuseflow.assets import add_assets_op, move_to_assets
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
-from fuseflow.tf_compat import tf
+from fuseflow.tf_compat import plain_session_config, tf
 
 _UNARY = frozenset({
     "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign",
@@ -247,12 +249,14 @@ def _strided_slice_ok(node, ins, g: _Graph) -> bool:
 
 
 def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
-                        tolerance: float) -> bool:
+                        tolerance: float, assets_folder: Path | None = None) -> bool:
     """Does the compiled graph give the original's answers at another batch size?
 
     Folding tf.shape(x) at the compiled batch bakes it into constants that
     only splittable compiled segments survive; running both graphs at batch
-    k+1 on random inputs tells, whatever the backend or the model.
+    k+1 on random inputs tells, whatever the backend or the model. The two run
+    side by side (TF releases the GIL). The fused ops' files go to assets_folder
+    (the export's, which then keeps them) or a temp dir.
     """
     from fuseflow.shapes import apply_input_shapes
 
@@ -269,14 +273,18 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
         else:
             feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)
     fetches = [s.tensor_name for s in model.outputs]
-    original = run_graph(model.graph_def, model.init_nodes, feeds, fetches)
+    with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as stack:
+        original_run = pool.submit(run_graph, model.graph_def, model.init_nodes, feeds,
+                                   fetches)
+        final = apply_input_shapes(final_graph_def, model, serving)
+        folder = assets_folder or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fuseflow-check-")))
+        # As the saved model will be: weights in files, not in a graph to parse and copy.
+        final, files = move_to_assets(final, folder)
+        compiled_out = run_graph(final, model.init_nodes, feeds, fetches, files)
+        original = original_run.result()
     if original is None:
         return True  # the original can't run on random inputs: nothing to compare
-    final = apply_input_shapes(final_graph_def, model, serving)
-    with tempfile.TemporaryDirectory(prefix="fuseflow-check-") as tmp:
-        # As the saved model will be: weights in files, not in a graph to parse and copy.
-        final, files = move_to_assets(final, Path(tmp))
-        compiled_out = run_graph(final, model.init_nodes, feeds, fetches, files)
     if compiled_out is None:
         return False
     return all(a.shape == b.shape and relative_error(a, b) <= tolerance
@@ -293,7 +301,7 @@ def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
     if files:
         init.append(add_assets_op(graph, list(files))[0])
     try:
-        with tf.compat.v1.Session(graph=graph) as sess:
+        with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
             if init:
                 sess.run(init)
             return sess.run(fetches, feeds)

@@ -75,18 +75,19 @@ class _Worker:
 
     A fresh interpreter (not multiprocessing's spawn) so that the user's
     __main__ is never re-imported and TF/OpenVINO state is never forked.
-    Each job names its backend: one worker serves every backend.
+    Each job names its backend: one worker serves every backend; the backends
+    named here are imported before the first job arrives.
     """
 
-    def __init__(self):
+    def __init__(self, backends: tuple[str, ...] = ()):
         self.env = _env_key()
         self.jobs_done = 0
         self.idle_since = time.monotonic()
         parent_r, child_w = os.pipe()
         child_r, parent_w = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w)],
-            pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
+            [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w),
+             *backends], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
         os.close(child_r)
         os.close(child_w)
         self.reader = Connection(parent_r, writable=False)
@@ -123,15 +124,15 @@ class _Pool:
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
 
-    def take(self, count: int) -> list[_Worker]:
-        """count workers: idle ones first, then new ones."""
+    def take(self, count: int, backends: tuple[str, ...] = ()) -> list[_Worker]:
+        """count workers: idle ones first, then new ones (importing `backends` at once)."""
         with self._lock:
             keep = [w for w in self._idle if w.reusable()]
             for w in self._idle:
                 if w not in keep:
                     w.stop(kill=True)
             taken, self._idle = keep[:count], keep[count:]
-        return taken + [_Worker() for _ in range(count - len(taken))]
+        return taken + [_Worker(backends) for _ in range(count - len(taken))]
 
     def give(self, workers: list[_Worker]) -> None:
         now = time.monotonic()
@@ -147,12 +148,12 @@ class _Pool:
                 self._timer.daemon = True
                 self._timer.start()
 
-    def prestart(self) -> None:
+    def prestart(self, backends: tuple[str, ...]) -> None:
         """One worker starting now, unless one is idle already."""
         with self._lock:
             if any(w.reusable() for w in self._idle):
                 return
-        self.give([_Worker()])
+        self.give([_Worker(backends)])
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -182,9 +183,10 @@ _POOL = _Pool()
 atexit.register(_POOL.close)
 
 
-def prestart_worker() -> None:
-    """Start a compiler process now, so its imports overlap the caller's own work."""
-    _POOL.prestart()
+def prestart_worker(backends: list[str]) -> None:
+    """Start a compiler process now, importing TF and `backends`, so that its imports
+    overlap the caller's own work (loading, Grappler)."""
+    _POOL.prestart(tuple(backends))
 
 
 def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path
@@ -203,7 +205,8 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                                  time.monotonic() - start, len(results) + 1, len(segments),
                                  cached=True)
     pending = [i for i in range(len(jobs)) if i not in results]
-    workers = _POOL.take(worker_count(options, len(pending))) if pending else []
+    backends = tuple(sorted({jobs[i].backend for i in pending}))
+    workers = _POOL.take(worker_count(options, len(pending)), backends) if pending else []
     progress.update(len(results), len(segments), "")
     try:
         while len(results) < len(segments):
@@ -230,7 +233,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                 if outcome[0] != "ok" and ("timed out" in outcome[1][0]
                                            or w.process.poll() is not None):
                     w.stop(kill=True)  # a hung or dead compiler is replaced, not reused
-                    workers[k] = _Worker()
+                    workers[k] = _Worker(backends)
             _wait_any(workers)
     finally:
         _POOL.give(workers)  # busy ones (an interrupted compile) are stopped

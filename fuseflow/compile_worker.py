@@ -1,6 +1,7 @@
 """The compiler worker process: compiles, then checks, the segments its parent sends.
 
-Run as `python -m fuseflow.compile_worker READ_FD WRITE_FD`; every request
+Run as `python -m fuseflow.compile_worker READ_FD WRITE_FD [BACKEND...]` (the
+backends are imported before the first request); every request
 (backend name, segment, options, directory) gets exactly one ("ok", Artifact)
 or ("error", (line, traceback)).
 
@@ -42,13 +43,13 @@ def injected_fault(segment: str, backend: str) -> str | None:
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    from fuseflow.tf_compat import tf
+    from fuseflow.tf_compat import plain_session_config, tf
 
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(
             tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
-    with tf.compat.v1.Session(graph=graph) as sess:
+    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         return sess.run([p.name for p in segment.outputs],
                         {f"{p.name}:0": v for p, v in zip(segment.inputs, inputs)})
 
@@ -110,12 +111,17 @@ def _calibration_inputs(seg_dir: Path, options: CompilerOptions) -> list[np.ndar
     return batches[0] if batches else None
 
 
-def main(read_fd: int, write_fd: int) -> None:
+def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
     from fuseflow.backends import get_backend
 
     reader = Connection(read_fd, writable=False)
     writer = Connection(write_fd, readable=False)
     backends: dict[str, Backend] = {}
+    for name in preload:  # while the parent is still busy: a failure shows at the job
+        try:
+            backends[name] = get_backend(name)
+        except Exception:  # noqa: BLE001
+            pass
     while True:
         try:
             backend_name, segment, options, seg_dir = reader.recv()
@@ -134,4 +140,4 @@ def main(read_fd: int, write_fd: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])

@@ -130,13 +130,19 @@ def _tensor_info(name: str, info: TensorInfo, shape):
     return proto
 
 
+def assets_folder(path: Path) -> Path:
+    """Where the fused ops' files wait for the SavedModel builder writing path to copy
+    them (beside it, in the staging dir)."""
+    return path.parent / "fuseflow_assets"
+
+
 def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tuple],
                       infos: dict[str, TensorInfo], path: Path) -> None:
     """One MetaGraphDef, one signature (same key and tensor names), tables kept; fused ops'
     blobs and fallback functions go to assets (see assets.py)."""
     from tensorflow.core.protobuf import meta_graph_pb2
 
-    graph_def, files = move_to_assets(graph_def, path.parent / "fuseflow_assets")
+    graph_def, files = move_to_assets(graph_def, assets_folder(path))
 
     signature = meta_graph_pb2.SignatureDef(method_name=model.method_name)
     for spec in model.inputs:

@@ -16,7 +16,7 @@ import numpy as np
 
 from fuseflow import errors
 from fuseflow.graph_util import count_ops, node_name
-from fuseflow.tf_compat import tf
+from fuseflow.tf_compat import plain_session_config, tf
 
 log = logging.getLogger("fuseflow")
 
@@ -252,9 +252,10 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     _check_signature_tensors(meta_graph.graph_def, key, inputs + outputs)
 
     graph = tf.Graph()
-    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+    with graph.as_default(), tf.compat.v1.Session(graph=graph,
+                                                  config=plain_session_config()) as sess:
         _load_into_session(sess, model_dir, tag_list)
-        _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig)
+        _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig, meta_graph)
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
         # Inputs too: an input no output reads must still exist to be fed.
@@ -416,14 +417,15 @@ def _check_signature_tensors(graph_def, key: str, specs: list[TensorSpec]) -> No
 
 
 def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key: str,
-                               sig) -> None:
+                               sig, meta_graph) -> None:
     """Give values to variables that the v1 restore left uninitialized.
 
     A Keras 3 model held by a tf.Module saves its weights through object-graph keys
     whose restore op writes other handles than the ones the signature reads; only
-    TF2's object-based loader binds the two. Here that loader supplies the values of
-    the signature function's captured variables, matched by position to the inputs
-    of the call node that computes the signature's outputs.
+    TF2's object-based loader binds the two. The values of the signature function's
+    captured variables are matched by position to the inputs of the call node that
+    computes the signature's outputs; they are read from the checkpoint as that loader
+    would bind them, else (an object graph this does not follow) taken from the loader.
     """
     handles = [op for op in graph.get_operations() if op.type == "VarHandleOp"]
     if not handles:
@@ -433,9 +435,71 @@ def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key
     if not missing:
         return
     calls = {node_name(t.name) for t in sig.outputs.values()}
+    nodes = [graph.get_operation_by_name(n) for n in sorted(calls)]
+    values = _captured_from_checkpoint(model_dir, meta_graph, nodes, missing)
+    if values is None:
+        values = _captured_from_tf2_loader(model_dir, tags, key, nodes, missing)
+    assigns, feeds = [], {}
+    for name, array in values.items():  # fed, not embedded: no weights copied into the graph
+        variable = graph.get_operation_by_name(name)
+        value = tf.compat.v1.placeholder(variable.get_attr("dtype"), np.shape(array))
+        assigns.append(tf.raw_ops.AssignVariableOp(resource=variable.outputs[0], value=value))
+        feeds[value] = array
+    if assigns:
+        sess.run(assigns, feeds)
+
+
+def _captured_from_checkpoint(model_dir: str, meta_graph, nodes, missing: set[str]
+                              ) -> dict[str, np.ndarray] | None:
+    """Values for the missing variables the call nodes capture, read from the checkpoint
+    through the SavedModel's object graph (what TF2's loader does, without loading and
+    tracing every function: seconds on a ResNet50). None when any is not found."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+    from tensorflow.python.saved_model import loader_impl
+
+    saved = meta_graph.object_graph_def
+    try:
+        reader = tf.train.load_checkpoint(loader_impl.SavedModelLoader(model_dir).variables_path)
+        stored = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
+            reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    except Exception:  # no object-based checkpoint: the loader decides
+        return None
+    if not saved.nodes or not stored.nodes:
+        return None
+    # Saved object id -> checkpoint object id, following the same child names from the root.
+    ids, stack = {0: 0}, [0]
+    while stack:
+        here = stack.pop()
+        children = {c.local_name: c.node_id for c in stored.nodes[ids[here]].children}
+        for child in saved.nodes[here].children:
+            if child.node_id not in ids and child.local_name in children:
+                ids[child.node_id] = children[child.local_name]
+                stack.append(child.node_id)
+    values: dict[str, np.ndarray] = {}
+    for node in nodes:
+        if node.type not in _CALL_OPS:
+            continue
+        function = saved.concrete_functions.get(node.get_attr("f").name)
+        if function is None:
+            return None
+        bound = list(function.bound_inputs)
+        args = list(node.inputs)[len(node.inputs) - len(bound):]
+        for arg, node_id in zip(args, bound):
+            if arg.op.name not in missing:
+                continue
+            keys = [a.checkpoint_key for a in stored.nodes[ids[node_id]].attributes
+                    if a.name == "VARIABLE_VALUE"] if node_id in ids else []
+            if len(keys) != 1:
+                return None
+            values[arg.op.name] = reader.get_tensor(keys[0])
+    return values
+
+
+def _captured_from_tf2_loader(model_dir: str, tags: list[str], key: str, nodes,
+                              missing: set[str]) -> dict[str, np.ndarray]:
+    """Values for the missing variables the call nodes capture, from TF2's loader."""
     from tensorflow.python.eager import context
 
-    nodes = [graph.get_operation_by_name(n) for n in sorted(calls)]
     values: dict[str, np.ndarray] = {}
     with context.eager_mode():
         try:
@@ -443,7 +507,7 @@ def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key
             captured = list(loaded.signatures[key].captured_inputs)
         except Exception as e:  # nothing to add: freezing then names the variable
             log.debug("TF2's loader could not supply variable values: %s", e)
-            return
+            return values
         for node in nodes:
             if node.type not in _CALL_OPS:
                 continue
@@ -452,9 +516,7 @@ def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key
                 if arg.op.name in missing and value.dtype == tf.resource:
                     values[arg.op.name] = tf.raw_ops.ReadVariableOp(
                         resource=value, dtype=arg.op.get_attr("dtype")).numpy()
-    for name, array in values.items():
-        handle = graph.get_operation_by_name(name).outputs[0]
-        sess.run(tf.raw_ops.AssignVariableOp(resource=handle, value=array))
+    return values
 
 
 def _load_into_session(sess, model_dir: str, tags: list[str]) -> None:

@@ -16,6 +16,14 @@ nodes by the backend chosen for them, so a loop on XLA can sit between
 convolutions on OpenVINO. Without profiling (--no-profile), by_kind places
 each node on its preferred backend, a region whose only heavy ops are loops
 whole on the loop's backend.
+
+One candidate is ruled out without timing it: a region with convolutions and
+no loop is not compiled whole on XLA. XLA:CPU's convolutions are slow (its
+depthwise 3x3 runs ~65x slower than TF's), so XLA does not win such a region
+from OpenVINO, and trying costs an XLA compile, a check and a timing that
+each pay XLA's JIT compile (ResNet50 b1: 43 s, where OpenVINO's candidate took
+30 s, of a 123 s compile()). The region is still timed on OpenVINO against
+TF: TF keeps it when it is faster.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from fuseflow.logs import shown_info
 from fuseflow.options import CompilerOptions
 from fuseflow.partition import Partition, Segment, internal_groups
 from fuseflow.reasons import Reason
-from fuseflow.timing import Timing, TimingJob, time_jobs
+from fuseflow.timing import Timing, TimingJob, prestart, time_jobs
 
 log = logging.getLogger("fuseflow")
 
@@ -48,6 +56,10 @@ LOOP_BACKEND = "xla"  # measured: XLA runs Keras RNN loops 2-4x faster than Open
 OPENVINO_KINDS = frozenset({"Conv2D", "Conv3D", "DepthwiseConv2dNative",
                             "Conv2DBackpropInput", "Conv3DBackpropInputV2", "BatchMatMul",
                             "BatchMatMulV2", "BatchMatMulV3", "Einsum"})
+# What XLA:CPU runs far slower than OpenVINO: a region holding one and no loop is not
+# timed whole on XLA (see the module docstring).
+CONVOLUTION_KINDS = frozenset({"Conv2D", "Conv3D", "DepthwiseConv2dNative",
+                               "Conv2DBackpropInput", "Conv3DBackpropInputV2"})
 # Within this fraction, the option with fewer segments wins: timing noise is not a reason
 # to cut a region.
 _TIE = 0.05
@@ -130,6 +142,7 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
     original model's values of those tensors on the compile inputs (or {})."""
     names = list(supports)
     union = _union(graph_def, supports, prefer)
+    ops = {n.name: n.op for n in graph_def.node}
     started = time.monotonic()
     regions = partition(union, None)
     region_of = {n: s.name for s in regions.segments for n in s.nodes}
@@ -140,6 +153,7 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
         nodes = set(region.nodes)
         whole = [b for b in names
                  if all(supports[b].get(n) is None or n in force for n in nodes)]
+        whole = _worth_timing(whole, {ops[n] for n in nodes})
         inside = [p for p in pieces.segments if set(p.nodes) <= nodes]
         split = [] if len(inside) == 1 and set(inside[0].nodes) == nodes else inside
         plans.append((region, whole, split))
@@ -154,6 +168,7 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
         consumers = consumers_outside(graph_def, dict.fromkeys(seg.nodes, key))
         graphs[key] = dataclasses.replace(extract(seg, consumers), name=key)
     jobs = [CompileJob(b, graphs[key], f"placement/{key}") for key, b, _ in candidates]
+    prestart()  # the timing process imports TF while the candidates compile
     compiled = {key: c for (key, _, _), c in zip(candidates, compile_segments(
         jobs, options, workdir))}
 
@@ -199,6 +214,15 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
     return Placement(final, reuse, details, figures, {
         "mode": "timed", "backends": names, "seconds": round(seconds, 2),
         "candidates": len(candidates), "regions": decisions})
+
+
+def _worth_timing(whole: list[str], kinds: set[str]) -> list[str]:
+    """The backends worth compiling a region on whole: XLA is left out for convolutions
+    (no loop), where OpenVINO takes the region too (module docstring)."""
+    if (LOOP_BACKEND in whole and len(whole) > 1 and kinds & CONVOLUTION_KINDS
+            and not kinds & LOOP_OPS):
+        return [b for b in whole if b != LOOP_BACKEND]
+    return whole
 
 
 def _tf_key(seg: Segment) -> str:
@@ -296,6 +320,8 @@ def feed_value_function(graph_def, model, input_values: dict[str, np.ndarray]):
     def values(tensors: list[str]) -> dict[str, np.ndarray]:
         if not tensors or not input_values:
             return {}
+        if set(tensors) <= set(input_values):  # segments read only the model's inputs
+            return {t: input_values[t] for t in tensors}
         got = run_graph(graph_def, model.init_nodes, input_values, tensors)
         if got is None:
             log.info("placement times segments on random inputs: the model did not run on "

@@ -17,6 +17,7 @@ from fuseflow.batch import batch_tensors, runs_at_other_batch
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, prestart_worker
 from fuseflow.export import (
     REPORT_DIR,
+    assets_folder,
     check_output_dir,
     check_workdir,
     staging_dir,
@@ -64,7 +65,7 @@ from fuseflow.shapes import (
 )
 from fuseflow.stages import Stopwatch
 from fuseflow.tf_compat import tf
-from fuseflow.timing import ModelTimingJob, time_models
+from fuseflow.timing import ModelTimingJob, prestart, time_models, warm_interpreters
 
 log = logging.getLogger("fuseflow")
 
@@ -228,12 +229,13 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         model_dir = model_path(model_dir)
         out = check_output_dir(model_dir, new_model_dir)
         workdir = check_workdir(model_dir, options.workdir)
-        prestart_worker()  # its imports overlap loading and Grappler
-        plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
-                     signature_def_key, minimum_segment_size, no_fuse_ops, force_fuse_ops,
-                     subgraph_builder_function, options)
-        plan.calibration_data = calibration_data
-        result = _compile_plan(plan, out, workdir)
+        prestart_worker(backend_names(options.backend or default_backend(), options))
+        with warm_interpreters():
+            plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
+                         signature_def_key, minimum_segment_size, no_fuse_ops,
+                         force_fuse_ops, subgraph_builder_function, options)
+            plan.calibration_data = calibration_data
+            result = _compile_plan(plan, out, workdir)
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
     return result
@@ -283,6 +285,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                                                                                    inputs)),
                               work)
             watch.lap("placement")
+            prestart()  # for the whole model's timing, after export
         partition = placement.partition
         members_of = {n: s.name for s in partition.segments for n in s.nodes}
         consumers = consumers_outside(graph_def, members_of)
@@ -318,33 +321,33 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     label = "+".join(used) if used else "+".join(plan.supports)
     tolerance = max(get_backend(b).tolerance(options) for b in plan.supports)
     watch.lap("rewrite")
-    if serving != inputs.shapes and not runs_at_other_batch(
-            model, final, serving, inputs.shapes, tolerance):
-        log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
-                    "which compiling fixed: the compiled model accepts batch %s only; "
-                    "compile again for other batch sizes", _batch_dim(inputs.shapes))
-        serving = inputs.shapes
-        final = guard_input_shapes(final, model, serving)
-    final = apply_input_shapes(final, model, serving)
-    watch.lap("other-batch check")
-    timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
-               for seg, graph in zip(partition.segments, segments)}
-    report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
-                          tensor_infos=infos, details=placement.details, timings=timings)
-    report.dynamic_batch = serving != inputs.shapes
-    report.placement = placement.summary
-    if accuracy_report is not None:
-        report.accuracy = accuracy_report.to_json()
-    with shown_info():
-        log_report(report)
-    runtime: dict = {}
-    for name in used or list(plan.supports):
-        runtime = {**get_backend(name).runtime_info(), **runtime}
-    runtime["backend"] = label
-    watch.lap("report")
-    fill = options.xla_cache and "xla" in used and xla_cache.has_xla_segments(final)
     with staging_dir(out) as path, tempfile.TemporaryDirectory(
             prefix="fuseflow-xla-cache-") as staging:
+        if serving != inputs.shapes and not runs_at_other_batch(
+                model, final, serving, inputs.shapes, tolerance, assets_folder(path)):
+            log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
+                        "which compiling fixed: the compiled model accepts batch %s only; "
+                        "compile again for other batch sizes", _batch_dim(inputs.shapes))
+            serving = inputs.shapes
+            final = guard_input_shapes(final, model, serving)
+        final = apply_input_shapes(final, model, serving)
+        watch.lap("other-batch check")
+        timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
+                   for seg, graph in zip(partition.segments, segments)}
+        report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
+                              tensor_infos=infos, details=placement.details, timings=timings)
+        report.dynamic_batch = serving != inputs.shapes
+        report.placement = placement.summary
+        if accuracy_report is not None:
+            report.accuracy = accuracy_report.to_json()
+        with shown_info():
+            log_report(report)
+        runtime: dict = {}
+        for name in used or list(plan.supports):
+            runtime = {**get_backend(name).runtime_info(), **runtime}
+        runtime["backend"] = label
+        watch.lap("report")
+        fill = options.xla_cache and "xla" in used and xla_cache.has_xla_segments(final)
         write_saved_model(final, model, serving, infos, path)
         watch.lap("export")
         env = xla_cache.fill_env(Path(staging)) if fill else None

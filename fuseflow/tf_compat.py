@@ -28,4 +28,15 @@ def _stderr_hidden():
 with _stderr_hidden():
     import tensorflow as tf  # noqa: E402
 
-__all__ = ["tf"]
+
+
+def plain_session_config():
+    """A session config that runs the graph as given, without Grappler: for values
+    (restoring, references, checks), where its rewrites only cost time (ResNet50's
+    frozen graph: 9 s to a first answer with Grappler, 3-5 s without)."""
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    return config
+
+
+__all__ = ["tf", "plain_session_config"]

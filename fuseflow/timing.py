@@ -9,6 +9,9 @@ first-call costs (XLA compiles at its first call).
 
 Timing runs in a fresh process, one candidate after another: a crashing backend
 costs only its timing, and no compile worker shares the cores meanwhile.
+compile() starts that process ahead (prestart, inside warm_interpreters): it
+imports TensorFlow and fuseflow while the segments compile, then waits for its
+one job.
 
 FUSEFLOW_INJECT_FAULT=slow[@BACKEND] adds 5 ms to every timed call of a compiled
 candidate: a segment slower than TF on any machine, for the tests of that path.
@@ -16,7 +19,12 @@ candidate: a segment slower than TF on any machine, for the tests of that path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
+import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,23 +77,80 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
     return result
 
 
+# A fresh interpreter that imports fuseflow, then runs the one job named on its stdin
+# (a JSON list: function, then its arguments); an empty stdin ends it.
+_STANDBY = """
+import json, sys
+import fuseflow.timing
+line = sys.stdin.readline()
+if line:
+    function, *args = json.loads(line)
+    getattr(fuseflow.timing, function)(*args)
+"""
+# The compile()'s slot for a started interpreter (warm_interpreters), else None.
+_SLOT: contextvars.ContextVar[list[subprocess.Popen] | None] = contextvars.ContextVar(
+    "fuseflow_timing_interpreter", default=None)
+
+
+def _interpreter(env: dict[str, str] | None = None) -> subprocess.Popen:
+    # Its own process group: stopping it stops whatever it started too (a child forked
+    # during its imports would otherwise hold its pipes open).
+    return subprocess.Popen([sys.executable, "-c", _STANDBY], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            pipe.close()
+
+
+@contextlib.contextmanager
+def warm_interpreters():
+    """Within: prestart() starts the next timing process ahead of its job. Any left
+    unused are stopped on exit."""
+    slot: list[subprocess.Popen] = []
+    token = _SLOT.set(slot)
+    try:
+        yield
+    finally:
+        _SLOT.reset(token)
+        for proc in slot:
+            _stop(proc)
+
+
+def prestart() -> None:
+    """Start the next timing process now (inside warm_interpreters; else nothing)."""
+    slot = _SLOT.get()
+    if slot is not None and not slot:
+        slot.append(_interpreter())
+
+
 def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
                       env: dict[str, str] | None = None):
-    """function(payload) of this module run in a new interpreter (with `env`, else this
-    one's environment), through pickle files: (its result, None), or (None, why there is
+    """function(payload) of this module run in a new interpreter (prestarted, unless it
+    needs its own `env`), through pickle files: (its result, None), or (None, why there is
     none)."""
     src, dst = workdir / f"timing_{function}_in.pkl", workdir / f"timing_{function}_out.pkl"
     src.write_bytes(pickle.dumps(payload))
     dst.unlink(missing_ok=True)
-    code = f"import sys; from fuseflow.timing import {function}; {function}(*sys.argv[1:])"
+    slot = _SLOT.get()
+    proc = slot.pop() if slot and env is None else _interpreter(env)
     try:
-        proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)],
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout_s, env=env)
+        _, stderr = proc.communicate(json.dumps([function, str(src), str(dst)]) + "\n",
+                                     timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        _stop(proc)
         return None, "timed out"
+    except BaseException:  # interrupted: the process must not outlive compile()
+        _stop(proc)
+        raise
     if not dst.exists():
-        tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        tail = (stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         return None, f"died: {tail[0]}"
     return pickle.loads(dst.read_bytes()), None
 

@@ -50,6 +50,29 @@ def test_module_around_keras_model(tmp_path, rng, monkeypatch, freeze_limit_mb):
     assert_outputs_close(want, run_fresh(tmp_path / "out", feeds, tmp_path))
 
 
+def test_unbound_values_come_from_the_checkpoint_without_tf2s_loader(tmp_path, rng,
+                                                                    monkeypatch):
+    """The values are read from the checkpoint through the object graph: TF2's loader
+    (the fallback) is never asked, and the frozen graph computes the trained model."""
+    from fuseflow import load
+
+    src = _save(tmp_path / "model")
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+
+    def refuse(*args):
+        raise AssertionError("TF2's loader was used")
+
+    monkeypatch.setattr(load, "_captured_from_tf2_loader", refuse)
+    model = load.load_saved_model(str(src))
+    assert not model.variables
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(model.graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as sess:
+        got = sess.run(model.outputs[0].tensor_name, {model.inputs[0].tensor_name: feeds["x"]})
+    assert_outputs_close(run_saved_model(src, feeds), {"y": got})
+
+
 class _JitInside(tf.Module):
     """A layer computed by a jit_compile function, as Keras 3's depthwise conv is."""
 

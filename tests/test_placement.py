@@ -177,6 +177,20 @@ def _small_cnn(path):
     return {"image": np.random.default_rng(0).normal(size=(1, 16, 16, 3)).astype(np.float32)}
 
 
+def test_convolution_region_is_timed_on_openvino_only(tmp_path):
+    """XLA is not tried on a region of convolutions without loops (place.py); OpenVINO
+    still is, against TF."""
+    feeds = _small_cnn(tmp_path / "m")
+    fuseflow.saved_model.compile(tmp_path / "m", tmp_path / "c", compiler_args=["--profile"])
+    placement = _report(tmp_path / "c")["placement"]
+    assert placement["mode"] == "timed" and placement["backends"] == ["openvino", "xla"]
+    assert placement["candidates"] == 1
+    (region,) = placement["regions"]
+    assert set(region["tried_ms"]) == {"openvino"} and region["tf_ms"] > 0
+    actual = run_fresh(tmp_path / "c", feeds, tmp_path)
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), actual, rtol=1e-4, atol=1e-5)
+
+
 def test_segment_its_backend_fails_on_goes_to_the_other(tmp_path, monkeypatch, caplog):
     """OpenVINO fails the segment (an injected compiler error, as a frontend bug would):
     auto compiles it on XLA instead of leaving it in TF."""

@@ -43,7 +43,6 @@ in TF (the loss is certain), int64 does not (it matters only past 2**31).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import io
 import json
@@ -105,15 +104,8 @@ OV_TYPES = {tf.float32.as_datatype_enum: ov.Type.f32, tf.float16.as_datatype_enu
 
 
 def _requested(options: CompilerOptions) -> tuple[str, bool]:
-    """(precision asked for, performance mode) from --fp32-cast and --fast-math.
-
-    With --quantize int8 the ops left unquantized run in bf16 (where the CPU has it, as
-    OpenVINO itself defaults to), not f32: at f32 they cost more than int8 saves on
-    models with many of them (EfficientNet's squeeze-excite and swish). The accuracy
-    guard measures the result; `--fast-math no-fp32-cast` keeps them at f32."""
+    """(precision asked for, performance mode) from --fp32-cast and --fast-math."""
     cast, performance = options.fp32_cast, False
-    if options.quantize == "int8" and cast == "none":
-        cast = "all"
     for word in options.fast_math:
         cast = _FAST_MATH_CAST.get(word, cast)
         performance = {"all": True, "none": False}.get(word, performance)
@@ -318,9 +310,8 @@ class OpenVinoBackend(Backend):
                  + compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()]
         if quantized:
             lines.append(quantized)
-        # Warn of what the user asked for (not of int8's own bf16 for the unquantized ops).
-        wanted, _ = _requested(dataclasses.replace(options, quantize="none"))
-        if wanted != "f32" and wanted != precision(options):
+        wanted, _ = _requested(options)
+        if wanted != precision(options):
             log.warning("this CPU has no %s (OPTIMIZATION_CAPABILITIES: %s): %s compiled in "
                         "f32", wanted, " ".join(cpu_capabilities()), segment.name)
             lines.append(f"{wanted} asked for, but this CPU has no {_CAPABILITY[wanted]}: f32")

@@ -254,8 +254,9 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph,
                                                   config=plain_session_config()) as sess:
-        _load_into_session(sess, model_dir, tag_list)
-        _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig, meta_graph)
+        variables_path = _load_into_session(sess, model_dir, tag_list)
+        _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig, meta_graph,
+                                   variables_path)
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
         # Inputs too: an input no output reads must still exist to be fed.
@@ -417,7 +418,7 @@ def _check_signature_tensors(graph_def, key: str, specs: list[TensorSpec]) -> No
 
 
 def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key: str,
-                               sig, meta_graph) -> None:
+                               sig, meta_graph, variables_path: str) -> None:
     """Give values to variables that the v1 restore left uninitialized.
 
     A Keras 3 model held by a tf.Module saves its weights through object-graph keys
@@ -436,7 +437,7 @@ def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key
         return
     calls = {node_name(t.name) for t in sig.outputs.values()}
     nodes = [graph.get_operation_by_name(n) for n in sorted(calls)]
-    values = _captured_from_checkpoint(model_dir, meta_graph, nodes, missing)
+    values = _captured_from_checkpoint(variables_path, meta_graph, nodes, missing)
     if values is None:
         values = _captured_from_tf2_loader(model_dir, tags, key, nodes, missing)
     assigns, feeds = [], {}
@@ -449,17 +450,16 @@ def _restore_unbound_variables(sess, graph, model_dir: str, tags: list[str], key
         sess.run(assigns, feeds)
 
 
-def _captured_from_checkpoint(model_dir: str, meta_graph, nodes, missing: set[str]
+def _captured_from_checkpoint(variables_path: str, meta_graph, nodes, missing: set[str]
                               ) -> dict[str, np.ndarray] | None:
     """Values for the missing variables the call nodes capture, read from the checkpoint
     through the SavedModel's object graph (what TF2's loader does, without loading and
     tracing every function: seconds on a ResNet50). None when any is not found."""
     from tensorflow.core.protobuf import trackable_object_graph_pb2
-    from tensorflow.python.saved_model import loader_impl
 
     saved = meta_graph.object_graph_def
     try:
-        reader = tf.train.load_checkpoint(loader_impl.SavedModelLoader(model_dir).variables_path)
+        reader = tf.train.load_checkpoint(variables_path)
         stored = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
             reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
     except Exception:  # no object-based checkpoint: the loader decides
@@ -519,8 +519,9 @@ def _captured_from_tf2_loader(model_dir: str, tags: list[str], key: str, nodes,
     return values
 
 
-def _load_into_session(sess, model_dir: str, tags: list[str]) -> None:
-    """TF's v1 loader, one phase at a time, so each failure says which part is broken."""
+def _load_into_session(sess, model_dir: str, tags: list[str]) -> str:
+    """TF's v1 loader, one phase at a time, so each failure says which part is broken.
+    Returns the variables' checkpoint path."""
     from tensorflow.python.saved_model import loader_impl
 
     loader = loader_impl.SavedModelLoader(model_dir)
@@ -544,3 +545,4 @@ def _load_into_session(sess, model_dir: str, tags: list[str]) -> None:
         raise errors.ModelLoadError(
             f"the init op (main_op / table initializers) of {model_dir!r} failed: "
             f"{errors.reason(e)}. Check that its assets/ files are present") from None
+    return loader.variables_path

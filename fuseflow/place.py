@@ -58,8 +58,7 @@ OPENVINO_KINDS = frozenset({"Conv2D", "Conv3D", "DepthwiseConv2dNative",
                             "BatchMatMulV2", "BatchMatMulV3", "Einsum"})
 # What XLA:CPU runs far slower than OpenVINO: a region holding one and no loop is not
 # timed whole on XLA (see the module docstring).
-CONVOLUTION_KINDS = frozenset({"Conv2D", "Conv3D", "DepthwiseConv2dNative",
-                               "Conv2DBackpropInput", "Conv3DBackpropInputV2"})
+CONVOLUTION_KINDS = frozenset(k for k in OPENVINO_KINDS if "Conv" in k)
 # Within this fraction, the option with fewer segments wins: timing noise is not a reason
 # to cut a region.
 _TIE = 0.05

@@ -359,6 +359,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         if fill:
             runtime["xla_cache"] = _ship_xla_cache(Path(staging), path)
             watch.lap("xla cache")
+        if "xla" in used:  # this compile's XLA runs added to the per-user cache
+            xla_cache.trim(xla_cache.cache_directory())
         report.timings = watch.seconds
         _write_report(path, report, runtime)
     if options.verbose:

@@ -105,13 +105,13 @@ def configure_process() -> None:
         ours += f" {_FLAG}device_types={_DEVICE_TYPES}"
     os.environ["TF_XLA_FLAGS"] = f"{flags} {ours}".strip()
     os.environ[_MARK] = ours
-    trim(Path(directory))
 
 
 def trim(directory: Path, limit_bytes: int | None = None) -> int:
     """Delete the oldest executables while the per-user cache holds more than the limit
     ($FUSEFLOW_XLA_CACHE_MB, default 2048): every XLA compile in a process that imported
-    fuseflow lands there. How many were deleted; never raises."""
+    fuseflow lands there. Run where entries are added on purpose (install, and compile()
+    after its fill run), not at import. How many were deleted; never raises."""
     if limit_bytes is None:
         try:
             limit_bytes = int(os.environ.get("FUSEFLOW_XLA_CACHE_MB", "2048")) << 20
@@ -183,6 +183,8 @@ def install(model_dir) -> int:
     except OSError as e:  # a cold start, not a failed load
         log.info("XLA executables of %s not installed in %s: %s", source.parent.parent,
                  directory, e)
+    if copied:
+        trim(Path(directory))
     return copied
 
 

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install native browser demo test test-all bench bench-serve fuzz zoo lint clean
+.PHONY: install native browser demo test test-all bench bench-serve bench-defaults fuzz zoo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -64,6 +64,11 @@ bench-serve: install
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; } >/dev/null 2>&1 || \
 	  { echo "bench-serve needs wrk (apt-get install wrk)"; exit 1; }
 	$(PY) -m bench.serve --json .build/bench-serve.json $(if $(TIMING_LOCK),--lock $(TIMING_LOCK))
+
+# Every zoo model compiled with the user's defaults (auto, timed placement), then timed
+# against the original side by side: never slower, family by family.
+bench-defaults: install
+	$(PY) -m bench.defaults --json .build/bench-defaults.json $(if $(TIMING_LOCK),--lock $(TIMING_LOCK))
 
 # Many more random graphs than make test's 10 fixed ones, from a new seed each run.
 fuzz: install

@@ -102,6 +102,11 @@ def test_timed_placement_keeps_only_segments_faster_than_tf(tmp_path):
     for row in left:
         assert " ms vs TF " in row["detail"], row
     assert result["num_segments"] == len(report["segments"])
+    # Timed again as a whole, in a fresh process, unless one segment is the whole model.
+    whole = result["num_segments"] == 1 and result["OnNeuronRatio"] == 1.0
+    if result["num_segments"]:
+        assert report["model_timing"]["compiled_ms"] > 0
+        assert (report["model_timing"].get("source") == "placement") == whole
     actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds), actual, rtol=1e-3, atol=1e-5)
     by_backend = set(result["ops_per_backend"]) if result["num_segments"] else set()
@@ -149,8 +154,12 @@ def test_must_compile_overrides_timing(tmp_path, caplog):
             compiler_args=["--profile", "--must-compile", "--backend", "openvino"])
     assert result["num_segments"] == 1
     # The whole model was timed against the original; slower, it says which segment cost.
-    timing = _report(tmp_path / "c")["model_timing"]
+    # Its one segment holds every op: placement's timing of it is the model's.
+    report = _report(tmp_path / "c")
+    timing = report["model_timing"]
     assert timing["original_ms"] > 0 and timing["compiled_ms"] > 0
+    assert timing["source"] == "placement"
+    assert timing["compiled_ms"] == report["segments"][0]["timing"]["latency_ms"]
     slower = [r.message for r in caplog.records if "ran slower than the original" in r.message]
     assert bool(slower) == (timing["speedup"] < 1.0), (timing, slower)
     if slower:

@@ -97,6 +97,15 @@ def bench_one(model, folder: Path, args) -> Row:
     return row
 
 
+def table_line(r: Row) -> str:
+    if r.error:
+        return f"| {r.model} | {r.family} | compile failed: {r.error} |||||||"
+    ops = ", ".join(f"{b} {n}" for b, n in sorted(r.backends.items()) if n) or "TF only"
+    return (f"| {r.model} | {r.family} | {ops} | {r.ratio:.3f} | {r.segments} | "
+            f"{r.slower_kept} | {r.compile_s:.1f} | {r.original_ms:.2f} | "
+            f"{r.compiled_ms:.2f} | {r.speed_up:.2f}x |")
+
+
 def print_table(rows: list[Row], env: dict) -> None:
     print(f"\nDefaults (`--backend auto`, timed placement) on {env['cpu']}, "
           f"{env['cores']} cores; batch as the zoo builds it; median ms, same run.\n")
@@ -104,13 +113,7 @@ def print_table(rows: list[Row], env: dict) -> None:
           "| compile s | original ms | compiled ms | speed-up |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        if r.error:
-            print(f"| {r.model} | {r.family} | compile failed: {r.error} |||||||")
-            continue
-        ops = ", ".join(f"{b} {n}" for b, n in sorted(r.backends.items()) if n) or "TF only"
-        print(f"| {r.model} | {r.family} | {ops} | {r.ratio:.3f} | {r.segments} | "
-              f"{r.slower_kept} | {r.compile_s:.1f} | {r.original_ms:.2f} | "
-              f"{r.compiled_ms:.2f} | {r.speed_up:.2f}x |")
+        print(table_line(r))
     ups = [r.speed_up for r in rows if not r.error]
     if ups:
         print(f"\n- {sum(u >= 0.97 for u in ups)}/{len(ups)} at least as fast as the original "
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
             print(f"[{name}] compiling with the defaults and timing", file=sys.stderr,
                   flush=True)
             rows.append(bench_one(zoo[name], Path(tmp), args))
+        print(table_line(rows[-1]), file=sys.stderr, flush=True)  # a long run shows progress
     print_table(rows, env)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

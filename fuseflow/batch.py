@@ -249,8 +249,9 @@ def _strided_slice_ok(node, ins, g: _Graph) -> bool:
 
 
 def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
-                        tolerance: float, assets_folder: Path | None = None) -> bool:
-    """Does the compiled graph give the original's answers at another batch size?
+                        tolerance: float, assets_folder: Path | None = None) -> str | None:
+    """Does the compiled graph give the original's answers at another batch size? None
+    when it does, else why not (for the warning: "fails: ..." or "answers differ ...").
 
     Folding tf.shape(x) at the compiled batch bakes it into constants that
     only splittable compiled segments survive; running both graphs at batch
@@ -267,43 +268,61 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
         if serving[spec.key][:1] == (None,):
             shape = (shape[0] + 1, *shape[1:])
         if spec.dtype == tf.string:
-            return True  # no meaningful random strings (tf.Example); trust the analysis
+            return None  # no meaningful random strings (tf.Example); trust the analysis
         if spec.dtype.is_floating:
             feeds[spec.tensor_name] = rng.normal(0, 1, shape).astype(spec.dtype.as_numpy_dtype)
         else:
             feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)
     fetches = [s.tensor_name for s in model.outputs]
     with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as stack:
-        original_run = pool.submit(run_graph, model.graph_def, model.init_nodes, feeds,
+        original_run = pool.submit(_run_or_error, model.graph_def, model.init_nodes, feeds,
                                    fetches)
         final = apply_input_shapes(final_graph_def, model, serving)
         folder = assets_folder or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="fuseflow-check-")))
         # As the saved model will be: weights in files, not in a graph to parse and copy.
         final, files = move_to_assets(final, folder)
-        compiled_out = run_graph(final, model.init_nodes, feeds, fetches, files)
-        original = original_run.result()
+        compiled_out, failure = _run_or_error(final, model.init_nodes, feeds, fetches, files)
+        original, _ = original_run.result()
+    batch = next(iter(feeds.values())).shape[0] if feeds else "?"
     if original is None:
-        return True  # the original can't run on random inputs: nothing to compare
+        return None  # the original can't run on random inputs: nothing to compare
     if compiled_out is None:
-        return False
-    return all(a.shape == b.shape and relative_error(a, b) <= tolerance
-               for a, b in zip(original, compiled_out) if a.dtype.kind in "fciub")
+        return f"at batch {batch} it fails: {failure}"
+    for spec, a, b in zip(model.outputs, original, compiled_out):
+        if a.dtype.kind not in "fciub":
+            continue
+        if a.shape != b.shape:
+            return f"at batch {batch} output {spec.key} has shape {b.shape}, not {a.shape}"
+        if relative_error(a, b) > tolerance:
+            return (f"at batch {batch} output {spec.key} differs from the original's by "
+                    f"{relative_error(a, b):.2g} (relative)")
+    return None
+
+
+def _run_or_error(graph_def, init_nodes, feeds, fetches, files=()):
+    """(run_graph's values, None), or (None, the first line of why it did not run)."""
+    try:
+        return _run(graph_def, init_nodes, feeds, fetches, files), None
+    except Exception as e:  # noqa: BLE001 - any failure means "does not run at this batch"
+        text = (getattr(e, "message", None) or str(e)).strip()
+        return None, f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
     """fetches' values with graph_def run on feeds (its init nodes first), or None when it
     does not run."""
+    return _run_or_error(graph_def, init_nodes, feeds, fetches, files)[0]
+
+
+def _run(graph_def, init_nodes, feeds, fetches, files=()):
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
     init = [graph.get_operation_by_name(n) for n in init_nodes]
     if files:
         init.append(add_assets_op(graph, list(files))[0])
-    try:
-        with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
-            if init:
-                sess.run(init)
-            return sess.run(fetches, feeds)
-    except Exception:  # any failure means "does not run at this batch"
-        return None
+    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
+        if init:
+            sess.run(init)
+        return sess.run(fetches, feeds)

@@ -324,11 +324,14 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     watch.lap("rewrite")
     with staging_dir(out) as path, tempfile.TemporaryDirectory(
             prefix="fuseflow-xla-cache-") as staging:
-        if serving != inputs.shapes and not runs_at_other_batch(
-                model, final, serving, inputs.shapes, tolerance, assets_folder(path)):
-            log.warning("the model computes with its own batch size (e.g. tf.shape(x)[0]), "
-                        "which compiling fixed: the compiled model accepts batch %s only; "
-                        "compile again for other batch sizes", _batch_dim(inputs.shapes))
+        why = None if serving == inputs.shapes else runs_at_other_batch(
+            model, final, serving, inputs.shapes, tolerance, assets_folder(path))
+        if why:
+            log.warning("the compiled model does not match the original at another batch "
+                        "size (%s); most often the model computes with its own batch size "
+                        "(e.g. tf.shape(x)[0]), which compiling fixed. The compiled model "
+                        "accepts batch %s only; compile again for other batch sizes", why,
+                        _batch_dim(inputs.shapes))
             serving = inputs.shapes
             final = guard_input_shapes(final, model, serving)
         final = apply_input_shapes(final, model, serving)

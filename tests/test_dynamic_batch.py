@@ -133,3 +133,25 @@ def test_batch_statistics_are_never_split(tmp_path):
         else:
             assert_ran(per_batch[b], "openvino", segments, path="fallback", reason="shape")
 
+
+
+def test_model_using_its_own_batch_size_keeps_the_compiled_batch_and_says_why(
+        tmp_path, caplog):
+    """y scales by tf.shape(x)[0]: compiling at batch 1 folds it to 1, so at batch 2 the
+    compiled model answers differently. The other-batch check catches it, the model
+    accepts the compiled batch only, and the warning says what it saw."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6], name="x")
+        n = tf.cast(tf.shape(x)[0], tf.float32)
+        return {"x": x}, {"y": tf.identity(tf.tanh(x * 3.0 + 1.0) * n - 2.0, name="y")}
+
+    src = save_tf1(tmp_path / "m", build)
+    with caplog.at_level("WARNING", logger="fuseflow"):
+        result = compile_model("openvino", src, tmp_path / "c")
+    assert result["dynamic_batch"] is False
+    (warning,) = [r.getMessage() for r in caplog.records if "another batch size" in
+                  r.getMessage()]
+    assert "at batch 2 output y differs from the original's" in warning, warning
+    assert "accepts batch 1 only" in warning
+    loaded = tf.saved_model.load(str(tmp_path / "c")).signatures["serving_default"]
+    assert loaded.structured_input_signature[1]["x"].shape.as_list() == [1, 6]

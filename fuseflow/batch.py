@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fuseflow import errors
 from fuseflow.assets import add_assets_op, move_to_assets
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
@@ -305,8 +306,7 @@ def _run_or_error(graph_def, init_nodes, feeds, fetches, files=()):
     try:
         return _run(graph_def, init_nodes, feeds, fetches, files), None
     except Exception as e:  # noqa: BLE001 - any failure means "does not run at this batch"
-        text = (getattr(e, "message", None) or str(e)).strip()
-        return None, f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        return None, f"{type(e).__name__}: {errors.reason(e)}"[:400]
 
 
 def run_graph(graph_def, init_nodes, feeds, fetches, files=()):

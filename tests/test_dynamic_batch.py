@@ -155,3 +155,22 @@ def test_model_using_its_own_batch_size_keeps_the_compiled_batch_and_says_why(
     assert "accepts batch 1 only" in warning
     loaded = tf.saved_model.load(str(tmp_path / "c")).signatures["serving_default"]
     assert loaded.structured_input_signature[1]["x"].shape.as_list() == [1, 6]
+
+
+def test_model_failing_at_another_batch_names_the_error(tmp_path, caplog):
+    """Flattening the whole batch into one vector folds the batch into the Reshape's
+    shape: at batch 2 the compiled model fails, and the warning quotes TF's reason, not
+    its "Graph execution error:" header."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6], name="x")
+        flat = tf.reshape(x, [tf.shape(x)[0] * 6])
+        return {"x": x}, {"y": tf.identity(tf.tanh(flat * 2.0 + 1.0), name="y")}
+
+    src = save_tf1(tmp_path / "m", build)
+    with caplog.at_level("WARNING", logger="fuseflow"):
+        result = compile_model("openvino", src, tmp_path / "c")
+    assert result["dynamic_batch"] is False
+    (warning,) = [r.getMessage() for r in caplog.records if "another batch size" in
+                  r.getMessage()]
+    assert "at batch 2 it fails: InvalidArgumentError: Input to reshape is a tensor with 12 " \
+        "values" in warning, warning

@@ -184,6 +184,10 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
     elif op == "Tile":
         multiples = g.const(ins[1])
         ok = multiples is not None and int(multiples[0]) == 1
+    elif op == "BroadcastTo":  # as Tile: only when dim 0 is left as it is
+        shape, src = g.const(ins[1]), g.shape(first)
+        ok = (shape is not None and src is not None and rest_free
+              and np.atleast_1d(shape).size == len(src) and int(shape[0]) == src[0])
     return {outs[0]: m} if ok else {}
 
 

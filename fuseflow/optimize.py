@@ -41,7 +41,41 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     if _materialize_shapes(graph_def, set(keep_nodes)):
         graph_def = _grappler(graph_def, keep_nodes)
         _strip_output_shapes(graph_def)
+    _tiles_back_to_broadcasts(graph_def)
     return graph_def
+
+
+_GRAPPLER_TILE = "ReplaceMulWithBroadcastByTile_Tile"  # arithmetic_optimizer.cc's name
+
+
+def _tiles_back_to_broadcasts(graph_def) -> None:
+    """Grappler's arithmetic optimizer turns `x * ones` (a broadcast) into Tile(x).
+    OpenVINO's transpose sinking mis-shapes such a Tile before a Mul (ConvNeXt's
+    LayerNorm: f32[1,1,5376,7] where [1,7,7,768] is meant), so the whole model failed
+    to convert. BroadcastTo says the same where every tiled dim is 1, and converts."""
+    tiles = [n for n in graph_def.node if n.op == "Tile" and _GRAPPLER_TILE in n.name]
+    if not tiles:
+        return
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    consts = {n.name: n for n in graph_def.node if n.op == "Const"}
+    for node in tiles:
+        op = graph.get_operation_by_name(node.name)
+        source, out = op.inputs[0].shape, op.outputs[0].shape
+        multiples = consts.get(node.input[1].split(":")[0])
+        if multiples is None or not (source.is_fully_defined() and out.is_fully_defined()):
+            continue
+        times = tf.make_ndarray(multiples.attr["value"].tensor).tolist()
+        if any(m != 1 and d != 1 for m, d in zip(times, source.as_list())):
+            continue  # a real tile: copies of more than one element
+        shape = graph_def.node.add(name=f"{node.name}/broadcast_shape", op="Const")
+        shape.attr["dtype"].type = tf.int32.as_datatype_enum
+        shape.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(out.as_list(), tf.int32))
+        node.op = "BroadcastTo"
+        node.input[1] = shape.name
+        node.attr.pop("Tmultiples", None)
+        node.attr["Tidx"].type = tf.int32.as_datatype_enum
 
 
 _JIT_ATTRS = ("_noinline", "_XlaMustCompile", "_XlaCompile")

@@ -60,9 +60,4 @@ EXPECTED: dict[tuple[str, str], Expected] = {
     ("TF1 Example+table", "openvino"): Expected(ratio=0.6, segments=1,
                                                 left_in_tf=_TABLE_PLUMBING),
     ("TF1 Example+table", "xla"): Expected(ratio=0.6, segments=1, left_in_tf=_TABLE_PLUMBING),
-    ("ConvNeXtTiny", "openvino"): Expected(
-        ratio=1.0, segments=1, known_issue=(
-            "OpenVINO's TF frontend infers [1,768,1,768] for a LayerNorm output in stage 3 "
-            "(1x1 spatial at 32x32 input) and read_model fails on the next Reshape; the "
-            "segment stays in TF")),
 }

@@ -1,0 +1,69 @@
+"""Grappler rewrites that a backend mishandles are undone before partitioning.
+
+Grappler's arithmetic optimizer turns `x * ones` (a broadcast) into Tile(x). Keras'
+LayerNormalization makes that pattern, and OpenVINO's transpose sinking mis-shapes the
+Tile before the next Mul: ConvNeXt failed to convert whole, at any input size, and
+stayed 100% in TF. optimize.py turns such Tiles back into BroadcastTo.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from conftest import (
+    assert_outputs_close,
+    assert_ran,
+    fused_segments,
+    run_fresh,
+    run_saved_model,
+    save_tf1,
+    tf,
+)
+
+import fuseflow
+from fuseflow.load import load_saved_model
+from fuseflow.optimize import optimize_graph
+from fuseflow.shapes import apply_input_shapes, resolve_input_shapes
+
+CHANNELS = 16
+
+
+def _layer_norm_after_conv():
+    x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+    w = tf.constant(np.random.default_rng(0).normal(size=(1, 1, 3, CHANNELS)), tf.float32)
+    c = tf.nn.conv2d(x, w, 1, "SAME")
+    mean = tf.reduce_mean(c, axis=-1, keepdims=True)
+    inv = tf.math.rsqrt(tf.reduce_mean(tf.square(c - mean), axis=-1, keepdims=True) + 1e-6)
+    scale = inv * tf.ones([1, 1, 1, CHANNELS])  # the broadcast Grappler makes a Tile of
+    y = tf.nn.relu(c * scale + (-mean) * scale)
+    return {"x": x}, {"y": tf.identity(y, name="y")}
+
+
+def test_grappler_tile_becomes_broadcast_to(tmp_path):
+    src = save_tf1(tmp_path / "m", _layer_norm_after_conv)
+    model = load_saved_model(str(src))
+    inputs = resolve_input_shapes(model, 1, None, None)
+    graph = optimize_graph(apply_input_shapes(model.graph_def, model, inputs.shapes),
+                           model.fetch_nodes)
+    rewritten = [n for n in graph.node if n.name.endswith("ReplaceMulWithBroadcastByTile_Tile")
+                 or "ReplaceMulWithBroadcastByTile_Tile_" in n.name and n.op != "Const"]
+    assert rewritten, "Grappler no longer makes this Tile: the test tests nothing"
+    assert {n.op for n in rewritten} == {"BroadcastTo"}
+    assert "Tile" not in {n.op for n in graph.node}
+
+
+def test_layer_norm_compiles_whole_and_runs_at_any_batch(tmp_path):
+    src = save_tf1(tmp_path / "m", _layer_norm_after_conv)
+    result = fuseflow.saved_model.compile(str(src), str(tmp_path / "c"),
+                                          compiler_args=["--backend", "openvino"])
+    assert result["OnNeuronRatio"] == 1.0 and result["num_segments"] == 1
+    assert result["dynamic_batch"], "BroadcastTo must keep the batch splittable"
+    report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
+    assert "BroadcastTo" in report["segments"][0]["op_types"]
+    for batch in (1, 3):
+        feeds = {"x": np.random.default_rng(batch).normal(size=(batch, 8, 8, 3))
+                 .astype(np.float32)}
+        actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
+        assert_outputs_close(run_saved_model(src, feeds), actual, rtol=1e-4, atol=1e-5)
+        assert_ran(stats, "openvino", fused_segments(tmp_path / "c"))

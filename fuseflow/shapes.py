@@ -233,7 +233,7 @@ def infer_tensor_shapes(graph_def, model: LoadedModel, inputs: InputShapes
     if inputs.feeds:
         feed_dict = {input_map[tensor_name(k)]: v for k, v in inputs.feeds.items()}
         _measure_unknown(graph, infos, feed_dict, set(input_map), model.init_nodes)
-    elif all(s.dtype.is_numpy_compatible and s.dtype != tf.string for s in model.inputs):
+    elif all(s.dtype.is_numpy_compatible or s.dtype == tf.string for s in model.inputs):
         _measure_synthesized(graph, infos, input_map, model, inputs)
     return infos
 
@@ -380,9 +380,23 @@ def _measure_unknown(graph, infos: dict[str, TensorInfo], feed_dict, fed: set[st
         infos[name] = TensorInfo(infos[name].dtype, tuple(np.shape(value)))
 
 
+# Text for string inputs: a few words, many words, then none (run 2). A shape that follows
+# the text's length (tokens of a ragged split) differs between them and stays unknown;
+# one that does not (TextVectorization's output_sequence_length) is kept. Inputs that
+# must parse (serialized tf.Example) fail on them and measure nothing.
+_WORDS = ("the", "a", "of", "and", "model", "hello", "x", "42")
+_WORD_COUNTS = (3, 40, 0)
+
+
 def synthesized_value(dtype: tf.DType, shape: tuple[int, ...], run: int) -> np.ndarray:
     """Run 0 and 1: random values (ints 0 or 1: valid indices and ids for any table);
-    run 2: all zeros, which changes any size that counts or selects values."""
+    run 2: all zeros, which changes any size that counts or selects values. Strings:
+    text of _WORD_COUNTS[run] words."""
+    if dtype == tf.string:
+        rng = np.random.default_rng(run)
+        texts = [" ".join(rng.choice(_WORDS, _WORD_COUNTS[run])).encode()
+                 for _ in range(int(np.prod(shape, dtype=np.int64)))]
+        return np.array(texts, dtype=object).reshape(shape)
     want = dtype.as_numpy_dtype
     if run == 2:
         return np.zeros(shape, want)

@@ -133,3 +133,46 @@ def test_shapes_that_depend_on_values_stay_unknown(tmp_path, rng):
     assert sources & {"Where", "Unique", "GatherV2", "Squeeze"}, report["unknown_shapes"]
     feeds = {"x": rng.standard_normal((2, 6)).astype(np.float32)}
     assert_outputs_close(run_saved_model(src, feeds), run_fresh(tmp_path / "c", feeds, tmp_path))
+
+
+def _text_classifier(path, sequence_length):
+    """Keras' text classification recipe: TextVectorization inside the model."""
+    import keras
+
+    vectorize = keras.layers.TextVectorization(max_tokens=40,
+                                               output_sequence_length=sequence_length)
+    vectorize.adapt(["the cat sat on the mat", "a dog ran far away", "hello world again"])
+    text = keras.Input((), dtype="string", name="text")
+    x = keras.layers.Embedding(40, 16)(vectorize(text))
+    x = keras.layers.Dense(16, activation="relu")(x)
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(x))
+    keras.Model(text, out).export(str(path), verbose=False)
+    return {"text": np.array([b"the dog sat on a mat", b"hello"])}
+
+
+def test_string_inputs_are_synthesized_for_text_models(tmp_path):
+    """Without a feed dict, text of several lengths is synthesized: the vectorizer's
+    fixed-length output is the same in every run, so everything after it compiles."""
+    feeds = _text_classifier(tmp_path / "m", sequence_length=12)
+    result, report = _compile(tmp_path, tmp_path / "m", batch_size=2)
+    assert any({"MatMul", "Mean"} <= set(s["op_types"]) for s in report["segments"]), \
+        report["segments"]
+    assert result["OnNeuronRatio"] > 0.5, _left_in_tf(report)
+    want = run_saved_model(tmp_path / "m", feeds)
+    got, log = run_fresh(tmp_path / "c", feeds, tmp_path, with_log=True)
+    assert FALLBACK not in log
+    assert_outputs_close(want, got)
+
+
+def test_string_lengths_that_shape_tensors_stay_unknown(tmp_path):
+    """Without output_sequence_length the vectorizer pads to the longest text: its
+    width follows the text, the synthesized runs disagree, and its consumers stay in TF
+    (answers right on texts of any length)."""
+    feeds = _text_classifier(tmp_path / "m", sequence_length=None)
+    _, report = _compile(tmp_path, tmp_path / "m", batch_size=2)
+    unknown = {r["op_type"] for r in report["not_compiled"] if r["code"] == "UNKNOWN_SHAPE"}
+    assert "MatMul" in unknown or "BatchMatMulV2" in unknown or "Mean" in unknown, \
+        report["not_compiled"]
+    for texts in (feeds["text"], np.array([b"a", b"the cat sat on the mat and ran far away"])):
+        want = run_saved_model(tmp_path / "m", {"text": texts})
+        assert_outputs_close(want, run_fresh(tmp_path / "c", {"text": texts}, tmp_path))

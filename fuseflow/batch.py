@@ -267,11 +267,12 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
     from fuseflow.shapes import apply_input_shapes
 
     rng = np.random.default_rng(0)
-    feeds = {}
+    feeds, batch = {}, "?"
     for spec in model.inputs:
         shape = compiled[spec.key]
         if serving[spec.key][:1] == (None,):
             shape = (shape[0] + 1, *shape[1:])
+            batch = shape[0]
         if spec.dtype == tf.string:
             return None  # no meaningful random strings (tf.Example); trust the analysis
         if spec.dtype.is_floating:
@@ -289,7 +290,6 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
         final, files = move_to_assets(final, folder)
         compiled_out, failure = _run_or_error(final, model.init_nodes, feeds, fetches, files)
         original, _ = original_run.result()
-    batch = next(iter(feeds.values())).shape[0] if feeds else "?"
     if original is None:
         return None  # the original can't run on random inputs: nothing to compare
     if compiled_out is None:

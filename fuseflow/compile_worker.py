@@ -35,11 +35,13 @@ from fuseflow.backends.base import (
 from fuseflow.options import CompilerOptions
 
 
-def injected_fault(segment: str, backend: str) -> str | None:
-    """The fault FUSEFLOW_INJECT_FAULT asks for on this segment and backend, if any."""
+def injected_fault(segment: str, backend: str, precision: str | None = None) -> str | None:
+    """The fault FUSEFLOW_INJECT_FAULT asks for on this segment and backend (and, where
+    it names one as @BACKEND/PRECISION, this precision), if any."""
     spec, _, only_on = os.environ.get("FUSEFLOW_INJECT_FAULT", "").partition("@")
     kind, _, target = spec.partition(":")
-    return kind if kind and target in ("", segment) and only_on in ("", backend) else None
+    on = ("", backend) + ((f"{backend}/{precision}",) if precision else ())
+    return kind if kind and target in ("", segment) and only_on in on else None
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:

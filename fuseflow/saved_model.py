@@ -50,6 +50,7 @@ from fuseflow.place import (
     place,
     preferred_backends,
 )
+from fuseflow.precision import select as select_precision
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report, timing_line
 from fuseflow.rewrite import rewrite_graph
@@ -277,7 +278,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
             "backends": list(plan.supports)})
         # int8 segments are calibrated before compiling (accuracy.prepare): timed
-        # candidates would be f32, so int8 models are placed by kind.
+        # candidates would be f32, so int8 models are placed by kind; each int8 segment
+        # is then timed against its bf16 compile (precision.py).
         if options.profile and options.quantize == "none":
             placement = place(graph_def, plan.supports, plan.prefer, plan.partitioner, options,
                               plan.force_fuse, extract,
@@ -307,8 +309,14 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         _compile_elsewhere(ready, partition.segments, plan, work)
         compiled = [ready[k] for k in range(len(segments))]
         accuracy_report = None
+        selection, prebuilt = {}, {}
+        if options.quantize == "int8" and options.profile and calibration is not None:
+            watch.lap("workers")
+            compiled, selection, prebuilt = select_precision(compiled, options, work)
+            watch.lap("int8 or bf16")
         if calibration is not None:
-            compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen)
+            compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen,
+                                                       selection, prebuilt)
     watch.lap("workers")
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:

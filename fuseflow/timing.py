@@ -13,8 +13,10 @@ compile() starts that process ahead (prestart, inside warm_interpreters): it
 imports TensorFlow and fuseflow while the segments compile, then waits for its
 one job.
 
-FUSEFLOW_INJECT_FAULT=slow[@BACKEND] adds 5 ms to every timed call of a compiled
-candidate: a segment slower than TF on any machine, for the tests of that path.
+FUSEFLOW_INJECT_FAULT=slow[@BACKEND[/PRECISION]] adds 5 ms to every timed call of a
+compiled candidate (of that precision only, e.g. slow@openvino/int8): a segment slower
+than TF, or an int8 segment slower than its bf16 one, on any machine, for the tests of
+those paths.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class TimingJob:
     segment: SegmentGraph
     artifact: Artifact | None
     inputs: list[np.ndarray]
+    options: CompilerOptions | None = None  # the artifact's own (else time_jobs')
+    precision: str | None = None  # for FUSEFLOW_INJECT_FAULT=slow@BACKEND/PRECISION
+    in_flight: bool = True  # also time calls in flight (else in_flight_ms = latency_ms)
 
 
 @dataclass(frozen=True)
@@ -192,10 +197,11 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
     from fuseflow.compile_worker import injected_fault
     from fuseflow.tf_compat import tf
 
-    graph, feeds, fetches = _graph(job, options)
+    graph, feeds, fetches = _graph(job, job.options or options)
     with tf.compat.v1.Session(graph=graph) as sess:
         run = sess.make_callable(fetches, feeds)
-        if job.backend and injected_fault(job.segment.name, job.backend) == "slow":
+        if job.backend and injected_fault(job.segment.name, job.backend,
+                                          job.precision) == "slow":
             run = _delayed(run)
         for _ in range(_WARMUP):
             run(*job.inputs)
@@ -207,6 +213,8 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
             run(*job.inputs)
             samples.append(time.perf_counter() - t0)
         latency = statistics.median(samples)
+        if not job.in_flight:
+            return Timing(latency * 1e3, latency * 1e3, len(samples))
         calls = max(_MIN_RUNS, min(_MAX_RUNS, int(_SECONDS_PER_SIDE / max(latency, 1e-6))))
 
         def worker():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,18 @@ def decide(int8_ms: float, bf16_ms: float, margin: float = INT8_MARGIN) -> Choic
     return Choice("bf16", f"int8 slower than bf16: {figures}", int8_ms, bf16_ms)
 
 
-def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: Path
+def alternative_job(job: CompileJob, options: CompilerOptions) -> CompileJob:
+    """The bf16 compile of an int8 job, in its own directory: compiled beside the int8
+    one (compile_segments runs them side by side), for select()."""
+    return CompileJob(job.backend, job.segment, f"{job.directory}.{ALTERNATIVE}",
+                      options_at(options, ALTERNATIVE))
+
+
+def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: Path,
+           ready: dict[str, CompiledSegment] | None = None
            ) -> tuple[list[CompiledSegment], dict[str, Choice], dict[str, CompiledSegment]]:
     """Time every compiled int8 segment against its bf16 compile and keep the faster.
+    ready: segment name -> its bf16 compile (alternative_job) where already made.
 
     Returns the segments (bf16 ones where bf16 won, with their own options), the
     choice per segment name, and the bf16 compiles by segment name (for the guard)."""
@@ -68,12 +78,16 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
     if not int8:
         return compiled, {}, {}
     bf16_options = options_at(options, ALTERNATIVE)
-    prestart()  # the timing process imports TF while the bf16 candidates compile
-    redone = compile_segments(
-        [CompileJob(c.backend, c.segment, f"{c.segment.name}.{ALTERNATIVE}") for c in int8],
-        bf16_options, workdir)
-    alternatives = {c.segment.name: dataclasses.replace(r, options=bf16_options)
-                    for c, r in zip(int8, redone) if r.artifact is not None}
+    prestart()  # the timing process imports TF while any bf16 candidate compiles
+    started = time.monotonic()
+    ready = dict(ready or {})
+    todo = [c for c in int8 if c.segment.name not in ready]
+    for c, r in zip(todo, compile_segments(
+            [alternative_job(CompileJob(c.backend, c.segment, c.segment.name), options)
+             for c in todo], options, workdir)):
+        ready[c.segment.name] = r
+    alternatives = {name: dataclasses.replace(r, options=bf16_options)
+                    for name, r in ready.items() if r.artifact is not None}
     jobs = []
     for item in int8:
         name = item.segment.name
@@ -85,7 +99,11 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
             for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
                 jobs.append(TimingJob(f"{name}.{level}.{r}", c.backend, c.segment, c.artifact,
                                       batches[0], opts, level, in_flight=False))
+    compiled_at = time.monotonic()
     timings, failures = time_jobs(jobs, options, options.profile_budget_s, workdir)
+    log.info("int8 or bf16: %d segment(s) compiled at bf16 in %.1f s (more beside the int8 "
+             "compiles), timed in %.1f s", len(alternatives), compiled_at - started,
+             time.monotonic() - compiled_at)
     choices: dict[str, Choice] = {}
     out = []
     for item in compiled:
@@ -93,8 +111,7 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
         if item.artifact is None:
             out.append(item)
             continue
-        choice = _choice(name, alternatives.get(name), timings, failures, redone[
-            int8.index(item)])
+        choice = _choice(name, alternatives.get(name), timings, failures, ready.get(name))
         choices[name] = choice
         with shown_info():
             log.info("segment %s: %s kept (%s)", name, choice.kept, choice.reason)
@@ -103,10 +120,10 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
 
 
 def _choice(name: str, other: CompiledSegment | None, timings, failures,
-            attempt: CompiledSegment) -> Choice:
+            attempt: CompiledSegment | None) -> Choice:
     if other is None:
-        return Choice("int8", f"{ALTERNATIVE} failed to compile ({attempt.error}): int8 "
-                      "kept untimed")
+        why = attempt.error if attempt is not None else "not compiled"
+        return Choice("int8", f"{ALTERNATIVE} failed to compile ({why}): int8 kept untimed")
     sides = {}
     for level in ("int8", ALTERNATIVE):
         runs = [timings[k].latency_ms for r in range(ROUNDS)

@@ -50,6 +50,7 @@ from fuseflow.place import (
     place,
     preferred_backends,
 )
+from fuseflow.precision import alternative_job as select_precision_job
 from fuseflow.precision import select as select_precision
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report, timing_line
@@ -304,15 +305,24 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                                            done.backend)
             else:
                 jobs.append((k, CompileJob(seg.colour, graph, graph.name)))
-        for (k, _), item in zip(jobs, compile_segments([j for _, j in jobs], options, work)):
+        # Under int8 with profiling, each segment's bf16 compile runs beside its int8 one:
+        # precision.select times the two.
+        timed_int8 = options.quantize == "int8" and options.profile and calibration is not None
+        extra = [select_precision_job(j, options) for _, j in jobs] if timed_int8 else []
+        if extra:
+            prestart()  # the timing process imports TF while the segments compile
+        results = compile_segments([j for _, j in jobs] + extra, options, work)
+        for (k, _), item in zip(jobs, results):
             ready[k] = item
+        alternatives = {item.segment.name: item for item in results[len(jobs):]}
         _compile_elsewhere(ready, partition.segments, plan, work)
         compiled = [ready[k] for k in range(len(segments))]
         accuracy_report = None
         selection, prebuilt = {}, {}
-        if options.quantize == "int8" and options.profile and calibration is not None:
+        if timed_int8:
             watch.lap("workers")
-            compiled, selection, prebuilt = select_precision(compiled, options, work)
+            compiled, selection, prebuilt = select_precision(compiled, options, work,
+                                                             alternatives)
             watch.lap("int8 or bf16")
         if calibration is not None:
             compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen,

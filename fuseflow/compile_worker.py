@@ -11,7 +11,8 @@ its segment (which stays in TF), never a silently wrong model.
 
 FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT][@BACKEND] makes the
 worker fail on purpose, so the recovery paths can be tested with real backends
-(and `slow` makes placement's timing see a compiled segment slower than TF).
+(and `slow[@BACKEND[/PRECISION]]` makes timing.py see a compiled segment slower
+than TF, or an int8 one slower than its bf16 compile).
 """
 
 from __future__ import annotations

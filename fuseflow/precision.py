@@ -1,10 +1,15 @@
-"""Stage 5b: under --quantize int8, int8 or bf16 per segment, by timing.
+"""Stage 5a: under --quantize int8, int8 or bf16 per segment, by timing.
 
 INT8 is not faster everywhere. On a CPU with AVX-512 bf16 and VNNI, EfficientNetB0
 (depthwise convolutions, swish and squeeze-excite multiplies between them) ran at
 8.83 ms in int8 and 7.17 ms in bf16 at batch 1, while MobileNetV2 and ResNet50 ran
-faster in int8. So with profiling on (the default), every int8 segment is compiled
-at bf16 too (the next step of the accuracy ladder), both are timed as they will run
+faster in int8. OpenVINO's per-layer counters (PERF_COUNT) on EfficientNetB0 b1:
+its depthwise convolutions ran slower in int8 than in bf16 (3.8 vs 3.0 ms in all),
+its 1x1 convolutions only ~15% faster; NNCF's options did not help (depthwise left
+out of quantization: Reorders around them, 14.3 ms; preset MIXED: 12.7 ms; bf16
+12.6, int8 11.7 ms in that run). So with profiling on (the default), every int8
+segment is compiled at bf16 too (the next step of the accuracy ladder, beside the
+int8 compile), both are timed as they will run
 (timing.py: the fused node in a TF session, on the segment's first calibration
 batch, median of single calls after warm-up, in two interleaved rounds, the lower
 median of each kept), and int8 stays only when it is faster by INT8_MARGIN. The

@@ -11,8 +11,8 @@ out of quantization: Reorders around them, 14.3 ms; preset MIXED: 12.7 ms; bf16
 segment is compiled at bf16 too (the next step of the accuracy ladder, beside the
 int8 compile), both are timed as they will run
 (timing.py: the fused node in a TF session, on the segment's first calibration
-batch, median of single calls after warm-up, in two interleaved rounds, the lower
-median of each kept), and int8 stays only when it is faster by INT8_MARGIN. The
+batch, warmed up, then int8 and bf16 called in turn, call by call, the median of
+each), and int8 stays only when it is faster by INT8_MARGIN. The
 accuracy guard then starts from the chosen precisions (a segment kept at bf16 can
 still be demoted to f32) and reuses the bf16 artifacts compiled here when it demotes
 an int8 segment. --no-profile keeps every segment at int8 untimed.
@@ -36,7 +36,6 @@ from fuseflow.timing import TimingJob, prestart, time_jobs
 log = logging.getLogger("fuseflow")
 
 INT8_MARGIN = 0.03  # int8 must be this much faster than bf16 to be kept: bf16 is closer
-ROUNDS = 2  # int8, bf16, int8, bf16: a load change mid-timing hits both
 ALTERNATIVE = "bf16"
 
 
@@ -100,10 +99,9 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
         batches = read_calibration(workdir / name)
         if other is None or not batches:
             continue
-        for r in range(ROUNDS):
-            for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
-                jobs.append(TimingJob(f"{name}.{level}.{r}", c.backend, c.segment, c.artifact,
-                                      batches[0], opts, level, in_flight=False))
+        for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
+            jobs.append(TimingJob(f"{name}.{level}", c.backend, c.segment, c.artifact,
+                                  batches[0], opts, level, in_flight=False, group=name))
     compiled_at = time.monotonic()
     timings, failures = time_jobs(jobs, options, options.profile_budget_s, workdir)
     log.info("int8 or bf16: %d segment(s) compiled at bf16 in %.1f s (more beside the int8 "
@@ -131,11 +129,9 @@ def _choice(name: str, other: CompiledSegment | None, timings, failures,
         return Choice("int8", f"{ALTERNATIVE} failed to compile ({why}): int8 kept untimed")
     sides = {}
     for level in ("int8", ALTERNATIVE):
-        runs = [timings[k].latency_ms for r in range(ROUNDS)
-                if (k := f"{name}.{level}.{r}") in timings]
-        if not runs:
-            why = next((failures[k] for r in range(ROUNDS)
-                        if (k := f"{name}.{level}.{r}") in failures), "no calibration batch")
-            return Choice("int8", f"not timed ({level}: {why}): int8 kept")
-        sides[level] = round(min(runs), 4)
+        key = f"{name}.{level}"
+        if key not in timings:
+            return Choice("int8", f"not timed ({failures.get(key, 'no calibration batch')}): "
+                          "int8 kept")
+        sides[level] = round(timings[key].latency_ms, 4)
     return decide(sides["int8"], sides[ALTERNATIVE])

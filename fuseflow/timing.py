@@ -242,13 +242,15 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
     """The group's jobs timed call by call in turn (A, B, A, B, ...): median latency of
     each; in_flight_ms repeats it."""
     from fuseflow.compile_worker import injected_fault
-    from fuseflow.tf_compat import tf
+    from fuseflow.tf_compat import plain_session_config, tf
 
     calls, sessions = {}, []
     try:
         for job in jobs:
             graph, feeds, fetches = _graph(job, job.options or options)
-            sessions.append(tf.compat.v1.Session(graph=graph))
+            # Grappler only rewrites around the fused node (and folds its fallback's
+            # constants): it would cost a first call seconds and change nothing timed.
+            sessions.append(tf.compat.v1.Session(graph=graph, config=plain_session_config()))
             run = sessions[-1].make_callable(fetches, feeds)
             if job.backend and injected_fault(job.segment.name, job.backend,
                                               job.precision) == "slow":

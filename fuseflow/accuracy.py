@@ -156,17 +156,22 @@ def _quantized_ops(item: CompiledSegment) -> int | None:
 def guard(graph_def, init_nodes: list[str], fetches: list[str], compiled: list[CompiledSegment],
           calib: CalibrationSet, backend: Backend, options: CompilerOptions,
           rewrite: Callable[[list[CompiledSegment]], object],
-          recompile: Callable[[SegmentGraph, CompilerOptions], CompiledSegment]
-          ) -> tuple[list[CompiledSegment], AccuracyReport]:
+          recompile: Callable[[SegmentGraph, CompilerOptions], CompiledSegment],
+          selection: dict | None = None) -> tuple[list[CompiledSegment], AccuracyReport]:
     """Measure the compiled model against the original on held-out data, demoting the
     worst segments until it fits the bounds. rewrite(compiled) -> final GraphDef;
-    recompile(segment, options) -> the segment compiled again at other options."""
+    recompile(segment, options) -> the segment compiled again at other options;
+    selection: segment name -> precision.Choice, where timing chose the precision a
+    segment starts at (a step down the ladder when it kept bf16)."""
     steps = ladder(options, backend)
     bounds = {**DEFAULT_TOLERANCE, **dict(options.accuracy_tolerance)}
     report = AccuracyReport(steps[0], calib.source, len(calib.holdout), calib.samples, bounds,
                             notes=list(calib.notes))
     compiled = list(compiled)
-    level = {c.segment.name: 0 for c in compiled if c.artifact is not None}
+    selection = selection or {}
+    level = {c.segment.name: steps.index(selection[c.segment.name].kept)
+             if c.segment.name in selection and selection[c.segment.name].kept in steps else 0
+             for c in compiled if c.artifact is not None}
     history: dict[str, list[str]] = {name: [] for name in level}
     expected = run_graph(graph_def, init_nodes, calib.holdout, fetches)
     ok_segments = [c.segment for c in compiled if c.artifact is not None]
@@ -226,10 +231,12 @@ def guard(graph_def, init_nodes: list[str], fetches: list[str], compiled: list[C
         precision = steps[level[name]] if item.artifact is not None else "f32 (TensorFlow)"
         if precision == "int8" and _quantized_ops(item) == 0:
             precision = "int8 (nothing quantizable: f32)"
-        report.segments.append({"name": name, "precision": precision,
-                                "added_mean_relative_error": added.get(name),
-                                "quantized_ops": _quantized_ops(item),
-                                "demoted_from": history[name]})
+        entry = {"name": name, "precision": precision,
+                 "added_mean_relative_error": added.get(name),
+                 "quantized_ops": _quantized_ops(item), "demoted_from": history[name]}
+        if name in selection:
+            entry["selection"] = selection[name].to_json()
+        report.segments.append(entry)
     report.demoted = [n for n, h in history.items() if h]
     return compiled, report
 
@@ -248,7 +255,9 @@ def summary_lines(accuracy: dict) -> list[str]:
         lines.append(f"  {seg['name']}: {seg['precision']}"
                      + (f", adds {err:.3g} mean relative error" if err is not None else "")
                      + (f", demoted from {' -> '.join(seg['demoted_from'])}"
-                        if seg["demoted_from"] else ""))
+                        if seg["demoted_from"] else "")
+                     + (f"; {seg['selection']['kept']} kept by timing: "
+                        f"{seg['selection']['reason']}" if seg.get("selection") else ""))
     return lines
 
 
@@ -277,9 +286,12 @@ def prepare(plan, segments: list[SegmentGraph], workdir, backend: Backend
 
 
 def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
-          backend: Backend) -> tuple[list[CompiledSegment], AccuracyReport]:
+          backend: Backend, selection: dict | None = None,
+          prebuilt: dict[str, CompiledSegment] | None = None
+          ) -> tuple[list[CompiledSegment], AccuracyReport]:
     """After compiling: the guard over plan's graph, recompiling demoted segments in
-    the same work directory."""
+    the same work directory (or taking them from `prebuilt`, segment name -> its
+    compile at the options it carries: precision.select's bf16 ones)."""
     from fuseflow.compile import CompileJob, compile_segments
     from fuseflow.rewrite import rewrite_graph
 
@@ -287,6 +299,9 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
     keep = set(model.fetch_nodes)
 
     def recompile(segment: SegmentGraph, opts: CompilerOptions) -> CompiledSegment:
+        ready = (prebuilt or {}).get(segment.name)
+        if ready is not None and ready.options == opts:
+            return ready
         redone = compile_segments([CompileJob(backend.name, segment, segment.name)], opts,
                                   workdir)[0]
         return dataclasses.replace(redone, options=opts)
@@ -294,7 +309,7 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
     compiled, report = guard(
         graph_def, model.init_nodes, [s.tensor_name for s in model.outputs], compiled, calib,
         backend, options, lambda c: rewrite_graph(graph_def, c, options, keep),
-        recompile)
+        recompile, selection)
     from fuseflow.logs import shown_info
 
     with shown_info():

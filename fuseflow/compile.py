@@ -47,6 +47,7 @@ class CompileJob:
     backend: str
     segment: SegmentGraph
     directory: str
+    options: CompilerOptions | None = None  # its own (int8's bf16 alternative), else the call's
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     Jobs in the compile cache are taken from it and not compiled."""
     segments = [j.segment for j in jobs]
     cache = CompileCache.for_options(options)
-    keys = [cache.key(j.backend, j.segment, options) for j in jobs]
+    keys = [cache.key(j.backend, j.segment, j.options or options) for j in jobs]
     results: dict[int, CompiledSegment] = {}
     for i, job in enumerate(jobs):
         start = time.monotonic()
@@ -216,7 +217,8 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                     seg_dir = workdir / jobs[i].directory
                     seg_dir.mkdir(parents=True, exist_ok=True)
                     (seg_dir / "graph.pb").write_bytes(segments[i].graph_def_bytes)
-                    w.writer.send((jobs[i].backend, segments[i], options, str(seg_dir)))
+                    w.writer.send((jobs[i].backend, segments[i], jobs[i].options or options,
+                                   str(seg_dir)))
                     w.job = (i, time.monotonic())
             for k, w in enumerate(workers):
                 outcome = _poll(w, options.timeout_s)
@@ -282,12 +284,13 @@ def _record(job: CompileJob, seg_dir: Path, outcome, seconds: float, done: int,
         else:
             log.info("compiled %s (%d ops) on %s in %.1f s [%d/%d]", segment.name,
                      segment.node_count, job.backend, seconds, done, total)
-        return CompiledSegment(segment, artifact, None, seconds, job.backend, cached)
+        return CompiledSegment(segment, artifact, None, seconds, job.backend, cached,
+                               job.options)
     first, detail = outcome[1]
     (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
     log.warning("segment %s failed to compile on %s: %s [%d/%d]", segment.name, job.backend,
                 first, done, total)
-    return CompiledSegment(segment, None, first, seconds, job.backend)
+    return CompiledSegment(segment, None, first, seconds, job.backend, options=job.options)
 
 
 def _write_artifact(seg_dir: Path, artifact: Artifact) -> None:

@@ -11,7 +11,8 @@ its segment (which stays in TF), never a silently wrong model.
 
 FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT][@BACKEND] makes the
 worker fail on purpose, so the recovery paths can be tested with real backends
-(and `slow` makes placement's timing see a compiled segment slower than TF).
+(and `slow[@BACKEND[/PRECISION]]` makes timing.py see a compiled segment slower
+than TF, or an int8 one slower than its bf16 compile).
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from fuseflow.backends.base import (
 from fuseflow.options import CompilerOptions
 
 
-def injected_fault(segment: str, backend: str) -> str | None:
-    """The fault FUSEFLOW_INJECT_FAULT asks for on this segment and backend, if any."""
+def injected_fault(segment: str, backend: str, precision: str | None = None) -> str | None:
+    """The fault FUSEFLOW_INJECT_FAULT asks for on this segment and backend (and, where
+    it names one as @BACKEND/PRECISION, this precision), if any."""
     spec, _, only_on = os.environ.get("FUSEFLOW_INJECT_FAULT", "").partition("@")
     kind, _, target = spec.partition(":")
-    return kind if kind and target in ("", segment) and only_on in ("", backend) else None
+    on = ("", backend) + ((f"{backend}/{precision}",) if precision else ())
+    return kind if kind and target in ("", segment) and only_on in on else None
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:

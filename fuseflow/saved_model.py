@@ -50,6 +50,8 @@ from fuseflow.place import (
     place,
     preferred_backends,
 )
+from fuseflow.precision import alternative_job as select_precision_job
+from fuseflow.precision import select as select_precision
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report, timing_line
 from fuseflow.rewrite import rewrite_graph
@@ -277,7 +279,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
             "backends": list(plan.supports)})
         # int8 segments are calibrated before compiling (accuracy.prepare): timed
-        # candidates would be f32, so int8 models are placed by kind.
+        # candidates would be f32, so int8 models are placed by kind; each int8 segment
+        # is then timed against its bf16 compile (precision.py).
         if options.profile and options.quantize == "none":
             placement = place(graph_def, plan.supports, plan.prefer, plan.partitioner, options,
                               plan.force_fuse, extract,
@@ -303,13 +306,28 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                                            done.backend)
             else:
                 jobs.append((k, CompileJob(seg.colour, graph, graph.name)))
-        for (k, _), item in zip(jobs, compile_segments([j for _, j in jobs], options, work)):
+        # Under int8 with profiling, each segment's bf16 compile runs beside its int8 one:
+        # precision.select times the two.
+        timed_int8 = options.quantize == "int8" and options.profile and calibration is not None
+        extra = [select_precision_job(j, options) for _, j in jobs] if timed_int8 else []
+        if extra:
+            prestart()  # the timing process imports TF while the segments compile
+        results = compile_segments([j for _, j in jobs] + extra, options, work)
+        for (k, _), item in zip(jobs, results):
             ready[k] = item
+        alternatives = {item.segment.name: item for item in results[len(jobs):]}
         _compile_elsewhere(ready, partition.segments, plan, work)
         compiled = [ready[k] for k in range(len(segments))]
         accuracy_report = None
+        selection, prebuilt = {}, {}
+        if timed_int8:
+            watch.lap("workers")
+            compiled, selection, prebuilt = select_precision(compiled, options, work,
+                                                             alternatives)
+            watch.lap("int8 or bf16")
         if calibration is not None:
-            compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen)
+            compiled, accuracy_report = accuracy.check(plan, compiled, calibration, work, chosen,
+                                                       selection, prebuilt)
     watch.lap("workers")
     failed = [c.segment.name for c in compiled if c.artifact is None]
     if failed and options.must_compile:

@@ -7,14 +7,21 @@ same kind. Both are timed one call at a time (median latency) and with calls in
 flight (time per call with 2 threads calling), after warm-up calls that absorb
 first-call costs (XLA compiles at its first call).
 
+Jobs of one group (int8 against bf16, precision.py) are timed call by call in
+turn, latency only: on a shared machine, load that changes while they are timed
+then hits each alike, where timing one after the other could rank them by the
+load of the moment.
+
 Timing runs in a fresh process, one candidate after another: a crashing backend
 costs only its timing, and no compile worker shares the cores meanwhile.
 compile() starts that process ahead (prestart, inside warm_interpreters): it
 imports TensorFlow and fuseflow while the segments compile, then waits for its
 one job.
 
-FUSEFLOW_INJECT_FAULT=slow[@BACKEND] adds 5 ms to every timed call of a compiled
-candidate: a segment slower than TF on any machine, for the tests of that path.
+FUSEFLOW_INJECT_FAULT=slow[@BACKEND[/PRECISION]] adds 5 ms to every timed call of a
+compiled candidate (of that precision only, e.g. slow@openvino/int8): a segment slower
+than TF, or an int8 segment slower than its bf16 one, on any machine, for the tests of
+those paths.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from fuseflow.options import CompilerOptions
 IN_FLIGHT = 2  # calls in flight for the throughput figure (cores of a small replica)
 _WARMUP = 2
 _MIN_RUNS, _MAX_RUNS = 5, 200
+_MIN_INTERLEAVED = 11  # calls of each job of a group, at least
 _SECONDS_PER_SIDE = 0.3  # per candidate: latency calls, then as long again in flight
 _INJECTED_DELAY_S = 0.005
 
@@ -52,6 +60,10 @@ class TimingJob:
     segment: SegmentGraph
     artifact: Artifact | None
     inputs: list[np.ndarray]
+    options: CompilerOptions | None = None  # the artifact's own (else time_jobs')
+    precision: str | None = None  # for FUSEFLOW_INJECT_FAULT=slow@BACKEND/PRECISION
+    in_flight: bool = True  # also time calls in flight (else in_flight_ms = latency_ms)
+    group: str | None = None  # jobs of one group are timed call by call in turn
 
 
 @dataclass(frozen=True)
@@ -192,10 +204,11 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
     from fuseflow.compile_worker import injected_fault
     from fuseflow.tf_compat import tf
 
-    graph, feeds, fetches = _graph(job, options)
+    graph, feeds, fetches = _graph(job, job.options or options)
     with tf.compat.v1.Session(graph=graph) as sess:
         run = sess.make_callable(fetches, feeds)
-        if job.backend and injected_fault(job.segment.name, job.backend) == "slow":
+        if job.backend and injected_fault(job.segment.name, job.backend,
+                                          job.precision) == "slow":
             run = _delayed(run)
         for _ in range(_WARMUP):
             run(*job.inputs)
@@ -207,6 +220,8 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
             run(*job.inputs)
             samples.append(time.perf_counter() - t0)
         latency = statistics.median(samples)
+        if not job.in_flight:
+            return Timing(latency * 1e3, latency * 1e3, len(samples))
         calls = max(_MIN_RUNS, min(_MAX_RUNS, int(_SECONDS_PER_SIDE / max(latency, 1e-6))))
 
         def worker():
@@ -221,6 +236,45 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
             t.join()
         in_flight = (time.perf_counter() - t0) / (calls * IN_FLIGHT)
     return Timing(latency * 1e3, in_flight * 1e3, len(samples))
+
+
+def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Timing]:
+    """The group's jobs timed call by call in turn (A, B, A, B, ...): median latency of
+    each; in_flight_ms repeats it."""
+    from fuseflow.compile_worker import injected_fault
+    from fuseflow.tf_compat import plain_session_config, tf
+
+    calls, sessions = {}, []
+    try:
+        for job in jobs:
+            graph, feeds, fetches = _graph(job, job.options or options)
+            # Grappler only rewrites around the fused node (and folds its fallback's
+            # constants): it would cost a first call seconds and change nothing timed.
+            sessions.append(tf.compat.v1.Session(graph=graph, config=plain_session_config()))
+            run = sessions[-1].make_callable(fetches, feeds)
+            if job.backend and injected_fault(job.segment.name, job.backend,
+                                              job.precision) == "slow":
+                run = _delayed(run)
+            for _ in range(_WARMUP):
+                run(*job.inputs)
+            calls[job.key] = (run, job.inputs)
+        samples: dict[str, list[float]] = {key: [] for key in calls}
+        start = time.perf_counter()
+        while len(samples[jobs[0].key]) < _MAX_RUNS and (
+                len(samples[jobs[0].key]) < _MIN_INTERLEAVED
+                or time.perf_counter() - start < _SECONDS_PER_SIDE * len(jobs)):
+            for key, (run, inputs) in calls.items():
+                t0 = time.perf_counter()
+                run(*inputs)
+                samples[key].append(time.perf_counter() - t0)
+    finally:
+        for sess in sessions:
+            sess.close()
+    out = {}
+    for key, times in samples.items():
+        ms = statistics.median(times) * 1e3
+        out[key] = Timing(ms, ms, len(times))
+    return out
 
 
 def _delayed(run):
@@ -240,15 +294,22 @@ def main(src: str, dst: str) -> None:
     timings: dict[str, Timing] = {}
     failures: dict[str, str] = {}
     deadline = time.monotonic() + budget_s
+    batches: dict[object, list[TimingJob]] = {}
+    for k, job in enumerate(jobs):  # a group together, where its first job was
+        batches.setdefault(k if job.group is None else ("group", job.group), []).append(job)
     with tf_quiet():
-        for job in jobs:
+        for batch in batches.values():
             if time.monotonic() > deadline:
-                failures[job.key] = "not timed: the profiling budget was spent"
+                failures.update(dict.fromkeys(
+                    (j.key for j in batch), "not timed: the profiling budget was spent"))
                 continue
             try:
-                timings[job.key] = _time_one(job, options)
+                if batch[0].group is None:
+                    timings[batch[0].key] = _time_one(batch[0], options)
+                else:
+                    timings.update(_time_group(batch, options))
             except Exception as e:  # a candidate that can't run is not a candidate
-                failures[job.key] = errors.reason(e)
+                failures.update(dict.fromkeys((j.key for j in batch), errors.reason(e)))
     Path(dst).write_bytes(pickle.dumps((timings, failures)))
 
 

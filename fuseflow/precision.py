@@ -1,0 +1,137 @@
+"""Stage 5a: under --quantize int8, int8 or bf16 per segment, by timing.
+
+INT8 is not faster everywhere. On a CPU with AVX-512 bf16 and VNNI, EfficientNetB0
+(depthwise convolutions, swish and squeeze-excite multiplies between them) ran at
+8.83 ms in int8 and 7.17 ms in bf16 at batch 1, while MobileNetV2 and ResNet50 ran
+faster in int8. OpenVINO's per-layer counters (PERF_COUNT) on EfficientNetB0 b1:
+its depthwise convolutions ran slower in int8 than in bf16 (3.8 vs 3.0 ms in all),
+its 1x1 convolutions only ~15% faster; NNCF's options did not help (depthwise left
+out of quantization: Reorders around them, 14.3 ms; preset MIXED: 12.7 ms; bf16
+12.6, int8 11.7 ms in that run). So with profiling on (the default), every int8
+segment is compiled at bf16 too (the next step of the accuracy ladder, beside the
+int8 compile), both are timed as they will run
+(timing.py: the fused node in a TF session, on the segment's first calibration
+batch, warmed up, then int8 and bf16 called in turn, call by call, the median of
+each), and int8 stays only when it is faster by INT8_MARGIN. The
+accuracy guard then starts from the chosen precisions (a segment kept at bf16 can
+still be demoted to f32) and reuses the bf16 artifacts compiled here when it demotes
+an int8 segment. --no-profile keeps every segment at int8 untimed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuseflow.accuracy import options_at
+from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
+from fuseflow.logs import shown_info
+from fuseflow.options import CompilerOptions
+from fuseflow.quantize import read_calibration
+from fuseflow.timing import TimingJob, prestart, time_jobs
+
+log = logging.getLogger("fuseflow")
+
+INT8_MARGIN = 0.03  # int8 must be this much faster than bf16 to be kept: bf16 is closer
+ALTERNATIVE = "bf16"
+
+
+@dataclass
+class Choice:
+    """Which precision a segment keeps and why, as the report shows it."""
+
+    kept: str  # "int8" or "bf16"
+    reason: str
+    int8_ms: float | None = None
+    bf16_ms: float | None = None
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def decide(int8_ms: float, bf16_ms: float, margin: float = INT8_MARGIN) -> Choice:
+    """int8 if it is faster than bf16 by `margin`, else bf16."""
+    figures = f"{int8_ms:.3g} ms vs {bf16_ms:.3g} ms per call"
+    if int8_ms <= bf16_ms * (1 - margin):
+        return Choice("int8", f"int8 faster than bf16: {figures}", int8_ms, bf16_ms)
+    if int8_ms <= bf16_ms:
+        return Choice("bf16", f"int8 not faster than bf16 by {margin:.0%}: {figures}",
+                      int8_ms, bf16_ms)
+    return Choice("bf16", f"int8 slower than bf16: {figures}", int8_ms, bf16_ms)
+
+
+def alternative_job(job: CompileJob, options: CompilerOptions) -> CompileJob:
+    """The bf16 compile of an int8 job, in its own directory: compiled beside the int8
+    one (compile_segments runs them side by side), for select()."""
+    return CompileJob(job.backend, job.segment, f"{job.directory}.{ALTERNATIVE}",
+                      options_at(options, ALTERNATIVE))
+
+
+def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: Path,
+           ready: dict[str, CompiledSegment] | None = None
+           ) -> tuple[list[CompiledSegment], dict[str, Choice], dict[str, CompiledSegment]]:
+    """Time every compiled int8 segment against its bf16 compile and keep the faster.
+    ready: segment name -> its bf16 compile (alternative_job) where already made.
+
+    Returns the segments (bf16 ones where bf16 won, with their own options), the
+    choice per segment name, and the bf16 compiles by segment name (for the guard)."""
+    int8 = [c for c in compiled if c.artifact is not None]
+    if not int8:
+        return compiled, {}, {}
+    bf16_options = options_at(options, ALTERNATIVE)
+    prestart()  # the timing process imports TF while any bf16 candidate compiles
+    started = time.monotonic()
+    ready = dict(ready or {})
+    todo = [c for c in int8 if c.segment.name not in ready]
+    for c, r in zip(todo, compile_segments(
+            [alternative_job(CompileJob(c.backend, c.segment, c.segment.name), options)
+             for c in todo], options, workdir)):
+        ready[c.segment.name] = r
+    alternatives = {name: dataclasses.replace(r, options=bf16_options)
+                    for name, r in ready.items() if r.artifact is not None}
+    jobs = []
+    for item in int8:
+        name = item.segment.name
+        other = alternatives.get(name)
+        batches = read_calibration(workdir / name)
+        if other is None or not batches:
+            continue
+        for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
+            jobs.append(TimingJob(f"{name}.{level}", c.backend, c.segment, c.artifact,
+                                  batches[0], opts, level, in_flight=False, group=name))
+    compiled_at = time.monotonic()
+    timings, failures = time_jobs(jobs, options, options.profile_budget_s, workdir)
+    log.info("int8 or bf16: %d segment(s) compiled at bf16 in %.1f s (more beside the int8 "
+             "compiles), timed in %.1f s", len(alternatives), compiled_at - started,
+             time.monotonic() - compiled_at)
+    choices: dict[str, Choice] = {}
+    out = []
+    for item in compiled:
+        name = item.segment.name
+        if item.artifact is None:
+            out.append(item)
+            continue
+        choice = _choice(name, alternatives.get(name), timings, failures, ready.get(name))
+        choices[name] = choice
+        with shown_info():
+            log.info("segment %s: %s kept (%s)", name, choice.kept, choice.reason)
+        out.append(alternatives[name] if choice.kept == ALTERNATIVE else item)
+    return out, choices, alternatives
+
+
+def _choice(name: str, other: CompiledSegment | None, timings, failures,
+            attempt: CompiledSegment | None) -> Choice:
+    if other is None:
+        why = attempt.error if attempt is not None else "not compiled"
+        return Choice("int8", f"{ALTERNATIVE} failed to compile ({why}): int8 kept untimed")
+    sides = {}
+    for level in ("int8", ALTERNATIVE):
+        key = f"{name}.{level}"
+        if key not in timings:
+            return Choice("int8", f"not timed ({failures.get(key, 'no calibration batch')}): "
+                          "int8 kept")
+        sides[level] = round(timings[key].latency_ms, 4)
+    return decide(sides["int8"], sides[ALTERNATIVE])

@@ -1,8 +1,9 @@
 """make bench-serve: `fuseflow serve` under load from wrk, original vs compiled model.
 
 One BERT-like encoder (small JSON requests, real compute) is exported and compiled once.
-For 1 and 2 replicas a server serves both versions side by side; wrk then drives each at
-fixed concurrency levels for a fixed time and reports p50/p99 latency and throughput.
+For 1 and 2 replicas, each version gets a server of its own (so the two never share the
+cores); wrk then drives it at fixed concurrency levels for a fixed time and reports
+p50/p99 latency and throughput.
 Server-side batching is off (--max-batch-size 1) so that the two models do the same work
 per request. Each wrk run can hold a lock file (--lock) so timings never overlap other
 timings on a shared machine. Every request's answer is checked once against TF first.
@@ -122,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         script = root / "post.lua"
         script.write_text(_LUA % json.dumps(body))
         for replicas in map(int, args.replicas.split(",")):
-            command = fuseflow_command() + [
-                "serve", "--model", f"original={root / 'original'}",
-                "--model", f"compiled={root / 'compiled'}", "--replicas", str(replicas),
-                "--max-batch-size", "1", "-q"]
-            with ServeProcess(command) as server:
-                for name in ("original", "compiled"):
+            for name in ("original", "compiled"):
+                # one model per server: the two never share the cores or Ray's processes
+                command = fuseflow_command() + [
+                    "serve", "--model", f"{name}={root / name}", "--replicas", str(replicas),
+                    "--max-batch-size", "1", "-q"]
+                with ServeProcess(command) as server:
                     path = f"/v1/models/{name}:predict"
                     status, answer = server.post(path, body)
                     assert status == 200, answer

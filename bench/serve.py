@@ -89,12 +89,16 @@ def _models(root: Path, lock: str | None) -> tuple[dict, np.ndarray]:
     tf.keras.utils.set_random_seed(0)
     model = bert_like(seq=128, layers=2)
     model.export(str(root / "original/1"), verbose=False)
-    with _locked(lock):
-        result = fuseflow.saved_model.compile(str(root / "original/1"),
-                                              str(root / "compiled/1"), batch_size=1)
-    if result["OnNeuronRatio"] < 0.5:
+    for _ in range(3):  # others' work on a shared CPU can still tip the timing to TF
+        shutil.rmtree(root / "compiled", ignore_errors=True)
+        with _locked(lock):
+            result = fuseflow.saved_model.compile(str(root / "original/1"),
+                                                  str(root / "compiled/1"), batch_size=1)
+        if result["OnNeuronRatio"] >= 0.5:
+            break
+    else:
         raise RuntimeError(f"bench-serve: only {result['OnNeuronRatio']:.0%} of the model "
-                           "was compiled (the CPU was busy while segments were timed?)")
+                           "was compiled, 3 times (the CPU was busy while segments were timed?)")
     ids = np.random.default_rng(0).integers(0, 8000, (1, 128)).astype(np.int32)
     loaded = tf.saved_model.load(str(root / "original/1")).signatures["serving_default"]
     (key,) = loaded.structured_input_signature[1]

@@ -90,7 +90,7 @@ def served(root: Path, name: str, raw: bytes, n: int, replicas: int, lock: str |
     path = f"/v1/models/{name}:predict"
     try:
         with ServeProcess(command, env=env) as server:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn = None
 
             def one() -> tuple[float, str]:
                 t0 = time.perf_counter()
@@ -100,9 +100,10 @@ def served(root: Path, name: str, raw: bytes, n: int, replicas: int, lock: str |
                 assert response.status == 200, response.status
                 return (time.perf_counter() - t0) * 1e3, response.getheader("x-request-id")
 
-            for _ in range(10):  # warm up
-                one()
-            with _locked(lock):
+            with _locked(lock):  # a connection kept idle while waiting would be closed
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+                for _ in range(10):  # warm up
+                    one()
                 for _ in range(n):
                     dt, rid = one()
                     client.append(dt)

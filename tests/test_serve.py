@@ -276,6 +276,8 @@ def test_one_model_is_its_own_ingress_with_the_same_routes(models):
         assert status == 200 and body["model_spec"]["version"] == "1", body
         status, body = server.get("/healthz")
         assert status == 200 and body == {"status": "ok", "models": {"dense": True}}, body
+        status, text = server.get("/metrics")
+        assert status == 200 and "ray_serve_" in text
         assert server.get("/fuseflow/stats/nope")[0] == 404
         before = server.get("/fuseflow/stats/dense")[1]
         with ThreadPoolExecutor(32) as pool:

@@ -1,8 +1,9 @@
 """make bench-serve: `fuseflow serve` under load from wrk, original vs compiled model.
 
 One BERT-like encoder (small JSON requests, real compute) is exported and compiled once.
-For 1 and 2 replicas a server serves both versions side by side; wrk then drives each at
-fixed concurrency levels for a fixed time and reports p50/p99 latency and throughput.
+For 1 and 2 replicas, each version gets a server of its own (so the two never share the
+cores); wrk then drives it at fixed concurrency levels for a fixed time and reports
+p50/p99 latency and throughput.
 Server-side batching is off (--max-batch-size 1) so that the two models do the same work
 per request. Each wrk run can hold a lock file (--lock) so timings never overlap other
 timings on a shared machine. Every request's answer is checked once against TF first.
@@ -76,8 +77,11 @@ def _locked(path: str | None):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _models(root: Path) -> tuple[dict, np.ndarray]:
-    """original/1 and compiled/1 under root; returns the request body and TF's answer."""
+def _models(root: Path, lock: str | None) -> tuple[dict, np.ndarray]:
+    """original/1 and compiled/1 under root; returns the request body and TF's answer.
+
+    The compile holds the lock: it times segments against TF to place them, and on a
+    busy CPU it would keep everything in TF (then "compiled" is the original again)."""
     import fuseflow
     from bench.models import bert_like
     from fuseflow.tf_compat import tf
@@ -85,8 +89,16 @@ def _models(root: Path) -> tuple[dict, np.ndarray]:
     tf.keras.utils.set_random_seed(0)
     model = bert_like(seq=128, layers=2)
     model.export(str(root / "original/1"), verbose=False)
-    fuseflow.saved_model.compile(str(root / "original/1"), str(root / "compiled/1"),
-                                 batch_size=1)
+    for _ in range(3):  # others' work on a shared CPU can still tip the timing to TF
+        shutil.rmtree(root / "compiled", ignore_errors=True)
+        with _locked(lock):
+            result = fuseflow.saved_model.compile(str(root / "original/1"),
+                                                  str(root / "compiled/1"), batch_size=1)
+        if result["OnNeuronRatio"] >= 0.5:
+            break
+    else:
+        raise RuntimeError(f"bench-serve: only {result['OnNeuronRatio']:.0%} of the model "
+                           "was compiled, 3 times (the CPU was busy while segments were timed?)")
     ids = np.random.default_rng(0).integers(0, 8000, (1, 128)).astype(np.int32)
     loaded = tf.saved_model.load(str(root / "original/1")).signatures["serving_default"]
     (key,) = loaded.structured_input_signature[1]
@@ -111,16 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     rows: list[Row] = []
     try:
-        body, want = _models(root)
+        body, want = _models(root, args.lock)
         script = root / "post.lua"
         script.write_text(_LUA % json.dumps(body))
         for replicas in map(int, args.replicas.split(",")):
-            command = fuseflow_command() + [
-                "serve", "--model", f"original={root / 'original'}",
-                "--model", f"compiled={root / 'compiled'}", "--replicas", str(replicas),
-                "--max-batch-size", "1", "-q"]
-            with ServeProcess(command) as server:
-                for name in ("original", "compiled"):
+            for name in ("original", "compiled"):
+                # one model per server: the two never share the cores or Ray's processes
+                command = fuseflow_command() + [
+                    "serve", "--model", f"{name}={root / name}", "--replicas", str(replicas),
+                    "--max-batch-size", "1", "-q"]
+                with ServeProcess(command) as server:
                     path = f"/v1/models/{name}:predict"
                     status, answer = server.post(path, body)
                     assert status == 200, answer

@@ -238,6 +238,58 @@ def test_concurrent_requests_are_batched_and_answered_correctly(server, models):
     requests = after["requests"] - before["requests"]
     calls = after["model_calls"] - before["model_calls"]
     assert requests >= 48 and calls < 48 / 2, (requests, calls)
+    assert after["http_requests"] == 0  # three models: the gateway routed every request
+
+
+def test_one_model_is_its_own_ingress_with_the_same_routes(models):
+    """One model on one replica: HTTP goes straight to the model replica (no gateway), and
+    the routes, errors, versions and batching are the gateway's."""
+    command = fuseflow_command() + ["serve", "--model", f"dense={models / 'dense'}",
+                                    "--batching", "dense=16,100", "--max-body-mb", "0.05"]
+    rows = np.random.default_rng(3).normal(size=(32, 8)).astype(np.float32)
+    want = _dense_tf(models, rows)
+    with ServeProcess(command) as server:
+        status, body = server.post("/v1/models/dense:predict", {"instances": rows[:2].tolist()})
+        assert status == 200, body
+        np.testing.assert_allclose(body["predictions"], want[:2], rtol=1e-4, atol=1e-5)
+        status, body = server.post("/v1/models/dense/versions/1:predict",
+                                   {"inputs": {"x": rows[:1].tolist()}})
+        assert status == 200, body
+        np.testing.assert_allclose(body["outputs"], want[:1], rtol=1e-4, atol=1e-5)
+        for method, path, sent, code, words in [
+                ("POST", "/v1/models/nope:predict", {"instances": [[0] * 8]}, 404,
+                 "Servable not found for request: Latest(nope)"),
+                ("POST", "/v1/models/dense/versions/7:predict", {"instances": [[0] * 8]}, 404,
+                 "Specific(dense, 7)"),
+                ("GET", "/v1/models/nope/versions/2", None, 404, "Specific(nope, 2)"),
+                ("GET", "/v2/other", None, 400, "Malformed request"),
+                ("POST", "/v1/models/dense:predict", b"[1, 2]", 400, "must be a JSON object"),
+                ("POST", "/v1/models/dense:predict", b"x" * 60_000, 429, "over the limit")]:
+            raw = sent if isinstance(sent, bytes) else None
+            status, answer = server.get(path) if method == "GET" else \
+                server.post(path, None if raw else sent, raw=raw)
+            assert status == code and set(answer) == {"error"}, (path, status, answer)
+            assert words in answer["error"], answer
+        status, body = server.get("/v1/models/dense")
+        assert status == 200 and body["model_version_status"][0]["state"] == "AVAILABLE"
+        status, body = server.get("/v1/models/dense/metadata")
+        assert status == 200 and body["model_spec"]["version"] == "1", body
+        status, body = server.get("/healthz")
+        assert status == 200 and body == {"status": "ok", "models": {"dense": True}}, body
+        status, text = server.get("/metrics")
+        assert status == 200 and "ray_serve_" in text
+        assert server.get("/fuseflow/stats/nope")[0] == 404
+        before = server.get("/fuseflow/stats/dense")[1]
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda r: server.post("/v1/models/dense:predict",
+                                                          {"instances": [r.tolist()]}), rows))
+        after = server.get("/fuseflow/stats/dense")[1]
+    for (status, body), expected in zip(answers, want):
+        assert status == 200, body
+        np.testing.assert_allclose(body["predictions"][0], expected, rtol=1e-4, atol=1e-5)
+    assert after["model_calls"] - before["model_calls"] < 32 / 2, (before, after)
+    # every REST request reached this replica over HTTP, none through a gateway's handle
+    assert after["http_requests"] == after["requests"] >= 32 + 4, after
 
 
 def test_new_version_is_picked_up_and_old_one_answers_until_then(server, models):

@@ -6,7 +6,8 @@
 - rest.py: TF Serving's REST paths, JSON forms and error shape, over numpy.
 - versions.py: a model base path (`<base>/<version>/saved_model.pb`), the latest version
   served, new versions picked up.
-- app.py: the Ray Serve application (gateway + one deployment per model, batching).
+- app.py: the Ray Serve application (one deployment per model, batching; a gateway in
+  front when several models or replicas are served).
 
 Ray is imported only here, so `import fuseflow` does not need it.
 """

@@ -1,17 +1,19 @@
 """The Ray Serve application: one `ModelServer` deployment per model, behind a `Gateway`.
 
-The gateway is the HTTP ingress: it parses TF Serving's REST paths and JSON, answers
-health and metrics, and calls the model's deployment through its handle, retrying a
-request whose replica died (predict is idempotent) and answering 503 when retries run
+The gateway is the HTTP ingress: it parses TF Serving's REST paths, answers health and
+metrics, and calls the model's deployment through its handle with the raw body, retrying
+a request whose replica died (predict is idempotent) and answering 503 when retries run
 out. A `ModelServer` replica imports fuseflow (so FuseflowOp is registered), serves the
-latest version of its base path, picks up new versions, and gathers concurrent requests
-into one model call with Ray Serve's `@serve.batch`.
+latest version of its base path, picks up new versions, parses and answers the JSON,
+and gathers concurrent requests into one model call with Ray Serve's `@serve.batch`.
+
+One model on one replica needs no router: the model deployment is then the ingress
+itself (the same routes, one process hop less per request; see `direct_ingress`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -30,6 +32,16 @@ from fuseflow.serve.rest import RestError
 log = logging.getLogger("fuseflow.serve")
 
 RETRIES = 3  # calls of a replica that died mid-request, before the gateway answers 503
+
+# Ray Serve's own knobs (ray/serve/_private/constants.py; part of its
+# RAY_SERVE_THROUGHPUT_OPTIMIZED set) for the Ray that `fuseflow serve` starts: user code
+# and the handle router on the replica's own event loop rather than one thread each
+# (fewer thread hand-offs per request on few cores; the model runs in its own thread
+# anyway), and Serve's logs to their files only, not to stderr as well. An environment
+# that sets one keeps its value.
+LOCAL_SERVE_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                   "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+                   "RAY_SERVE_LOG_TO_STDERR": "0"}
 
 
 @dataclass(frozen=True)
@@ -83,10 +95,71 @@ def _as_rest_error(e: Exception) -> RestError:
     return RestError(_TF_ERRORS.get(type(e).__name__, "INTERNAL"), reason(e))
 
 
-class ModelServer:
-    """A replica of one model: its versions, its batcher, its counters."""
+class _Ingress:
+    """TF Serving's REST routes, /healthz, /metrics and per-model stats over HTTP; the
+    subclass says how a model is called (through a handle, or in this replica)."""
 
-    def __init__(self, model: ModelConfig, threads: int | None, poll_seconds: float):
+    names: tuple[str, ...]
+    max_body_bytes: int
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+        path = request.url.path
+        if path == "/healthz":
+            ready = await self._ready()
+            ok = all(ready.values())
+            return JSONResponse({"status": "ok" if ok else "unavailable", "models": ready},
+                                status_code=200 if ok else 503)
+        if path == "/metrics":
+            return PlainTextResponse(await asyncio.get_running_loop().run_in_executor(
+                None, _ray_metrics))
+        if path.startswith("/fuseflow/stats/"):
+            name = path.rsplit("/", 1)[1]
+            if name not in self.names:
+                return JSONResponse({"error": "no such model"}, status_code=404)
+            return JSONResponse(await self._stats(name))
+        try:
+            route = rest.parse_path(path, request.method)
+            if route.model not in self.names:
+                spec = f"Specific({route.model}, {route.version})" if route.version is not None \
+                    else f"Latest({route.model})"
+                raise RestError("NOT_FOUND", f"Servable not found for request: {spec}")
+            raw = await _read_body(request, self.max_body_bytes) \
+                if request.method == "POST" else b""
+            status, payload = await self._call(route, raw)
+        except RestError as e:
+            status, payload = e.http_status, rest.dumps(e.body())
+        return Response(payload, status_code=status, media_type="application/json")
+
+    async def _ready(self) -> dict[str, bool]:
+        raise NotImplementedError
+
+    async def _stats(self, name: str) -> dict:
+        raise NotImplementedError
+
+    async def _call(self, route: rest.Route, raw: bytes) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+
+async def _read_body(request, max_bytes: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise RestError("RESOURCE_EXHAUSTED", f"Request body of {declared} bytes is over "
+                        f"the limit of {max_bytes} bytes (--max-body-mb)")
+    raw = await request.body()
+    if len(raw) > max_bytes:
+        raise RestError("RESOURCE_EXHAUSTED", f"Request body of {len(raw)} bytes is over "
+                        f"the limit of {max_bytes} bytes (--max-body-mb)")
+    return raw
+
+
+class ModelServer(_Ingress):
+    """A replica of one model: its versions, its batcher, its counters. Called by the
+    gateway's handle (`handle`), or over HTTP when it is the ingress (`__call__`)."""
+
+    def __init__(self, model: ModelConfig, threads: int | None, poll_seconds: float,
+                 max_body_bytes: int = 64 << 20):
         from ray import serve
         from ray.serve.metrics import Counter
 
@@ -94,9 +167,10 @@ class ModelServer:
 
         _set_tf_threads(threads)
         self.model = model
+        self.names, self.max_body_bytes = (model.name,), max_body_bytes
         self.versions = ModelVersions(model.name, model.base_path, threads)
         self.versions.refresh()
-        self.requests = self.model_calls = 0
+        self.requests = self.model_calls = self.http_requests = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
         self._requests_metric = Counter("fuseflow_serve_requests", "requests per model",
                                         tag_keys=("model",))
@@ -160,7 +234,8 @@ class ModelServer:
         return version.run(signature, feeds)
 
     async def _outputs(self, version, signature, feeds, batchable: bool) -> dict:
-        if batchable and all(v.ndim >= 1 for v in feeds.values()):
+        if batchable and self.model.max_batch_size > 1 and all(v.ndim >= 1
+                                                              for v in feeds.values()):
             out = await self._batched(_Call(version, signature, feeds))
         else:
             loop = asyncio.get_running_loop()
@@ -173,11 +248,17 @@ class ModelServer:
             raise out
         return out
 
-    async def handle(self, verb: str, version: int | None, body: dict) -> tuple[int, dict]:
-        """One REST call: (HTTP status, JSON body), errors in TF Serving's shape."""
+    async def handle(self, verb: str, version: int | None, raw: bytes) -> tuple[int, bytes]:
+        """One REST call, its body as sent: (HTTP status, JSON body), errors in TF Serving's
+        shape. Bytes both ways: nothing but the body crosses the process boundary."""
+        status, payload = await self._answer(verb, version, raw)
+        return status, rest.dumps(payload)
+
+    async def _answer(self, verb: str, version: int | None, raw: bytes) -> tuple[int, dict]:
         self.requests += 1
         self._requests_metric.inc(tags={"model": self.model.name})
         try:
+            body = rest.parse_body(raw) if raw else {}
             if verb == "status":
                 return 200, self.versions.status(version)
             loaded = self.versions.get(version)
@@ -207,12 +288,23 @@ class ModelServer:
     def ready(self) -> bool:
         return self.versions.latest is not None
 
+    async def _ready(self) -> dict[str, bool]:
+        return {self.model.name: self.ready()}
+
+    async def _stats(self, name: str) -> dict:
+        return self.stats()
+
+    async def _call(self, route: rest.Route, raw: bytes) -> tuple[int, bytes]:
+        self.http_requests += 1  # this replica is the ingress: HTTP came straight here
+        return await self.handle(route.verb, route.version, raw)
+
     def stats(self) -> dict:
         """This replica's counters: what batching saved, which process answered."""
         from fuseflow.runtime import runtime_stats
 
         latest = self.versions.latest
         return {"pid": os.getpid(), "requests": self.requests, "model_calls": self.model_calls,
+                "http_requests": self.http_requests,
                 "version": latest.version if latest else None, "runtime": runtime_stats()}
 
 
@@ -236,63 +328,24 @@ def _replica_died_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
-class Gateway:
-    """HTTP ingress: TF Serving's REST routes, /healthz, /metrics, per-model stats."""
+class Gateway(_Ingress):
+    """HTTP ingress in front of several models (or replicas): routes each request to its
+    model's deployment, retrying one whose replica died."""
 
     def __init__(self, handles: dict, max_body_bytes: int):
         self.handles, self.max_body_bytes = handles, max_body_bytes
+        self.names = tuple(handles)
         self._died = _replica_died_errors()
 
-    async def __call__(self, request):
-        from starlette.responses import JSONResponse, PlainTextResponse
+    async def _stats(self, name: str) -> dict:
+        return await self.handles[name].stats.remote()
 
-        path = request.url.path
-        if path == "/healthz":
-            return await self._health()
-        if path == "/metrics":
-            return PlainTextResponse(await asyncio.get_running_loop().run_in_executor(
-                None, _ray_metrics))
-        if path.startswith("/fuseflow/stats/"):
-            handle = self.handles.get(path.rsplit("/", 1)[1])
-            if handle is None:
-                return JSONResponse({"error": "no such model"}, status_code=404)
-            return JSONResponse(await handle.stats.remote())
-        try:
-            route = rest.parse_path(path, request.method)
-            handle = self.handles.get(route.model)
-            if handle is None:
-                spec = f"Specific({route.model}, {route.version})" if route.version is not None \
-                    else f"Latest({route.model})"
-                raise RestError("NOT_FOUND", f"Servable not found for request: {spec}")
-            body = await self._body(request) if request.method == "POST" else {}
-            status, payload = await self._call(handle, route, body)
-        except RestError as e:
-            status, payload = e.http_status, e.body()
-        return JSONResponse(payload, status_code=status)
-
-    async def _body(self, request) -> dict:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise RestError("RESOURCE_EXHAUSTED", f"Request body of {declared} bytes is over "
-                            f"the limit of {self.max_body_bytes} bytes (--max-body-mb)")
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise RestError("RESOURCE_EXHAUSTED", f"Request body of {len(raw)} bytes is over "
-                            f"the limit of {self.max_body_bytes} bytes (--max-body-mb)")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RestError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from e
-        if not isinstance(body, dict):
-            raise RestError("INVALID_ARGUMENT", "JSON Value: the request body must be a JSON "
-                            "object")
-        return body
-
-    async def _call(self, handle, route: rest.Route, body: dict) -> tuple[int, dict]:
+    async def _call(self, route: rest.Route, raw: bytes) -> tuple[int, bytes]:
+        handle = self.handles[route.model]
         last: BaseException | None = None
         for attempt in range(RETRIES):
             try:
-                return await handle.handle.remote(route.verb, route.version, body)
+                return await handle.handle.remote(route.verb, route.version, raw)
             except self._died as e:  # the replica went away: Ray replaces it, we retry
                 last = e
                 log.warning("model %s: replica died (attempt %d): %s", route.model,
@@ -300,20 +353,16 @@ class Gateway:
                 await asyncio.sleep(0.5 * (attempt + 1))
         message = (f"Model {route.model}: the replica serving this request died and "
                    f"{RETRIES} attempts failed ({type(last).__name__}); retry later")
-        return rest.HTTP_STATUS["UNAVAILABLE"], {"error": message}
+        return rest.HTTP_STATUS["UNAVAILABLE"], rest.dumps({"error": message})
 
-    async def _health(self):
-        from starlette.responses import JSONResponse
-
+    async def _ready(self) -> dict[str, bool]:
         ready = {}
         for name, handle in self.handles.items():
             try:
                 ready[name] = await handle.ready.remote()
             except self._died:
                 ready[name] = False
-        ok = all(ready.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "models": ready},
-                            status_code=200 if ok else 503)
+        return ready
 
 
 def _ray_metrics() -> str:
@@ -327,19 +376,32 @@ def _ray_metrics() -> str:
         return response.read().decode()
 
 
+def direct_ingress(config: ServeConfig) -> bool:
+    """Whether the model deployment is the HTTP ingress itself (no gateway hop): one
+    model on one replica. Several replicas keep the gateway, which retries a request
+    whose replica died on another one; Ray's proxy would answer it with a bare 500."""
+    return len(config.models) == 1 and config.replicas == 1
+
+
 def build_app(config: ServeConfig):
-    """The bound Ray Serve application (gateway over one deployment per model)."""
+    """The bound Ray Serve application: the model itself, or a gateway over one deployment
+    per model."""
     from ray import serve
 
     threads = config.threads or max(1, (os.cpu_count() or 1) // config.replicas)
+    direct = direct_ingress(config)
     handles = {}
     for model in config.models:
         deployment = serve.deployment(ModelServer).options(
             name=f"model-{model.name}", num_replicas=config.replicas,
-            max_ongoing_requests=max(16, 4 * model.max_batch_size),
+            # requests past these wait in the proxy (or gateway), not in a replica's queue
+            max_ongoing_requests=max(8, 2 * model.max_batch_size),
             ray_actor_options={"num_cpus": 0},  # threads are set per replica instead
             health_check_period_s=5, graceful_shutdown_timeout_s=5)
-        handles[model.name] = deployment.bind(model, threads, config.poll_seconds)
+        handles[model.name] = deployment.bind(model, threads, config.poll_seconds,
+                                              config.max_body_bytes)
+        if direct:
+            return handles[model.name]
     gateway = serve.deployment(Gateway).options(
         name="gateway", num_replicas=1, max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5)
@@ -356,6 +418,8 @@ def start(config: ServeConfig) -> None:
         ray.init(address=config.address, namespace="fuseflow", runtime_env=config.runtime_env
                  or None, log_to_driver=False)
     else:
+        for key, value in LOCAL_SERVE_ENV.items():  # inherited by Ray's processes
+            os.environ.setdefault(key, value)
         # a local instance talks over loopback only
         ray.init(namespace="fuseflow", include_dashboard=False, log_to_driver=False,
                  runtime_env=config.runtime_env or None, _node_ip_address="127.0.0.1")

@@ -9,6 +9,7 @@ errors as TF Serving reports them: `{"error": "..."}` with the HTTP status its
 from __future__ import annotations
 
 import base64
+import json
 import re
 from dataclasses import dataclass
 
@@ -43,6 +44,23 @@ class RestError(Exception):
 
     def body(self) -> dict:
         return {"error": self.message}
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body as the JSON object TF Serving requires."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RestError("INVALID_ARGUMENT", f"JSON Parse error: {e}") from e
+    if not isinstance(body, dict):
+        raise RestError("INVALID_ARGUMENT", "JSON Value: the request body must be a JSON "
+                        "object")
+    return body
+
+
+def dumps(payload) -> bytes:
+    """A response body: compact UTF-8 JSON (NaN and Infinity as TF Serving writes them)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)

@@ -186,10 +186,21 @@ def test_status_and_metadata(server):
     assert sig["method_name"] == "tensorflow/serving/predict"
 
 
+def _metrics(server, within_s: float = 60.0) -> tuple[int, str]:
+    """/metrics once Ray's exporter has reported Serve's metrics: it does so on a timer,
+    so a server that just started can answer with its process metrics only."""
+    deadline = time.monotonic() + within_s
+    while True:
+        status, text = server.get("/metrics")
+        if status != 200 or "ray_serve_" in text or time.monotonic() > deadline:
+            return status, text
+        time.sleep(1.0)
+
+
 def test_health_and_metrics(server):
     status, body = server.get("/healthz")
     assert status == 200 and body["status"] == "ok" and all(body["models"].values()), body
-    status, text = server.get("/metrics")
+    status, text = _metrics(server)
     assert status == 200 and "ray_serve_" in text  # Ray's Prometheus page
 
 
@@ -276,7 +287,7 @@ def test_one_model_is_its_own_ingress_with_the_same_routes(models):
         assert status == 200 and body["model_spec"]["version"] == "1", body
         status, body = server.get("/healthz")
         assert status == 200 and body == {"status": "ok", "models": {"dense": True}}, body
-        status, text = server.get("/metrics")
+        status, text = _metrics(server)
         assert status == 200 and "ray_serve_" in text
         assert server.get("/fuseflow/stats/nope")[0] == 404
         before = server.get("/fuseflow/stats/dense")[1]

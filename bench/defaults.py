@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench.lock import locked
 from bench.run import _cpu_name, _tf_call, measure
 
 ZOO_DIR = Path(__file__).resolve().parents[1] / "tests" / "zoo"
@@ -49,19 +49,6 @@ class Row:
         return self.original_ms / self.compiled_ms
 
 
-@contextlib.contextmanager
-def _lock(path: str | None):
-    if not path:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _zoo():
     sys.path.insert(0, str(ZOO_DIR))
     from families import ZOO
@@ -75,7 +62,7 @@ def bench_one(model, folder: Path, args) -> Row:
     row = Row(model.name, model.family)
     original, compiled = folder / "original", folder / "compiled"
     feeds = model.build(original)
-    with _lock(args.lock):
+    with locked(args.lock):
         start = time.perf_counter()
         try:  # its log and count lines go to stderr: stdout is the table
             with contextlib.redirect_stdout(sys.stderr):
@@ -90,7 +77,7 @@ def bench_one(model, folder: Path, args) -> Row:
     row.ratio, row.segments = result["OnNeuronRatio"], result["num_segments"]
     row.slower_kept = sum(r["code"] == "SLOWER_THAN_TF" for r in report["not_compiled"])
     calls = {"original": _tf_call(original, feeds), "compiled": _tf_call(compiled, feeds)}
-    with _lock(args.lock):
+    with locked(args.lock):
         samples = measure(calls, runs=args.runs, seconds=args.seconds, warmup=5)
     row.original_ms = 1000 * statistics.median(samples["original"])
     row.compiled_ms = 1000 * statistics.median(samples["compiled"])

@@ -12,7 +12,6 @@ timings on a shared machine. Every request's answer is checked once against TF f
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import re
 import shutil
@@ -20,12 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench.lock import locked
 from bench.serve_process import ServeProcess, fuseflow_command
 
 # A level-2 long string: the JSON body holds "]]" (nested arrays), which ends a [[...]].
@@ -63,20 +62,6 @@ def parse_wrk(output: str) -> tuple[float, float, float, int]:
     return p50, p99, rps, errors
 
 
-@contextmanager
-def _locked(path: str | None):
-    if not path:
-        with nullcontext():
-            yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _models(root: Path, lock: str | None) -> tuple[dict, np.ndarray]:
     """original/1 and compiled/1 under root; returns the request body and TF's answer.
 
@@ -91,7 +76,7 @@ def _models(root: Path, lock: str | None) -> tuple[dict, np.ndarray]:
     model.export(str(root / "original/1"), verbose=False)
     for _ in range(3):  # others' work on a shared CPU can still tip the timing to TF
         shutil.rmtree(root / "compiled", ignore_errors=True)
-        with _locked(lock):
+        with locked(lock):
             result = fuseflow.saved_model.compile(str(root / "original/1"),
                                                   str(root / "compiled/1"), batch_size=1)
         if result["OnNeuronRatio"] >= 0.5:
@@ -142,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     subprocess.run([wrk, "-t1", "-c2", "-d2s", "-s", str(script), url],
                                    capture_output=True, check=True)  # warm-up
                     for conc in map(int, args.concurrency.split(",")):
-                        with _locked(args.lock):
+                        with locked(args.lock):
                             out = subprocess.run(
                                 [wrk, f"-t{min(conc, 2)}", f"-c{conc}", f"-d{args.seconds}s",
                                  "--latency", "--timeout", "30s", "-s", str(script), url],

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve import _locked, _models
+from bench.lock import locked
+from bench.serve import _models
 from bench.serve_process import ServeProcess, fuseflow_command
 
 # `INFO <date> <time> <component> <id> <request id> -- <what> <status> 12.3ms`
@@ -100,7 +101,7 @@ def served(root: Path, name: str, raw: bytes, n: int, replicas: int, lock: str |
                 assert response.status == 200, response.status
                 return (time.perf_counter() - t0) * 1e3, response.getheader("x-request-id")
 
-            with _locked(lock):  # a connection kept idle while waiting would be closed
+            with locked(lock):  # a connection kept idle while waiting would be closed
                 conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
                 for _ in range(10):  # warm up
                     one()
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             (root / "body.json").write_text(json.dumps(body))
         raw = (root / "body.json").read_bytes()
         for name in ("original", "compiled"):
-            with _locked(args.lock):
+            with locked(args.lock):
                 steps = in_process(root, name, raw, args.requests)
             hops = served(root, name, raw, args.requests, args.replicas, args.lock,
                           args.serve_arg)

@@ -63,8 +63,9 @@ CONVOLUTION_KINDS = frozenset(k for k in OPENVINO_KINDS if "Conv" in k)
 # to cut a region.
 _TIE = 0.05
 # A compiled segment must beat TF one call at a time by this much: a smaller gain is
-# within the noise of timing a sub-millisecond segment on a busy machine (seen: a 0.3 ms
-# model timed 3% faster compiled at compile time, 8% slower when benchmarked after).
+# within the noise of timing a sub-millisecond segment on a busy machine. It narrows that
+# noise, it does not remove it (seen: a 0.3 ms model timed 7% faster compiled at compile
+# time and 8% slower when benchmarked after).
 _MARGIN = 0.05
 # A compiled segment may run this much slower than TF with calls in flight, for its gain
 # one call at a time, before TF keeps it.

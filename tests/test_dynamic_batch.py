@@ -135,6 +135,17 @@ def test_batch_statistics_are_never_split(tmp_path):
 
 
 
+def _fixed_batch_warning(src, out, caplog) -> str:
+    """Compile src on OpenVINO; it must come out fixed to its batch, with one warning
+    saying why (returned)."""
+    with caplog.at_level("WARNING", logger="fuseflow"):
+        result = compile_model("openvino", src, out)
+    assert result["dynamic_batch"] is False
+    (warning,) = [r.getMessage() for r in caplog.records if "another batch size" in
+                  r.getMessage()]
+    return warning
+
+
 def test_model_using_its_own_batch_size_keeps_the_compiled_batch_and_says_why(
         tmp_path, caplog):
     """y scales by tf.shape(x)[0]: compiling at batch 1 folds it to 1, so at batch 2 the
@@ -145,12 +156,7 @@ def test_model_using_its_own_batch_size_keeps_the_compiled_batch_and_says_why(
         n = tf.cast(tf.shape(x)[0], tf.float32)
         return {"x": x}, {"y": tf.identity(tf.tanh(x * 3.0 + 1.0) * n - 2.0, name="y")}
 
-    src = save_tf1(tmp_path / "m", build)
-    with caplog.at_level("WARNING", logger="fuseflow"):
-        result = compile_model("openvino", src, tmp_path / "c")
-    assert result["dynamic_batch"] is False
-    (warning,) = [r.getMessage() for r in caplog.records if "another batch size" in
-                  r.getMessage()]
+    warning = _fixed_batch_warning(save_tf1(tmp_path / "m", build), tmp_path / "c", caplog)
     assert "at batch 2 output y differs from the original's" in warning, warning
     assert "accepts batch 1 only" in warning
     loaded = tf.saved_model.load(str(tmp_path / "c")).signatures["serving_default"]
@@ -166,11 +172,6 @@ def test_model_failing_at_another_batch_names_the_error(tmp_path, caplog):
         flat = tf.reshape(x, [tf.shape(x)[0] * 6])
         return {"x": x}, {"y": tf.identity(tf.tanh(flat * 2.0 + 1.0), name="y")}
 
-    src = save_tf1(tmp_path / "m", build)
-    with caplog.at_level("WARNING", logger="fuseflow"):
-        result = compile_model("openvino", src, tmp_path / "c")
-    assert result["dynamic_batch"] is False
-    (warning,) = [r.getMessage() for r in caplog.records if "another batch size" in
-                  r.getMessage()]
+    warning = _fixed_batch_warning(save_tf1(tmp_path / "m", build), tmp_path / "c", caplog)
     assert "at batch 2 it fails: InvalidArgumentError: Input to reshape is a tensor with 12 " \
         "values" in warning, warning

@@ -234,18 +234,25 @@ def test_bad_requests_get_tf_servings_error_shape(server, method, path, body, co
     assert server.get("/fuseflow/stats/dense")[1]["pid"] == pid
 
 
-def test_concurrent_requests_are_batched_and_answered_correctly(server, models):
-    rng = np.random.default_rng(1)
-    rows = rng.normal(size=(48, 8)).astype(np.float32)
-    want = _dense_tf(models, rows)
+def _predict_all_at_once(server, rows: np.ndarray, want) -> tuple[dict, dict]:
+    """One predict request per row, all in flight at once, each answer checked against
+    TF's; the dense model's replica stats before and after."""
     before = server.get("/fuseflow/stats/dense")[1]
-    with ThreadPoolExecutor(48) as pool:
+    with ThreadPoolExecutor(len(rows)) as pool:
         answers = list(pool.map(lambda r: server.post("/v1/models/dense:predict",
                                                       {"instances": [r.tolist()]}), rows))
     after = server.get("/fuseflow/stats/dense")[1]
     for (status, body), expected in zip(answers, want):
         assert status == 200, body
         np.testing.assert_allclose(body["predictions"][0], expected, rtol=1e-4, atol=1e-5)
+    return before, after
+
+
+def test_concurrent_requests_are_batched_and_answered_correctly(server, models):
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(48, 8)).astype(np.float32)
+    want = _dense_tf(models, rows)
+    before, after = _predict_all_at_once(server, rows, want)
     requests = after["requests"] - before["requests"]
     calls = after["model_calls"] - before["model_calls"]
     assert requests >= 48 and calls < 48 / 2, (requests, calls)
@@ -290,14 +297,7 @@ def test_one_model_is_its_own_ingress_with_the_same_routes(models):
         status, text = _metrics(server)
         assert status == 200 and "ray_serve_" in text
         assert server.get("/fuseflow/stats/nope")[0] == 404
-        before = server.get("/fuseflow/stats/dense")[1]
-        with ThreadPoolExecutor(32) as pool:
-            answers = list(pool.map(lambda r: server.post("/v1/models/dense:predict",
-                                                          {"instances": [r.tolist()]}), rows))
-        after = server.get("/fuseflow/stats/dense")[1]
-    for (status, body), expected in zip(answers, want):
-        assert status == 200, body
-        np.testing.assert_allclose(body["predictions"][0], expected, rtol=1e-4, atol=1e-5)
+        before, after = _predict_all_at_once(server, rows, want)
     assert after["model_calls"] - before["model_calls"] < 32 / 2, (before, after)
     # every REST request reached this replica over HTTP, none through a gateway's handle
     assert after["http_requests"] == after["requests"] >= 32 + 4, after

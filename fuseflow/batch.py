@@ -41,8 +41,12 @@ _UNARY = frozenset({
     "IsNan", "IsFinite", "LogicalNot", "ClipByValue", "BiasAdd", "Erfc", "Erfinv", "Expm1",
     "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Rint",
     "Inv", "Invert", "Lgamma", "Digamma", "BesselI0e", "BesselI1e", "AsString",
-    "StringToNumber",
+    "StringToNumber", "ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic",
+    "ResizeArea", "DepthToSpace", "SpaceToDepth",
 })
+# Transposed convolutions: (output sizes, filter, per-sample input); the sizes are a
+# constant whose dim 0 is the compiled batch once shapes are folded.
+_BACKPROP_INPUT = frozenset({"Conv2DBackpropInput", "Conv3DBackpropInputV2"})
 _ELEMENTWISE = frozenset({
     "Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum", "Pow",
     "SquaredDifference", "FloorDiv", "FloorMod", "Greater", "GreaterEqual", "Less",
@@ -120,6 +124,8 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
     if op == "IdentityN":
         return {o: rows[t] for t, o in zip(ins, outs) if t in rows}
     if first not in rows:
+        if op in _BACKPROP_INPUT:
+            return _backprop_input_rows(ins, outs[0], g, rows, dep)
         if op == "GatherV2" and len(ins) == 3 and ins[1] in rows and ins[0] not in dep \
                 and g.const(ins[2]) is not None and int(g.const(ins[2])) == 0 \
                 and node.attr["batch_dims"].i == 0:
@@ -189,6 +195,17 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
         ok = (shape is not None and src is not None and rest_free
               and np.atleast_1d(shape).size == len(src) and int(shape[0]) == src[0])
     return {outs[0]: m} if ok else {}
+
+
+def _backprop_input_rows(ins, out, g: _Graph, rows, dep) -> dict[str, int]:
+    """A transposed convolution is per-sample when only its input carries the batch, one
+    row per sample, and its output sizes are the constant [k, ...] of the compiled batch."""
+    if len(ins) != 3 or rows.get(ins[2]) != 1 or any(t in dep for t in ins[:2]):
+        return {}
+    sizes = g.const(ins[0])
+    if sizes is None or np.atleast_1d(sizes).size < 1 or int(sizes[0]) != g.batch_size:
+        return {}
+    return {out: 1}
 
 
 def _reshape_rows(src, dst, m: int, k: int) -> int:

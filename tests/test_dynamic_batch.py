@@ -111,6 +111,34 @@ def test_transformer_splits_per_sample(tmp_path):
         assert_ran(per_batch[b], "openvino", segments)
 
 
+def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
+    """Conv2DTranspose folds its output size, batch included, into a constant; resizes
+    take a constant size: both are per-sample, so other batch sizes run compiled, in
+    chunks of the compiled batch, not fixed to it."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        w = tf.compat.v1.get_variable("w", [3, 3, 3, 6])
+        y = tf.nn.relu(tf.nn.conv2d(x, w, 2, "SAME"))  # [b, 4, 4, 6]
+        up = tf.compat.v1.get_variable("up", [3, 3, 5, 6])
+        y = tf.nn.conv2d_transpose(y, up, tf.stack([tf.shape(x)[0], 8, 8, 5]), 2, "SAME")
+        y = tf.image.resize(tf.nn.relu(y), (12, 12))
+        y = tf.compat.v1.image.resize_nearest_neighbor(y, (16, 16))
+        return {"x": x}, {"y": tf.sigmoid(y, name="y")}
+
+    src = save_tf1(tmp_path / "m", build)
+    result = compile_model("openvino", src, tmp_path / "c", batch_size=1)
+    assert result["dynamic_batch"] is True and result["num_segments"] == 1
+    report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
+    ops = report["segments"][0]["op_types"]
+    assert {"Conv2DBackpropInput", "ResizeBilinear", "ResizeNearestNeighbor"} <= set(ops), ops
+    assert [p["batch_axis"] for p in report["segments"][0]["outputs"]] == [0]
+    batches = [1, 2, 5]
+    per_batch = _run_batches(src, tmp_path / "c", "x", (8, 8, 3), batches)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        assert_ran(per_batch[b], "openvino", segments)
+
+
 def test_batch_statistics_are_never_split(tmp_path):
     """x - mean(x over the batch) mixes samples: other batch sizes must run unsplit,
     i.e. on the embedded TF fallback, for the shape reason."""

@@ -42,7 +42,7 @@ _UNARY = frozenset({
     "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Rint",
     "Inv", "Invert", "Lgamma", "Digamma", "BesselI0e", "BesselI1e", "AsString",
     "StringToNumber", "ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic",
-    "ResizeArea", "DepthToSpace", "SpaceToDepth",
+    "ResizeArea", "DepthToSpace", "SpaceToDepth", "Bucketize",
 })
 # Transposed convolutions: (output sizes, filter, per-sample input); the sizes are a
 # constant whose dim 0 is the compiled batch once shapes are folded.
@@ -156,6 +156,8 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
     elif op == "Reshape":
         m = _reshape_rows(g.shape(first), g.shape(outs[0]), m, g.batch_size)
         ok = bool(m)
+    elif op == "OneHot":  # the new axis is never 0 while the indices keep theirs
+        ok = rest_free and node.attr["axis"].i != 0
     elif op == "Transpose":
         perm = g.const(ins[1])
         ok = perm is not None and int(np.atleast_1d(perm)[0]) == 0

@@ -139,6 +139,29 @@ def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
         assert_ran(per_batch[b], "openvino", segments)
 
 
+def test_tabular_preprocessing_splits_per_sample(tmp_path):
+    """Keras' Discretization and CategoryEncoding become Bucketize and OneHot: per-sample,
+    so a tabular model with its preprocessing inside keeps a dynamic batch."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="x")
+        bins = tf.raw_ops.Bucketize(input=x, boundaries=[0.25, 0.5, 0.75])
+        codes = tf.reshape(tf.one_hot(bins, 4), [-1, 16])
+        w = tf.compat.v1.get_variable("w", [20, 3])
+        y = tf.matmul(tf.concat([x, codes], axis=1), w)
+        return {"x": x}, {"y": tf.nn.softmax(y, name="y")}
+
+    src = save_tf1(tmp_path / "m", build)
+    result = compile_model("openvino", src, tmp_path / "c", batch_size=1)
+    assert result["dynamic_batch"] is True and result["num_segments"] == 1
+    report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
+    assert {"Bucketize", "OneHot"} <= set(report["segments"][0]["op_types"])
+    batches = [1, 3, 4]
+    per_batch = _run_batches(src, tmp_path / "c", "x", (4,), batches)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        assert_ran(per_batch[b], "openvino", segments)
+
+
 def test_batch_statistics_are_never_split(tmp_path):
     """x - mean(x over the batch) mixes samples: other batch sizes must run unsplit,
     i.e. on the embedded TF fallback, for the shape reason."""

@@ -308,7 +308,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             done = placement.compiled.get((frozenset(seg.nodes), seg.colour))
             if done is not None:
                 ready[k] = CompiledSegment(graph, done.artifact, None, done.seconds,
-                                           done.backend)
+                                           done.backend, done.cached)
             else:
                 jobs.append((k, CompileJob(seg.colour, graph, graph.name)))
         # Under int8 with profiling, each segment's bf16 compile runs beside its int8 one:

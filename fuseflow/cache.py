@@ -126,7 +126,8 @@ def _cpu_flags() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CompileCache:
-    """lookup/store of artifacts by key(); a cache with directory None does nothing."""
+    """lookup/store of artifacts by key(), and of compile-time timings by timing_key();
+    a cache with directory None does nothing."""
 
     directory: Path | None
 

@@ -10,10 +10,19 @@ Location: $FUSEFLOW_CACHE_DIR, else ~/.cache/fuseflow; `--no-cache` turns it
 off. An entry is written to a temp file and renamed into place, so a reader
 never sees half of one; each holds a SHA-256 of its payload, and an entry that
 fails to read or check is ignored (and removed), never trusted.
+
+The cache also keeps what compile time measured (place.py's timings of candidates
+against TF, precision.py's int8 against bf16, the whole model's timing): timing
+again an unchanged model on the same machine would cost most of a recompile and
+learn nothing. Those entries (`.timing`, JSON) are keyed by the artifact keys of
+what was timed, what fed it, the timing code and the CPU and the cores this process
+may use; `--retime` measures again (and replaces them), `--no-cache` neither reads
+nor writes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -31,9 +40,10 @@ from fuseflow.options import CompilerOptions
 log = logging.getLogger("fuseflow")
 
 FORMAT = b"fuseflow-cache-1\n"
+TIMING_FORMAT = "fuseflow-timings-1"
 # Options that change how a compile runs, never what it produces.
 _NOT_IN_KEY = {"must_compile", "timeout_s", "workers", "workdir", "verbose", "ignored_flags",
-               "cache", "max_segments", "backend"}
+               "cache", "max_segments", "backend", "retime", "profile", "profile_budget_s"}
 
 
 def cache_dir() -> Path:
@@ -54,6 +64,44 @@ def _versions() -> str:
              f"tf {_version('tensorflow')}", f"openvino {_version('openvino')}",
              f"cpu {platform.machine()} {_cpu_flags()}"]
     return "\n".join(parts)
+
+
+@functools.cache
+def _timing_identity() -> str:
+    """What decides a timing besides its subject: the code that times and decides, the
+    versions and CPU of _versions(), and the cores this process may run on."""
+    here = Path(__file__).resolve().parent
+    sources = hashlib.sha256()
+    for name in ("place.py", "timing.py", "precision.py", "saved_model.py"):
+        sources.update((here / name).read_bytes())
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return f"{_versions()}\ntiming {sources.hexdigest()[:16]} cores {cores}"
+
+
+def timing_key(*parts) -> str:
+    """The key of a timing entry: parts (JSON-able: artifact keys, batch shapes, a digest
+    of the values timed on...) with _timing_identity()."""
+    head = json.dumps([TIMING_FORMAT, _timing_identity(), parts], sort_keys=True, default=str)
+    return hashlib.sha256(head.encode()).hexdigest()
+
+
+def values_digest(values) -> str:
+    """A digest of arrays (a list, or a dict by name): the inputs a timing ran on."""
+    import numpy as np
+
+    items = sorted(values.items()) if isinstance(values, dict) else list(enumerate(values))
+    h = hashlib.sha256()
+    for name, value in items:
+        array = np.ascontiguousarray(value)
+        h.update(json.dumps([str(name), str(array.dtype), array.shape]).encode())
+        if array.dtype != object:
+            h.update(array.tobytes())
+        else:
+            h.update(repr(array.tolist()).encode())
+    return h.hexdigest()
 
 
 def _version(package: str) -> str:
@@ -78,13 +126,16 @@ def _cpu_flags() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class CompileCache:
-    """lookup/store of artifacts by key(); a cache with directory None does nothing."""
+    """lookup/store of artifacts by key(), and of compile-time timings by timing_key();
+    a cache with directory None does nothing."""
 
     directory: Path | None
 
+    retime: bool = False  # --retime: timing entries are written, never read
+
     @classmethod
     def for_options(cls, options: CompilerOptions) -> CompileCache:
-        return cls(cache_dir() if options.cache else None)
+        return cls(cache_dir() if options.cache else None, options.retime)
 
     def key(self, backend_name: str, segment: SegmentGraph, options: CompilerOptions) -> str:
         h = hashlib.sha256()
@@ -96,8 +147,46 @@ class CompileCache:
         h.update(_canonical(segment.graph_def_bytes))
         return h.hexdigest()
 
-    def _path(self, key: str) -> Path:
-        return self.directory / key[:2] / f"{key}.entry"
+    def lookup_timings(self, key: str, what: str) -> dict | None:
+        """The stored timing entry, or None: missing, disabled, --retime, or unreadable
+        (then removed; a damaged entry only costs timing again)."""
+        if self.directory is None:
+            return None
+        if self.retime:
+            log.info("%s: timing again (--retime)", what)
+            return None
+        path = self._path(key, ".timing")
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        try:
+            entry = json.loads(data.decode())
+            payload = json.dumps(entry["data"], sort_keys=True)
+            if entry["format"] != TIMING_FORMAT or entry["key"] != key:
+                raise ValueError("entry of another key or format")
+            if hashlib.sha256(payload.encode()).hexdigest() != entry["sha256"]:
+                raise ValueError("checksum mismatch")
+            if not isinstance(entry["data"], dict):
+                raise TypeError("not a timing entry")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            log.debug("compile cache: ignoring damaged timing entry %s (%s)", path, e)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return entry["data"]
+
+    def store_timings(self, key: str, data: dict) -> None:
+        """Write the timing entry atomically (JSON with a checksum of its data)."""
+        if self.directory is None:
+            return
+        payload = json.dumps(data, sort_keys=True)
+        entry = json.dumps({"format": TIMING_FORMAT, "key": key, "data": data,
+                            "sha256": hashlib.sha256(payload.encode()).hexdigest()})
+        self._write(self._path(key, ".timing"), [entry.encode()])
+
+    def _path(self, key: str, suffix: str = ".entry") -> Path:
+        return self.directory / key[:2] / f"{key}{suffix}"
 
     def lookup(self, key: str) -> Artifact | None:
         """The stored artifact, or None (missing, disabled, or unreadable: then removed)."""
@@ -122,13 +211,16 @@ class CompileCache:
         """Write the entry atomically; a cache that can't be written only logs why."""
         if self.directory is None:
             return
-        path = self._path(key)
+        self._write(self._path(key), _encode(artifact, key))
+
+    def _write(self, path: Path, chunks: list[bytes]) -> None:
+        """A temp file renamed into place: a reader sees all of an entry or none."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    for chunk in _encode(artifact, key):
+                    for chunk in chunks:
                         f.write(chunk)
                 os.replace(tmp, path)
             except BaseException:

@@ -213,6 +213,9 @@ def _compile_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-profile", action="store_true",
                    help="don't time segments against TF at compile time (faster compile; "
                         "backends are then chosen by op kind)")
+    p.add_argument("--retime", action="store_true",
+                   help="time segments again even where the compile cache holds their "
+                        "timings from an earlier compile")
     p.add_argument("--quantize", choices=("int8", "none"),
                    help="int8: calibrated post-training quantization (OpenVINO, NNCF)")
     p.add_argument("--calibration-data", metavar="FILE.npz",
@@ -325,6 +328,8 @@ def _compiler_args(args) -> list[str]:
     flags = shlex.split(args.compiler_args) if args.compiler_args else []
     if args.no_profile:
         flags.append("--no-profile")
+    if args.retime:
+        flags.append("--retime")
     for flag, value in (("--quantize", args.quantize),
                         ("--calibration-data", args.calibration_data),
                         ("--accuracy-tolerance", args.accuracy_tolerance)):

@@ -190,13 +190,14 @@ def prestart_worker(backends: list[str]) -> None:
     _POOL.prestart(tuple(backends))
 
 
-def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path
-                     ) -> list[CompiledSegment]:
+def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path,
+                     keys: list[str] | None = None) -> list[CompiledSegment]:
     """Compile every job; failures and timeouts come back as errors, not raises.
-    Jobs in the compile cache are taken from it and not compiled."""
+    Jobs in the compile cache are taken from it and not compiled. keys: the jobs' cache
+    keys when the caller has them already (cache_keys)."""
     segments = [j.segment for j in jobs]
     cache = CompileCache.for_options(options)
-    keys = [cache.key(j.backend, j.segment, j.options or options) for j in jobs]
+    keys = keys or cache_keys(jobs, options)
     results: dict[int, CompiledSegment] = {}
     for i, job in enumerate(jobs):
         start = time.monotonic()
@@ -240,6 +241,12 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     finally:
         _POOL.give(workers)  # busy ones (an interrupted compile) are stopped
     return [results[i] for i in range(len(segments))]
+
+
+def cache_keys(jobs: list[CompileJob], options: CompilerOptions) -> list[str]:
+    """The compile cache's key of each job (cache.py)."""
+    cache = CompileCache.for_options(options)
+    return [cache.key(j.backend, j.segment, j.options or options) for j in jobs]
 
 
 def _wait_any(workers: list[_Worker]) -> None:

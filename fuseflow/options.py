@@ -63,6 +63,7 @@ class CompilerOptions:
     dynamic_batch: bool = True
     ignored_flags: tuple[str, ...] = ()  # accepted neuron-cc flags that mean nothing here
     cache: bool = True  # --no-cache: compile every segment, read and write no cache (cache.py)
+    retime: bool = False  # --retime: time again what the cache holds timings of (cache.py)
     quantize: str = "none"  # "int8": calibrated post-training quantization (quantize.py)
     calibration_data: str | None = None  # --calibration-data FILE.npz
     accuracy_tolerance: tuple[tuple[str, float], ...] = ()  # metric -> bound (accuracy.py)
@@ -92,6 +93,7 @@ def _parser() -> _Parser:
     p.add_argument("--no-dynamic-batch", action="store_true")
     p.add_argument("--dynamic-batch-size", action="store_true")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--retime", action="store_true")
     p.add_argument("--xla-cache", dest="xla_cache", action="store_true", default=None)
     p.add_argument("--no-xla-cache", dest="xla_cache", action="store_false")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES)
@@ -168,9 +170,9 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
             f"unknown compiler flag(s) {unknown}: fuseflow understands --backend, "
             "--must-compile, --timeout, --workers, --workdir, --verbose, "
             "--neuroncore-pipeline-cores, --fp32-cast, --fast-math, --max-segments, "
-            "--no-dynamic-batch, --dynamic-batch-size, --no-cache, --no-xla-cache, --quantize, "
-            "--calibration-data, --accuracy-tolerance and the neuron-cc flags listed in the "
-            "README")
+            "--no-dynamic-batch, --dynamic-batch-size, --no-cache, --retime, --no-xla-cache, "
+            "--quantize, --calibration-data, --accuracy-tolerance and the neuron-cc flags "
+            "listed in the README")
     for name, value in (("--timeout", ns.timeout), ("--workers", ns.workers),
                         ("--neuroncore-pipeline-cores", ns.cores),
                         ("--max-segments", ns.max_segments),
@@ -206,6 +208,7 @@ def parse_compiler_args(compiler_args=None, compiler_workdir=None, backend=None,
         dynamic_batch=not ns.no_dynamic_batch,
         ignored_flags=ignored,
         cache=not ns.no_cache,
+        retime=ns.retime,
         quantize=ns.quantize or "none",
         calibration_data=ns.calibration_data,
         accuracy_tolerance=parse_tolerance(ns.accuracy_tolerance),

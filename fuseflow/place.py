@@ -29,6 +29,7 @@ TF: TF keeps it when it is faster.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -39,7 +40,8 @@ import numpy as np
 
 from fuseflow.backends.base import random_inputs
 from fuseflow.batch import run_graph
-from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
+from fuseflow.cache import CompileCache, timing_key
+from fuseflow.compile import CompiledSegment, CompileJob, cache_keys, compile_segments
 from fuseflow.extract import consumers_outside
 from fuseflow.logs import shown_info
 from fuseflow.options import CompilerOptions
@@ -83,6 +85,7 @@ class Placement:
     details: dict[str, str] = field(default_factory=dict)  # node -> why TF keeps it
     timings: dict[frozenset, dict] = field(default_factory=dict)  # nodes -> figures
     summary: dict = field(default_factory=dict)
+    timing_key: str | None = None  # the compile cache's key of its timings (cache.py)
 
 
 def preferred_backends(graph_def, supports: dict[str, dict], force: frozenset[str],
@@ -137,13 +140,15 @@ def by_kind(graph_def, supports: dict[str, dict], prefer: dict[str, str],
 def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
           partition: Partitioner, options: CompilerOptions, force: frozenset[str],
           extract: Callable[[Segment, dict], object], feed_values: Callable[[list], dict],
-          workdir: Path) -> Placement:
+          workdir: Path, values_key: str = "") -> Placement:
     """Choose a backend (or TF) for every part of the graph by timing; see the module
     docstring. (Without profiling, by_kind places.)
 
     partition(support, colour) runs the partitioner with the caller's fixed options;
     extract(segment, consumers) cuts a segment out; feed_values(tensors) gives the
-    original model's values of those tensors on the compile inputs (or {})."""
+    original model's values of those tensors on the compile inputs (or {}); values_key
+    names those inputs (cache.values_digest) for the compile cache, which keeps the
+    timings: an unchanged model recompiled on this machine reuses them, untimed."""
     names = list(supports)
     union = _union(graph_def, supports, prefer)
     ops = {n.name: n.op for n in graph_def.node}
@@ -172,25 +177,26 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
         consumers = consumers_outside(graph_def, dict.fromkeys(seg.nodes, key))
         graphs[key] = dataclasses.replace(extract(seg, consumers), name=key)
     jobs = [CompileJob(b, graphs[key], f"placement/{key}") for key, b, _ in candidates]
-    prestart()  # the timing process imports TF while the candidates compile
-    compiled = {key: c for (key, _, _), c in zip(candidates, compile_segments(
-        jobs, options, workdir))}
-
-    values = feed_values(sorted({t for g in graphs.values() for t in g.input_sources}))
-    timing_jobs, seen_tf = [], set()
-    for key, backend, seg in candidates:
-        graph = graphs[key]
-        inputs = [values[t] if t in values else v
-                  for t, v in zip(graph.input_sources, random_inputs(graph))]
-        tf_key = _tf_key(seg)
-        if tf_key not in seen_tf:
-            seen_tf.add(tf_key)
-            timing_jobs.append(TimingJob(tf_key, None, graph, None, inputs))
-        if compiled[key].artifact is not None:
-            timing_jobs.append(TimingJob(key, backend, graph, compiled[key].artifact, inputs))
-    timings, failures = time_jobs(timing_jobs, options, options.profile_budget_s, workdir)
-    for key, why in failures.items():
-        log.info("placement: %s not timed: %s", key, why)
+    artifact_keys = cache_keys(jobs, options)
+    cache = CompileCache.for_options(options)
+    timings_key = _timing_key(graph_def, candidates, graphs, artifact_keys, names, values_key)
+    stored = _stored_timings(cache.lookup_timings(timings_key, "placement"))
+    compiled: dict[str, CompiledSegment] = {}
+    if stored is None:
+        prestart()  # the timing process imports TF while the candidates compile
+        compiled = {k: c for (k, _, _), c in zip(candidates, compile_segments(
+            jobs, options, workdir, artifact_keys))}
+        timings, failures = _time_candidates(candidates, graphs, compiled, feed_values,
+                                             options, workdir)
+        if not any(_transient(c.error) for c in compiled.values() if c.error) and not any(
+                _transient(why) for why in failures.values()):
+            cache.store_timings(timings_key, {
+                "timings": {k: dataclasses.asdict(t) for k, t in timings.items()},
+                "failures": failures, "seconds": round(time.monotonic() - started, 2)})
+    else:
+        timings, failures, timed_s = stored
+    for k, why in failures.items():
+        log.info("placement: %s not timed: %s", k, why)
 
     colour: dict[str, str] = {}
     details: dict[str, str] = {}
@@ -209,15 +215,85 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
     support = {n: (None if n in colour else Reason.SLOWER_THAN_TF if n in details
                    else union.get(n)) for n in union}
     final = partition(support, colour)
-    reuse = {(frozenset(seg.nodes), b): compiled[key] for key, b, seg in candidates
-             if compiled[key].artifact is not None}
+    source = "measured" if stored is None else "cache"
+    if stored is not None:
+        # Only the candidates that became segments are needed: from the artifact cache.
+        wanted = {(frozenset(s.nodes), s.colour) for s in final.segments}
+        chosen = [i for i, (_, b, seg) in enumerate(candidates)
+                  if (frozenset(seg.nodes), b) in wanted]
+        compiled = {candidates[i][0]: c for i, c in zip(chosen, compile_segments(
+            [jobs[i] for i in chosen], options, workdir, [artifact_keys[i] for i in chosen]))}
+        for figure in figures.values():
+            if figure:
+                figure["source"] = source
+    reuse = {(frozenset(seg.nodes), b): compiled[k] for k, b, seg in candidates
+             if k in compiled and compiled[k].artifact is not None}
     seconds = time.monotonic() - started
     with shown_info():
-        log.info("placement: %d candidate segments compiled and timed against TensorFlow in "
-                 "%.1f s (--no-profile skips this)", len(candidates), seconds)
+        if stored is None:
+            log.info("placement: %d candidate segments compiled and timed against TensorFlow "
+                     "in %.1f s (--no-profile skips this)", len(candidates), seconds)
+        else:
+            log.info("placement: timings of %d candidate segments taken from the compile "
+                     "cache (timed by an earlier compile in %.1f s; --retime times them "
+                     "again)", len(candidates), timed_s)
     return Placement(final, reuse, details, figures, {
         "mode": "timed", "backends": names, "seconds": round(seconds, 2),
-        "candidates": len(candidates), "regions": decisions})
+        "candidates": len(candidates), "source": source, "regions": decisions}, timings_key)
+
+
+def _timing_key(graph_def, candidates: list[tuple[str, str, Segment]], graphs: dict,
+                artifact_keys: list[str], backends: list[str], values_key: str) -> str:
+    """What placement's timings depend on: each candidate (its artifact key: its graph,
+    ports, backend and options), the model's tensors that feed it, the nodes outside every
+    candidate (they compute those tensors), the model's input values, the backends tried."""
+    inside = {n for _, _, seg in candidates for n in seg.nodes}
+    outside = hashlib.sha256()
+    for node in graph_def.node:
+        if node.name not in inside:
+            outside.update(node.SerializeToString(deterministic=True))
+    shown = [(k, b, sorted(seg.nodes), a, list(graphs[k].input_sources))
+             for (k, b, seg), a in zip(candidates, artifact_keys)]
+    return timing_key("placement", backends, shown, outside.hexdigest(), values_key)
+
+
+def _stored_timings(entry: dict | None) -> tuple[dict[str, Timing], dict[str, str], float] | None:
+    """A placement timing entry's timings, failures and seconds; None if it holds less."""
+    if entry is None:
+        return None
+    try:
+        timings = {k: Timing(float(t["latency_ms"]), float(t["in_flight_ms"]), int(t["runs"]))
+                   for k, t in entry["timings"].items()}
+        failures = {str(k): str(v) for k, v in entry["failures"].items()}
+        return timings, failures, float(entry["seconds"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.debug("compile cache: ignoring a placement timing entry that lacks parts (%s)", e)
+        return None
+
+
+def _transient(why: str) -> bool:
+    """A failure that may not happen again (a timeout, a dead process, the budget spent):
+    timings that miss a candidate for one of these are not kept."""
+    return any(word in why for word in ("timed out", "died", "budget"))
+
+
+def _time_candidates(candidates: list[tuple[str, str, Segment]], graphs: dict,
+                     compiled: dict[str, CompiledSegment], feed_values, options: CompilerOptions,
+                     workdir: Path) -> tuple[dict[str, Timing], dict[str, str]]:
+    """Every compiled candidate and the TF ops it replaces, timed on the model's values."""
+    values = feed_values(sorted({t for g in graphs.values() for t in g.input_sources}))
+    timing_jobs, seen_tf = [], set()
+    for key, backend, seg in candidates:
+        graph = graphs[key]
+        inputs = [values[t] if t in values else v
+                  for t, v in zip(graph.input_sources, random_inputs(graph))]
+        tf_key = _tf_key(seg)
+        if tf_key not in seen_tf:
+            seen_tf.add(tf_key)
+            timing_jobs.append(TimingJob(tf_key, None, graph, None, inputs))
+        if compiled[key].artifact is not None:
+            timing_jobs.append(TimingJob(key, backend, graph, compiled[key].artifact, inputs))
+    return time_jobs(timing_jobs, options, options.profile_budget_s, workdir)
 
 
 def _worth_timing(whole: list[str], kinds: set[str]) -> list[str]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow.accuracy import options_at
+from fuseflow.cache import CompileCache, timing_key, values_digest
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments
 from fuseflow.logs import shown_info
 from fuseflow.options import CompilerOptions
@@ -47,9 +48,13 @@ class Choice:
     reason: str
     int8_ms: float | None = None
     bf16_ms: float | None = None
+    source: str | None = None  # "cache": the timings are an earlier compile's (cache.py)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.source is None:
+            del data["source"]
+        return data
 
 
 def decide(int8_ms: float, bf16_ms: float, margin: float = INT8_MARGIN) -> Choice:
@@ -92,21 +97,35 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
         ready[c.segment.name] = r
     alternatives = {name: dataclasses.replace(r, options=bf16_options)
                     for name, r in ready.items() if r.artifact is not None}
-    jobs = []
+    cache = CompileCache.for_options(options)
+    jobs, keys, stored = [], {}, {}
     for item in int8:
         name = item.segment.name
         other = alternatives.get(name)
         batches = read_calibration(workdir / name)
         if other is None or not batches:
             continue
+        keys[name] = timing_key("int8 or bf16", cache.key(item.backend, item.segment, options),
+                                cache.key(other.backend, other.segment, bf16_options),
+                                values_digest(batches[0]))
+        entry = _stored(cache.lookup_timings(keys[name], f"int8 or bf16 of {name}"))
+        if entry is not None:
+            stored[name] = entry
+            continue
         for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
             jobs.append(TimingJob(f"{name}.{level}", c.backend, c.segment, c.artifact,
                                   batches[0], opts, level, in_flight=False, group=name))
     compiled_at = time.monotonic()
     timings, failures = time_jobs(jobs, options, options.profile_budget_s, workdir)
+    for name, key in keys.items():
+        sides = [timings.get(f"{name}.{level}") for level in ("int8", ALTERNATIVE)]
+        if name not in stored and None not in sides:
+            cache.store_timings(key, {"int8_ms": sides[0].latency_ms,
+                                      "bf16_ms": sides[1].latency_ms})
     log.info("int8 or bf16: %d segment(s) compiled at bf16 in %.1f s (more beside the int8 "
-             "compiles), timed in %.1f s", len(alternatives), compiled_at - started,
-             time.monotonic() - compiled_at)
+             "compiles), timed in %.1f s%s", len(alternatives), compiled_at - started,
+             time.monotonic() - compiled_at,
+             f"; {len(stored)} segment(s)' timings from the compile cache" if stored else "")
     choices: dict[str, Choice] = {}
     out = []
     for item in compiled:
@@ -114,12 +133,26 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
         if item.artifact is None:
             out.append(item)
             continue
-        choice = _choice(name, alternatives.get(name), timings, failures, ready.get(name))
+        if name in stored:
+            choice = dataclasses.replace(decide(*stored[name]), source="cache")
+        else:
+            choice = _choice(name, alternatives.get(name), timings, failures, ready.get(name))
         choices[name] = choice
         with shown_info():
             log.info("segment %s: %s kept (%s)", name, choice.kept, choice.reason)
         out.append(alternatives[name] if choice.kept == ALTERNATIVE else item)
     return out, choices, alternatives
+
+
+def _stored(entry: dict | None) -> tuple[float, float] | None:
+    """A stored int8-or-bf16 timing entry's (int8_ms, bf16_ms); None if it holds less."""
+    try:
+        return (round(float(entry["int8_ms"]), 4), round(float(entry["bf16_ms"]), 4)
+                ) if entry is not None else None
+    except (KeyError, TypeError, ValueError) as e:
+        log.debug("compile cache: ignoring an int8-or-bf16 timing entry that lacks parts (%s)",
+                  e)
+        return None
 
 
 def _choice(name: str, other: CompiledSegment | None, timings, failures,

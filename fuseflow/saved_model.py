@@ -14,6 +14,7 @@ from pathlib import Path
 from fuseflow import accuracy, errors, xla_cache
 from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import batch_tensors, runs_at_other_batch
+from fuseflow.cache import CompileCache, timing_key, values_digest
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, prestart_worker
 from fuseflow.export import (
     REPORT_DIR,
@@ -281,14 +282,18 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         # int8 segments are calibrated before compiling (accuracy.prepare): timed
         # candidates would be f32, so int8 models are placed by kind; each int8 segment
         # is then timed against its bf16 compile (precision.py).
+        model_key, stored_model_timing = None, None
         if options.profile and options.quantize == "none":
+            values = _input_values(model, inputs)
             placement = place(graph_def, plan.supports, plan.prefer, plan.partitioner, options,
                               plan.force_fuse, extract,
-                              feed_value_function(graph_def, model, _input_values(model,
-                                                                                   inputs)),
-                              work)
+                              feed_value_function(graph_def, model, values), work,
+                              values_key=values_digest(values))
             watch.lap("placement")
-            if len(placement.partition.segments) != 1:
+            model_key = _model_timing_key(placement, serving, options)
+            stored_model_timing = CompileCache.for_options(options).lookup_timings(
+                model_key, "the whole model's timing")
+            if len(placement.partition.segments) != 1 and stored_model_timing is None:
                 prestart()  # for the whole model's timing (_timed_by_placement), after export
         partition = placement.partition
         members_of = {n: s.name for s in partition.segments for n in s.nodes}
@@ -303,7 +308,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             done = placement.compiled.get((frozenset(seg.nodes), seg.colour))
             if done is not None:
                 ready[k] = CompiledSegment(graph, done.artifact, None, done.seconds,
-                                           done.backend)
+                                           done.backend, done.cached)
             else:
                 jobs.append((k, CompileJob(seg.colour, graph, graph.name)))
         # Under int8 with profiling, each segment's bf16 compile runs beside its int8 one:
@@ -375,10 +380,15 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         env = xla_cache.fill_env(Path(staging)) if fill else None
         timed_here = False
         if options.profile and used:
-            report.model_timing = _timed_by_placement(report)
+            report.model_timing = _timed_by_placement(report) or _cached_model_timing(
+                stored_model_timing, compiled, report)
             if report.model_timing is None:
                 report.model_timing = _time_whole_model(model, inputs, path, report, env)
                 timed_here = True
+                if report.model_timing is not None and model_key is not None:
+                    CompileCache.for_options(options).store_timings(model_key, {
+                        "model_timing": report.model_timing, "compiled": _compiled_names(
+                            compiled)})
             watch.lap("model timing")
         if fill and not timed_here:
             _run_once(model, inputs, path, env)
@@ -437,10 +447,54 @@ def _timed_by_placement(report: CompileReport) -> dict | None:
     figure = compiled[0].timing
     timing = {"original_ms": figure["tf_latency_ms"], "compiled_ms": figure["latency_ms"],
               "speedup": figure["speedup"], "source": "placement"}
+    if figure.get("source") == "cache":
+        timing["cached"] = True  # placement's timings came from the compile cache
     with shown_info():
         log.info("compiled model: %.3g ms per call, original %.3g ms (%.2fx), timed by "
-                 "placement: its one segment is the whole model", timing["compiled_ms"],
-                 timing["original_ms"], timing["speedup"])
+                 "placement%s: its one segment is the whole model", timing["compiled_ms"],
+                 timing["original_ms"], timing["speedup"],
+                 " (timings from the compile cache)" if timing.get("cached") else "")
+    _warn_if_slower(timing, report)
+    return timing
+
+
+def _model_timing_key(placement: Placement, serving: dict, options: CompilerOptions
+                      ) -> str | None:
+    """The compile cache's key of the whole model's timing: placement's timings (and so
+    the model, its candidates and the options that reach the backends), what placement
+    chose (which must_compile and force_fuse_ops change) and the shapes it serves at."""
+    if placement.timing_key is None:
+        return None
+    chosen = [(s.name, s.colour, sorted(s.nodes)) for s in placement.partition.segments]
+    return timing_key("model", placement.timing_key, chosen, serving, options.must_compile,
+                      options.dynamic_batch)
+
+
+def _compiled_names(compiled: list[CompiledSegment]) -> list[list[str]]:
+    return [[c.segment.name, c.backend] for c in compiled if c.artifact is not None]
+
+
+def _cached_model_timing(stored: dict | None, compiled: list[CompiledSegment],
+                         report: CompileReport) -> dict | None:
+    """The whole model's timing an earlier compile of the same model took, if its segments
+    compiled as they did then (a segment that failed this time makes another model)."""
+    if stored is None:
+        return None
+    timing = stored.get("model_timing")
+    try:
+        ok = (stored.get("compiled") == _compiled_names(compiled) and isinstance(timing, dict)
+              and all(isinstance(timing[k], (int, float))
+                      for k in ("original_ms", "compiled_ms", "speedup")))
+    except KeyError:
+        ok = False
+    if not ok:
+        log.debug("compile cache: the stored whole-model timing does not fit; timing again")
+        return None
+    timing = {**timing, "source": "cache"}
+    with shown_info():
+        log.info("compiled model: %.3g ms per call, original %.3g ms (%.2fx), timed by an "
+                 "earlier compile of the same model (compile cache; --retime times again)",
+                 timing["compiled_ms"], timing["original_ms"], timing["speedup"])
     _warn_if_slower(timing, report)
     return timing
 

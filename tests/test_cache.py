@@ -99,3 +99,58 @@ def test_damaged_entry_is_ignored_and_replaced(tmp_path, rng, caplog):
     compile_model("openvino", src, tmp_path / "c3")  # the compile rewrote good entries
     assert _cached(tmp_path / "c3") == [True, True]
     assert not list(Path(os.environ["FUSEFLOW_CACHE_DIR"]).rglob(".tmp-*"))
+
+
+TIMED = ["--profile", "--must-compile"]  # conftest's FUSEFLOW_CC_FLAGS turn profiling off
+
+
+def _timing_entries() -> list[Path]:
+    return sorted(Path(os.environ["FUSEFLOW_CACHE_DIR"]).rglob("*.timing"))
+
+
+def test_recompile_reuses_the_whole_model_timing(tmp_path, rng, caplog):
+    """Two segments: the whole model is timed in a fresh process after export. An
+    unchanged recompile takes placement's timings and that one from the cache."""
+    src = save_tf1(tmp_path / "m", _model())
+    compile_model("openvino", src, tmp_path / "c1", compiler_args=TIMED)
+    first = _report(tmp_path / "c1")
+    assert first["placement"]["source"] == "measured" and len(first["segments"]) == 2
+    assert first["model_timing"]["compiled_ms"] > 0 and "source" not in first["model_timing"]
+    assert len(_timing_entries()) == 2  # placement's, the whole model's
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fuseflow"):
+        compile_model("openvino", src, tmp_path / "c2", compiler_args=TIMED)
+    second = _report(tmp_path / "c2")
+    assert second["placement"]["source"] == "cache" and _cached(tmp_path / "c2") == [True, True]
+    assert second["model_timing"] == {**first["model_timing"], "source": "cache"}
+    assert "timed by an earlier compile of the same model" in caplog.text
+    assert "timed here" not in caplog.text
+    feeds = {"x": rng.random((1, 16), np.float32)}
+    assert_outputs_close(run_fresh(tmp_path / "c1", feeds, tmp_path, backend="openvino"),
+                         run_fresh(tmp_path / "c2", feeds, tmp_path, backend="openvino"),
+                         rtol=1e-6, atol=1e-7)
+
+
+def test_damaged_timing_entry_is_timed_again(tmp_path, caplog):
+    src = save_tf1(tmp_path / "m", _model())
+    compile_model("openvino", src, tmp_path / "c1", compiler_args=TIMED)
+    placement_entry, model_entry = sorted(  # placement's holds candidates' "timings"
+        _timing_entries(), key=lambda p: '"timings"' not in p.read_text())
+    assert '"model_timing"' in model_entry.read_text()
+    data = placement_entry.read_text()
+    placement_entry.write_text(data.replace('"latency_ms": ', '"latency_ms": 1', 1))
+    model_entry.write_bytes(model_entry.read_bytes()[:30])  # truncated mid-JSON
+    caplog.clear()
+    with caplog.at_level("DEBUG", logger="fuseflow"):
+        compile_model("openvino", src, tmp_path / "c2", compiler_args=TIMED)
+    report = _report(tmp_path / "c2")
+    assert report["placement"]["source"] == "measured"
+    assert "source" not in report["model_timing"]
+    assert caplog.text.count("ignoring damaged timing entry") == 2
+    compile_model("openvino", src, tmp_path / "c3", compiler_args=TIMED)  # rewritten
+    assert _report(tmp_path / "c3")["placement"]["source"] == "cache"
+    assert _report(tmp_path / "c3")["model_timing"]["source"] == "cache"
+    assert not list(Path(os.environ["FUSEFLOW_CACHE_DIR"]).rglob(".tmp-*"))
+    # --no-cache reads none of it.
+    compile_model("openvino", src, tmp_path / "c4", compiler_args=[*TIMED, "--no-cache"])
+    assert _report(tmp_path / "c4")["placement"]["source"] == "measured"

@@ -141,3 +141,23 @@ def test_no_profile_keeps_int8_untimed(tmp_path, monkeypatch):
 def test_int8_must_win_by_the_margin(int8_ms, bf16_ms, kept, starts):
     choice = decide(int8_ms, bf16_ms)
     assert choice.kept == kept and choice.reason.startswith(starts), choice
+
+
+def test_recompile_reuses_the_int8_or_bf16_timings(tmp_path, monkeypatch, caplog):
+    """int8 is made 5 ms slower for the first compile only: timed again, the second would
+    see int8 without it. It keeps the first's figures and choice, from the cache."""
+    monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "slow@openvino/int8")
+    _, first = _compile(tmp_path)
+    assert first["selection"]["kept"] == "bf16" and first["selection"]["int8_ms"] >= 5.0
+    assert "source" not in first["selection"]
+    monkeypatch.delenv("FUSEFLOW_INJECT_FAULT")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fuseflow"):
+        fuseflow.saved_model.compile(
+            tmp_path / "m", tmp_path / "c2", batch_size=BATCH,
+            calibration_data={"x": _samples()}, compiler_args=INT8 + ["--profile"])
+    [seg] = inspect_model(tmp_path / "c2")["accuracy"]["segments"]
+    assert seg["selection"] == {**first["selection"], "source": "cache"}, seg
+    assert seg["precision"] == "bf16"
+    assert "1 segment(s)' timings from the compile cache" in caplog.text
+    assert list(_hint(tmp_path / "c2").values()) == [_bf16_hint()]

@@ -216,3 +216,69 @@ def test_segment_its_backend_fails_on_goes_to_the_other(tmp_path, monkeypatch, c
     actual, stats = run_fresh(tmp_path / "c", feeds, tmp_path, with_stats=True)
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds), actual, rtol=1e-4, atol=1e-5)
     assert_ran(stats, "xla", fused_segments(tmp_path / "c"))
+
+
+def _mlp(path):
+    """One region both backends take whole (no convolution): OpenVINO and XLA are each
+    compiled and timed."""
+    w = np.random.default_rng(1).normal(size=(8, 8)).astype(np.float32)
+
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="x")
+        return {"x": x}, {"y": tf.tanh(tf.matmul(x, w) + 1.0, name="y")}
+
+    save_tf1(path, build)
+    return {"x": np.random.default_rng(2).normal(size=(1, 8)).astype(np.float32)}
+
+
+def _compile_timed(src, out, fault, caplog, *flags, batch_size=1) -> dict:
+    """--must-compile: the fastest backend wins whatever TF's time, so a 5 ms fault on one
+    backend (timing.py) decides the placement on any machine."""
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level("INFO", logger="fuseflow"):
+        patch.setenv("FUSEFLOW_INJECT_FAULT", f"slow@{fault}")
+        fuseflow.saved_model.compile(src, out, batch_size=batch_size,
+                                     compiler_args=["--profile", "--must-compile", *flags])
+    return _report(out)
+
+
+def _backends(report: dict) -> list[str]:
+    return [s["backend"] for s in report["segments"] if s["compiled"]]
+
+
+def test_recompile_reuses_placement_timings_from_the_cache(tmp_path, caplog):
+    """The second compile would choose OpenVINO if it timed again (XLA is made 5 ms slower
+    then); it keeps XLA, with the first compile's figures, and says they are cached."""
+    feeds = _mlp(tmp_path / "m")
+    first = _compile_timed(tmp_path / "m", tmp_path / "c1", "openvino", caplog)
+    assert first["placement"]["source"] == "measured" and _backends(first) == ["xla"]
+    [region] = first["placement"]["regions"]
+    assert region["tried_ms"]["openvino"] >= 5.0 > region["tried_ms"]["xla"], region
+    assert first["model_timing"]["source"] == "placement"
+    assert "cached" not in first["model_timing"]
+
+    second = _compile_timed(tmp_path / "m", tmp_path / "c2", "xla", caplog)
+    placement = second["placement"]
+    assert placement["source"] == "cache" and placement["regions"] == first["placement"][
+        "regions"]
+    assert _backends(second) == ["xla"]
+    [segment] = second["segments"]
+    assert segment["cached"] and segment["timing"] == {**first["segments"][0]["timing"],
+                                                       "source": "cache"}
+    assert second["model_timing"]["cached"] is True
+    assert "taken from the compile cache" in caplog.text
+    assert "compiled and timed against TensorFlow" not in caplog.text
+    out1 = run_fresh(tmp_path / "c1", feeds, tmp_path)
+    out2, stats = run_fresh(tmp_path / "c2", feeds, tmp_path, with_stats=True)
+    assert_outputs_close(out1, out2, rtol=1e-6, atol=1e-7)
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), out2, rtol=1e-4, atol=1e-5)
+    assert_ran(stats, "xla", fused_segments(tmp_path / "c2"))
+
+    # Another batch is another set of candidates: timed again (and XLA, slow, now loses).
+    other = _compile_timed(tmp_path / "m", tmp_path / "c3", "xla", caplog, batch_size=2)
+    assert other["placement"]["source"] == "measured" and _backends(other) == ["openvino"]
+    assert "compiled and timed against TensorFlow" in caplog.text
+    # --retime times again, whatever the cache holds.
+    again = _compile_timed(tmp_path / "m", tmp_path / "c4", "xla", caplog, "--retime")
+    assert again["placement"]["source"] == "measured" and _backends(again) == ["openvino"]
+    assert "timing again (--retime)" in caplog.text

@@ -146,28 +146,33 @@ def response(spec: Spec, version: int, signature_key: str,
     return answer.SerializeToString()
 
 
-def answer(grpc_context, code: str, message: str, raw: bytes):
+@dataclass(frozen=True)
+class Serialized:
+    """A response message already serialized by the model's replica. Ray Serve sends back
+    what the ingress method returns as `result.SerializeToString()`, so the ingress need
+    not parse the model's answer only to serialize it again."""
+
+    raw: bytes
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+        return self.raw
+
+
+def answer(grpc_context, code: str, message: str, raw: bytes) -> Serialized:
     """What an ingress returns to Ray's gRPC proxy: the PredictResponse, or an empty one
     with the status code and details set on the call's context (Ray Serve's way of
     answering a gRPC error without logging an exception)."""
     import grpc
-    from tensorflow_serving.apis import predict_pb2
 
-    if code != "OK":
-        if grpc_context is not None:
-            grpc_context.set_code(getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL))
-            grpc_context.set_details(message)
-        return predict_pb2.PredictResponse()
-    return predict_pb2.PredictResponse.FromString(raw)
-
-
-def unimplemented(grpc_context, method: str):
-    """Classify, Regress, MultiInference, GetModelMetadata over gRPC: not served (yet)."""
-    import grpc
-    from tensorflow_serving.apis import predict_pb2
-
+    if code == "OK":
+        return Serialized(raw)
     if grpc_context is not None:
-        grpc_context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        grpc_context.set_details(f"fuseflow serve answers PredictionService.Predict over "
-                                 f"gRPC; use the REST API for {method}")
-    return predict_pb2.PredictResponse()
+        grpc_context.set_code(getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL))
+        grpc_context.set_details(message)
+    return Serialized(b"")
+
+
+def unimplemented(grpc_context, method: str) -> Serialized:
+    """Classify, Regress, MultiInference, GetModelMetadata over gRPC: not served (yet)."""
+    return answer(grpc_context, "UNIMPLEMENTED", "fuseflow serve answers PredictionService."
+                  f"Predict over gRPC; use the REST API for {method}", b"")

@@ -332,7 +332,10 @@ def test_grpc_errors_are_tf_servings_status_codes(server):
              code.INVALID_ARGUMENT, "got shape [1,7]"),
             (_predict_request("dense", {"x": x}, output_filter=["nope"]),
              code.INVALID_ARGUMENT, "output tensor alias not found"),
-            (label, code.INVALID_ARGUMENT, "version label: stable")]:
+            (label, code.INVALID_ARGUMENT, "version label: stable"),
+            # --max-body-mb 0.05 holds for gRPC messages too
+            (_predict_request("dense", {"x": np.zeros((2000, 8), np.float32)}),
+             code.RESOURCE_EXHAUSTED, "larger than max")]:
         got, details = _grpc_error(stub, request)
         assert got == want and words in details, (request.model_spec, got, details)
     with pytest.raises(grpc.RpcError) as caught:

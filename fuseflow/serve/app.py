@@ -499,6 +499,9 @@ def start(config: ServeConfig) -> None:
     else:
         for key, value in LOCAL_SERVE_ENV.items():  # inherited by Ray's processes
             os.environ.setdefault(key, value)
+        # --max-body-mb for gRPC too: Ray's gRPC proxy refuses a larger message with
+        # RESOURCE_EXHAUSTED (its default is 2 GB)
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_body_bytes))
         # a local instance talks over loopback only
         ray.init(namespace="fuseflow", include_dashboard=False, log_to_driver=False,
                  runtime_env=config.runtime_env or None, _node_ip_address="127.0.0.1")

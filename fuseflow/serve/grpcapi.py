@@ -86,15 +86,15 @@ def feeds(request, inputs: dict[str, TensorSpec]) -> dict[str, np.ndarray]:
     for key, proto in request.inputs.items():
         spec = inputs[key]
         try:
-            dtype = tf.dtypes.as_dtype(proto.dtype)
+            dtype = np.dtype(tf.dtypes.as_dtype(proto.dtype).as_numpy_dtype)  # string: object
+            if dtype != spec.dtype:
+                want = "string" if spec.dtype == object else spec.dtype.name
+                raise RestError("INVALID_ARGUMENT", f"Input {spec.describe()} expects {want} "
+                                f"values, got {_enum_name(proto.dtype)}")
             array = tf.make_ndarray(proto)
         except (TypeError, ValueError) as e:
             raise RestError("INVALID_ARGUMENT", f"Input {key!r}: not a valid TensorProto "
                             f"({e})") from e
-        if np.dtype(dtype.as_numpy_dtype if dtype != tf.string else object) != spec.dtype:
-            want = "string" if spec.dtype == object else spec.dtype.name
-            raise RestError("INVALID_ARGUMENT", f"Input {spec.describe()} expects {want} "
-                            f"values, got {_enum_name(proto.dtype)}")
         rest.check_shape(spec, array, batched=False)
         arrays[key] = array
     return arrays

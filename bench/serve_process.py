@@ -45,6 +45,11 @@ class ServeProcess:
         self.port = free_port()
         self.command = [str(c) for c in command] + ["--port", str(self.port),
                                                     "--host", "127.0.0.1"]
+        # a free gRPC port too, unless the command names one: side-by-side servers must
+        # not all claim TF Serving's 8500
+        self.grpc_port = free_port() if "--grpc-port" not in self.command else None
+        if self.grpc_port:
+            self.command += ["--grpc-port", str(self.grpc_port)]
         self.cwd, self.env, self.startup_timeout = cwd, env, startup_timeout
         self.log_path: Path | None = None
 

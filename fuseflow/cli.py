@@ -95,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                     "each OpenVINO segment runs N streams with a pool of N infer requests."))
     _serve_parser(commands.add_parser(
         "serve", parents=[common], formatter_class=raw, epilog=_SERVE_HELP,
-        help="serve models over TF Serving's REST API (Ray Serve)",
+        help="serve models over TF Serving's REST and gRPC APIs (Ray Serve)",
         description="Serve (compiled) SavedModels from TF Serving-style base paths "
                     "(<base>/<version>/saved_model.pb) with TF Serving's REST API, on Ray "
                     "Serve: locally, or on a Ray cluster with --address."))
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _SERVE_HELP = """\
 examples:
-  fuseflow serve --model resnet=/models/resnet                # http://0.0.0.0:8501
+  fuseflow serve --model resnet=/models/resnet                # REST :8501, gRPC :8500
   fuseflow serve --model a=/models/a --model b=/models/b --replicas 2
   fuseflow serve --model resnet=/models/resnet --batching resnet=16,5   # batch 16, wait 5 ms
   fuseflow serve --model resnet=/models/resnet --address auto  # join a running Ray cluster
@@ -112,6 +112,7 @@ examples:
   curl -d '{"instances": [[1.0, 2.0]]}' localhost:8501/v1/models/resnet:predict
   curl localhost:8501/v1/models/resnet          # status; /metadata for signatures
   curl localhost:8501/healthz; curl localhost:8501/metrics
+  # gRPC: tensorflow_serving.apis' PredictionServiceStub on localhost:8500, unchanged
 
 Drop a new version folder (<base>/2/) in and it is served once it loads and runs."""
 
@@ -122,6 +123,9 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8501, help="HTTP port (default 8501, TF "
                    "Serving's REST port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help="TF Serving's gRPC PredictionService.Predict on this port (default "
+                        "8500, TF Serving's --port; all interfaces); 0: no gRPC")
     p.add_argument("--replicas", type=int, default=1, metavar="N",
                    help="replicas of each model (default 1)")
     p.add_argument("--address", metavar="RAY_ADDRESS",
@@ -167,11 +171,31 @@ def run_serve(args: argparse.Namespace) -> int:
         raise errors.OptionError(f"--model names must be unique and --batching must name one "
                                  f"of them: models {names}, batching {sorted(batching)}")
     runtime_env = json.loads(args.runtime_env) if args.runtime_env else {}
+    grpc_port = _grpc_port(args.grpc_port)
     serve.serve_forever(serve.ServeConfig(
-        models, port=args.port, host=args.host, replicas=args.replicas, address=args.address,
+        models, port=args.port, host=args.host, grpc_port=grpc_port, replicas=args.replicas,
+        address=args.address,
         threads=args.threads, poll_seconds=args.poll_seconds,
         max_body_bytes=int(args.max_body_mb * (1 << 20)), runtime_env=runtime_env))
     return EXIT_OK
+
+
+def _grpc_port(port: int | None) -> int:
+    """--grpc-port: 8500 unless told otherwise, as TF Serving; without the
+    tensorflow-serving-api protos, an error if asked for, else REST only (with a warning)."""
+    from fuseflow.serve import grpcapi
+
+    if port is not None and not 0 <= port < 65536:
+        raise errors.OptionError(f"--grpc-port must be a port number, or 0 for no gRPC; "
+                                 f"got {port}")
+    if port == 0 or grpcapi.available():
+        return grpcapi.DEFAULT_PORT if port is None else port
+    if port is not None:
+        raise errors.OptionError("--grpc-port needs TF Serving's protos: pip install "
+                                 "tensorflow-serving-api (part of fuseflow's serve extra)")
+    print("fuseflow serve: tensorflow-serving-api is not installed: REST only, no gRPC on "
+          f"port {grpcapi.DEFAULT_PORT}", file=sys.stderr)
+    return 0
 
 
 def _auto_multicore_parser(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """`fuseflow serve`, run as users run it: a subprocess on Ray Serve, plain HTTP requests in the
-JSON of TF Serving's REST API documentation, answers compared with the original model in TF.
+JSON of TF Serving's REST API documentation and gRPC Predict calls with TF Serving's own client
+stubs, answers compared with the original model in TF.
 
 One server (one replica per model) is shared by the module: Ray starts slowly on a shared CPU.
 """
@@ -107,6 +108,44 @@ def server(served):
 
 def _dense_tf(models, x):
     return run_saved_model(models / "dense_orig", {"x": np.asarray(x, np.float32)})["y"]
+
+
+def _grpc_stub(server):
+    """TF Serving's client, as its docs show it: no extra metadata on the calls."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def _predict_request(name, inputs: dict, signature=None, version=None, output_filter=()):
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if signature is not None:
+        request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    request.output_filter.extend(output_filter)
+    return request
+
+
+def _grpc_error(stub, request):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Predict(request, 60.0)
+    return caught.value.code(), caught.value.details()
+
+
+def _compiled_calls(server, name="dense") -> int:
+    ops = server.get(f"/fuseflow/stats/{name}")[1]["runtime"]["ops"]
+    assert ops and not any(op["fallback"] for op in ops.values()), ops
+    return sum(op["compiled"] for op in ops.values())
 
 
 def test_predict_row_and_columnar_forms_match_tf(server, models):
@@ -234,6 +273,101 @@ def test_bad_requests_get_tf_servings_error_shape(server, method, path, body, co
     assert server.get("/fuseflow/stats/dense")[1]["pid"] == pid
 
 
+def test_grpc_predict_with_tf_servings_client_matches_tf(server, models):
+    """PredictionService.Predict through the gateway: a compiled model, a model with string
+    inputs and several outputs, output_filter, an explicit version; model_spec echoed."""
+    pytest.importorskip("tensorflow_serving.apis")
+    stub = _grpc_stub(server)
+    x = (np.arange(24, dtype=np.float32).reshape(3, 8) - 7) / 4
+    before, calls = server.get("/fuseflow/stats/dense")[1], _compiled_calls(server)
+    result = stub.Predict(_predict_request("dense", {"x": x}, "serving_default"), 60.0)
+    np.testing.assert_allclose(tf.make_ndarray(result.outputs["y"]), _dense_tf(models, x),
+                               rtol=1e-4, atol=1e-5)
+    assert (result.model_spec.name, result.model_spec.version.value,
+            result.model_spec.signature_name) == ("dense", 1, "serving_default")
+    result = stub.Predict(_predict_request("dense", {"x": x[:1]}, version=1), 60.0)
+    np.testing.assert_allclose(tf.make_ndarray(result.outputs["y"]), _dense_tf(models, x[:1]),
+                               rtol=1e-4, atol=1e-5)
+    after = server.get("/fuseflow/stats/dense")[1]
+    assert after["grpc_requests"] - before["grpc_requests"] == 2, (before, after)
+    assert _compiled_calls(server) >= calls + 2  # OpenVINO ran them, not the TF fallback
+
+    feeds = {"tag": np.array([b"foo", b"bar"], dtype=object),
+             "signal": np.array([[1, 2, 3, 4, 5], [3, 4, 1, 2, 5]], np.float32),
+             "sensor": np.array([[[1, 2], [3, 4]], [[4, 5], [6, 8]]], np.float32)}
+    want = run_saved_model(models / "docs/1", feeds)
+    result = stub.Predict(_predict_request("docs", feeds), 60.0)
+    assert sorted(result.outputs) == ["score", "tagged"]
+    np.testing.assert_allclose(tf.make_ndarray(result.outputs["score"]), want["score"])
+    assert list(tf.make_ndarray(result.outputs["tagged"])) == [b"foo:40.0", b"bar:53.0"]
+    result = stub.Predict(_predict_request("docs", feeds, output_filter=["tagged"]), 60.0)
+    assert list(result.outputs) == ["tagged"]
+    result = stub.Predict(_predict_request("docs", {"signal": feeds["signal"]}, "scaled"), 60.0)
+    np.testing.assert_allclose(tf.make_ndarray(result.outputs["scaled"]), feeds["signal"] * 3)
+    assert result.model_spec.signature_name == "scaled"
+
+
+def test_grpc_errors_are_tf_servings_status_codes(server):
+    pytest.importorskip("tensorflow_serving.apis")
+    import grpc
+    from tensorflow_serving.apis import classification_pb2
+
+    stub = _grpc_stub(server)
+    pid = server.get("/fuseflow/stats/dense")[1]["pid"]
+    x = np.zeros((1, 8), np.float32)
+    label = _predict_request("dense", {"x": x})
+    label.model_spec.version_label = "stable"
+    code = grpc.StatusCode
+    for request, want, words in [
+            (_predict_request("nope", {"x": x}), code.NOT_FOUND, "Latest(nope)"),
+            (_predict_request("dense", {"x": x}, version=7), code.NOT_FOUND,
+             "Specific(dense, 7)"),
+            (_predict_request("dense", {"x": x}, "nope"), code.INVALID_ARGUMENT,
+             "\"nope\" not found"),
+            (_predict_request("dense", {"z": x}), code.INVALID_ARGUMENT,
+             "unknown input(s) ['z']"),
+            (_predict_request("dense", {"x": x.astype(np.float64)}), code.INVALID_ARGUMENT,
+             "DT_DOUBLE"),
+            (_predict_request("dense", {"x": np.zeros((1, 7), np.float32)}),
+             code.INVALID_ARGUMENT, "got shape [1,7]"),
+            (_predict_request("dense", {"x": x}, output_filter=["nope"]),
+             code.INVALID_ARGUMENT, "output tensor alias not found"),
+            (label, code.INVALID_ARGUMENT, "version label: stable"),
+            # --max-body-mb 0.05 holds for gRPC messages too
+            (_predict_request("dense", {"x": np.zeros((2000, 8), np.float32)}),
+             code.RESOURCE_EXHAUSTED, "larger than max")]:
+        got, details = _grpc_error(stub, request)
+        assert got == want and words in details, (request.model_spec, got, details)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.Classify(classification_pb2.ClassificationRequest(), 60.0)
+    assert caught.value.code() == code.UNIMPLEMENTED, caught.value.details()
+    # the replica is the same process, and still answers
+    assert stub.Predict(_predict_request("dense", {"x": x}), 60.0).outputs["y"].dtype
+    assert server.get("/fuseflow/stats/dense")[1]["pid"] == pid
+
+
+def _grpc_all_at_once(server, rows: np.ndarray, want) -> tuple[dict, dict]:
+    """One gRPC Predict per row, all in flight at once (the stub's futures), each answer
+    checked against TF's; the dense model's replica stats before and after."""
+    stub = _grpc_stub(server)
+    before = server.get("/fuseflow/stats/dense")[1]
+    futures = [stub.Predict.future(_predict_request("dense", {"x": r[None]}), 120.0)
+               for r in rows]
+    for future, expected in zip(futures, want):
+        np.testing.assert_allclose(tf.make_ndarray(future.result().outputs["y"])[0], expected,
+                                   rtol=1e-4, atol=1e-5)
+    return before, server.get("/fuseflow/stats/dense")[1]
+
+
+def test_concurrent_grpc_requests_are_batched(server, models):
+    pytest.importorskip("tensorflow_serving.apis")
+    rows = np.random.default_rng(4).normal(size=(48, 8)).astype(np.float32)
+    before, after = _grpc_all_at_once(server, rows, _dense_tf(models, rows))
+    requests = after["grpc_requests"] - before["grpc_requests"]
+    calls = after["model_calls"] - before["model_calls"]
+    assert requests == 48 and calls < 48 / 2, (requests, calls)
+
+
 def _predict_all_at_once(server, rows: np.ndarray, want) -> tuple[dict, dict]:
     """One predict request per row, all in flight at once, each answer checked against
     TF's; the dense model's replica stats before and after."""
@@ -298,9 +432,33 @@ def test_one_model_is_its_own_ingress_with_the_same_routes(models):
         assert status == 200 and "ray_serve_" in text
         assert server.get("/fuseflow/stats/nope")[0] == 404
         before, after = _predict_all_at_once(server, rows, want)
+        grpc_checked = _direct_grpc(server, rows, want)
     assert after["model_calls"] - before["model_calls"] < 32 / 2, (before, after)
     # every REST request reached this replica over HTTP, none through a gateway's handle
     assert after["http_requests"] == after["requests"] >= 32 + 4, after
+    assert grpc_checked in ("skipped", "ok")
+
+
+def _direct_grpc(server, rows, want) -> str:
+    """The one-model server's gRPC Predict: the model replica is the gRPC ingress too."""
+    try:
+        import tensorflow_serving.apis  # noqa: F401
+    except ImportError:
+        return "skipped"
+    import grpc
+
+    stub = _grpc_stub(server)
+    result = stub.Predict(_predict_request("dense", {"x": rows[:2]}), 60.0)
+    np.testing.assert_allclose(tf.make_ndarray(result.outputs["y"]), want[:2], rtol=1e-4,
+                               atol=1e-5)
+    assert result.model_spec.version.value == 1
+    assert _grpc_error(stub, _predict_request("nope", {"x": rows[:1]}))[0] == \
+        grpc.StatusCode.NOT_FOUND
+    before, after = _grpc_all_at_once(server, rows, want)
+    assert after["grpc_requests"] - before["grpc_requests"] == 32, (before, after)
+    assert after["model_calls"] - before["model_calls"] < 32 / 2, (before, after)
+    assert after["requests"] == after["http_requests"] + after["grpc_requests"], after
+    return "ok"
 
 
 def test_new_version_is_picked_up_and_old_one_answers_until_then(server, models):
@@ -389,6 +547,7 @@ def test_killed_replica_never_gives_a_wrong_answer(models):
     (["--model", "m=.", "--replicas", "0"], "--replicas must be >= 1"),
     (["--model", "m=.", "--batching", "m=big"], "expected NAME=SIZE,WAIT_MS"),
     (["--model", "m=.", "--batching", "other=4,1"], "must name one of them"),
+    (["--model", "m=.", "--grpc-port", "70000"], "--grpc-port must be a port number"),
 ])
 def test_bad_serve_command_lines_exit_1_before_starting_ray(args, words, capsys):
     from fuseflow import cli

@@ -1,9 +1,10 @@
-"""`fuseflow serve`: compiled models behind TF Serving's REST API, on Ray Serve.
+"""`fuseflow serve`: compiled models behind TF Serving's REST and gRPC APIs, on Ray Serve.
 
     fuseflow serve --model resnet=/models/resnet [--model ...] [--port 8501]
-                   [--replicas N] [--address RAY_ADDRESS]
+                   [--grpc-port 8500] [--replicas N] [--address RAY_ADDRESS]
 
 - rest.py: TF Serving's REST paths, JSON forms and error shape, over numpy.
+- grpcapi.py: TF Serving's gRPC PredictRequest/PredictResponse and status codes, over numpy.
 - versions.py: a model base path (`<base>/<version>/saved_model.pb`), the latest version
   served, new versions picked up.
 - app.py: the Ray Serve application (one deployment per model, batching; a gateway in

@@ -3,9 +3,13 @@
 The gateway is the HTTP ingress: it parses TF Serving's REST paths, answers health and
 metrics, and calls the model's deployment through its handle with the raw body, retrying
 a request whose replica died (predict is idempotent) and answering 503 when retries run
-out. A `ModelServer` replica imports fuseflow (so FuseflowOp is registered), serves the
-latest version of its base path, picks up new versions, parses and answers the JSON,
-and gathers concurrent requests into one model call with Ray Serve's `@serve.batch`.
+out. It is the gRPC ingress too: Ray Serve's gRPC proxy calls its `Predict` with TF
+Serving's PredictRequest, which goes on to the model's deployment as bytes.
+
+A `ModelServer` replica imports fuseflow (so FuseflowOp is registered), serves the latest
+version of its base path, picks up new versions, parses and answers the JSON (or the
+PredictRequest), and gathers concurrent requests into one model call with Ray Serve's
+`@serve.batch`.
 
 One model on one replica needs no router: the model deployment is then the ingress
 itself (the same routes, one process hop less per request; see `direct_ingress`).
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fuseflow.serve import rest
+from fuseflow.serve import grpcapi, rest
 from fuseflow.serve.rest import RestError
 
 log = logging.getLogger("fuseflow.serve")
@@ -58,6 +62,7 @@ class ModelConfig:
 class ServeConfig:
     models: tuple[ModelConfig, ...]
     port: int = 8501  # TF Serving's REST port
+    grpc_port: int = 0  # TF Serving's gRPC PredictionService.Predict there; 0: no gRPC
     host: str = "0.0.0.0"
     replicas: int = 1
     address: str | None = None  # None: start a local Ray instance
@@ -132,6 +137,33 @@ class _Ingress:
             status, payload = e.http_status, rest.dumps(e.body())
         return Response(payload, status_code=status, media_type="application/json")
 
+    async def Predict(self, request, grpc_context=None):  # noqa: N802 (the RPC's name)
+        """TF Serving's gRPC PredictionService.Predict, as Ray Serve's gRPC proxy calls it:
+        the parsed PredictRequest in, a PredictResponse out, errors as the call's status."""
+        name = request.model_spec.name
+        if name in self.names:
+            code, message, raw = await self._predict_grpc(name, request.SerializeToString())
+        else:
+            try:
+                spec = grpcapi.model_spec(request)
+                code, message = "NOT_FOUND", grpcapi.not_found(spec.name, spec.version).message
+            except RestError as e:
+                code, message = e.code, e.message
+            raw = b""
+        return grpcapi.answer(grpc_context, code, message, raw)
+
+    async def Classify(self, request, grpc_context=None):  # noqa: N802
+        return grpcapi.unimplemented(grpc_context, "Classify")
+
+    async def Regress(self, request, grpc_context=None):  # noqa: N802
+        return grpcapi.unimplemented(grpc_context, "Regress")
+
+    async def MultiInference(self, request, grpc_context=None):  # noqa: N802
+        return grpcapi.unimplemented(grpc_context, "MultiInference")
+
+    async def GetModelMetadata(self, request, grpc_context=None):  # noqa: N802
+        return grpcapi.unimplemented(grpc_context, "GetModelMetadata")
+
     async def _ready(self) -> dict[str, bool]:
         raise NotImplementedError
 
@@ -139,6 +171,9 @@ class _Ingress:
         raise NotImplementedError
 
     async def _call(self, route: rest.Route, raw: bytes) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    async def _predict_grpc(self, name: str, raw: bytes) -> tuple[str, str, bytes]:
         raise NotImplementedError
 
 
@@ -170,7 +205,7 @@ class ModelServer(_Ingress):
         self.names, self.max_body_bytes = (model.name,), max_body_bytes
         self.versions = ModelVersions(model.name, model.base_path, threads)
         self.versions.refresh()
-        self.requests = self.model_calls = self.http_requests = 0
+        self.requests = self.model_calls = self.http_requests = self.grpc_requests = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{model.name}")
         self._requests_metric = Counter("fuseflow_serve_requests", "requests per model",
                                         tag_keys=("model",))
@@ -285,6 +320,35 @@ class ModelServer(_Ingress):
                 log.warning("model %s: %s", self.model.name, error.message)
             return error.http_status, error.body()
 
+    async def predict_grpc(self, raw: bytes) -> tuple[str, str, bytes]:
+        """One gRPC Predict, its PredictRequest serialized: (status code name, message,
+        serialized PredictResponse). The REST path's version lookup, signatures, input
+        checks and batching; bytes both ways across the process boundary."""
+        self.requests += 1
+        self.grpc_requests += 1
+        self._requests_metric.inc(tags={"model": self.model.name})
+        try:
+            request = grpcapi.parse(raw)
+            spec = grpcapi.model_spec(request)
+            if spec.name != self.model.name:
+                raise grpcapi.not_found(spec.name, spec.version)
+            loaded = self.versions.get(spec.version)
+            signature = loaded.signature(spec.signature_name)
+            keys = grpcapi.output_keys(request, signature.outputs)
+            feeds = grpcapi.feeds(request, signature.inputs)
+            outputs = await self._outputs(loaded, signature, feeds,
+                                          grpcapi.batchable(feeds, signature.inputs))
+            return "OK", "", grpcapi.response(spec, loaded.version, signature.key, outputs,
+                                              keys)
+        except Exception as e:  # nothing a request sends takes the replica down
+            error = _as_rest_error(e)
+            if not isinstance(e, RestError):
+                log.warning("model %s: %s", self.model.name, error.message)
+            return error.code, error.message, b""
+
+    async def _predict_grpc(self, name: str, raw: bytes) -> tuple[str, str, bytes]:
+        return await self.predict_grpc(raw)
+
     def ready(self) -> bool:
         return self.versions.latest is not None
 
@@ -304,7 +368,7 @@ class ModelServer(_Ingress):
 
         latest = self.versions.latest
         return {"pid": os.getpid(), "requests": self.requests, "model_calls": self.model_calls,
-                "http_requests": self.http_requests,
+                "http_requests": self.http_requests, "grpc_requests": self.grpc_requests,
                 "version": latest.version if latest else None, "runtime": runtime_stats()}
 
 
@@ -340,20 +404,35 @@ class Gateway(_Ingress):
     async def _stats(self, name: str) -> dict:
         return await self.handles[name].stats.remote()
 
-    async def _call(self, route: rest.Route, raw: bytes) -> tuple[int, bytes]:
-        handle = self.handles[route.model]
+    async def _retrying(self, name: str, call):
+        """`await call()` (a handle call of model `name`), again on another replica if the
+        one serving it died; UNAVAILABLE once RETRIES attempts failed."""
         last: BaseException | None = None
         for attempt in range(RETRIES):
             try:
-                return await handle.handle.remote(route.verb, route.version, raw)
+                return await call()
             except self._died as e:  # the replica went away: Ray replaces it, we retry
                 last = e
-                log.warning("model %s: replica died (attempt %d): %s", route.model,
+                log.warning("model %s: replica died (attempt %d): %s", name,
                             attempt + 1, type(e).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
-        message = (f"Model {route.model}: the replica serving this request died and "
-                   f"{RETRIES} attempts failed ({type(last).__name__}); retry later")
-        return rest.HTTP_STATUS["UNAVAILABLE"], rest.dumps({"error": message})
+        raise RestError("UNAVAILABLE", f"Model {name}: the replica serving this request died "
+                        f"and {RETRIES} attempts failed ({type(last).__name__}); retry later")
+
+    async def _call(self, route: rest.Route, raw: bytes) -> tuple[int, bytes]:
+        handle = self.handles[route.model]
+        try:
+            return await self._retrying(route.model, lambda: handle.handle.remote(
+                route.verb, route.version, raw))
+        except RestError as e:
+            return e.http_status, rest.dumps(e.body())
+
+    async def _predict_grpc(self, name: str, raw: bytes) -> tuple[str, str, bytes]:
+        handle = self.handles[name]
+        try:
+            return await self._retrying(name, lambda: handle.predict_grpc.remote(raw))
+        except RestError as e:
+            return e.code, e.message, b""
 
     async def _ready(self) -> dict[str, bool]:
         ready = {}
@@ -420,10 +499,20 @@ def start(config: ServeConfig) -> None:
     else:
         for key, value in LOCAL_SERVE_ENV.items():  # inherited by Ray's processes
             os.environ.setdefault(key, value)
+        # --max-body-mb for gRPC too: Ray's gRPC proxy refuses a larger message with
+        # RESOURCE_EXHAUSTED (its default is 2 GB)
+        os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(config.max_body_bytes))
         # a local instance talks over loopback only
         ray.init(namespace="fuseflow", include_dashboard=False, log_to_driver=False,
                  runtime_env=config.runtime_env or None, _node_ip_address="127.0.0.1")
-    serve.start(http_options={"host": config.host, "port": config.port})
+    grpc_options = None
+    if config.grpc_port:  # Ray Serve's gRPC proxy, with TF Serving's PredictionService
+        from ray.serve.config import gRPCOptions
+
+        grpc_options = gRPCOptions(port=config.grpc_port,
+                                   grpc_servicer_functions=[grpcapi.SERVICER])
+    serve.start(http_options={"host": config.host, "port": config.port},
+                grpc_options=grpc_options)
     serve.run(build_app(config), name="fuseflow", route_prefix="/", blocking=False)
 
 
@@ -443,8 +532,9 @@ def serve_forever(config: ServeConfig) -> None:
     # after ray.init, which installs its own SIGTERM handler: ours shuts Ray down below
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     names = ", ".join(m.name for m in config.models)
-    print(f"fuseflow serve: {names} on http://{config.host}:{config.port}/v1/models/<name> "
-          f"({config.replicas} replica(s) each; /healthz, /metrics)", flush=True)
+    grpc = f", gRPC PredictionService on port {config.grpc_port}" if config.grpc_port else ""
+    print(f"fuseflow serve: {names} on http://{config.host}:{config.port}/v1/models/<name>"
+          f"{grpc} ({config.replicas} replica(s) each; /healthz, /metrics)", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -135,7 +135,7 @@ def to_array(spec: TensorSpec, value, batched: bool) -> np.ndarray:
             raise RestError("INVALID_ARGUMENT", f"Input {spec.key!r} expects "
                             f"{spec.dtype.name} values, got {raw.dtype.name} ({_sample(raw)})")
         array = raw.astype(spec.dtype)
-    _check_shape(spec, array, batched)
+    check_shape(spec, array, batched)
     return array
 
 
@@ -143,7 +143,7 @@ def _sample(raw: np.ndarray) -> str:
     return repr(raw.reshape(-1)[0].item() if raw.size else None)
 
 
-def _check_shape(spec: TensorSpec, array: np.ndarray, batched: bool) -> None:
+def check_shape(spec: TensorSpec, array: np.ndarray, batched: bool) -> None:
     if spec.shape is None:
         return
     ok = len(spec.shape) == array.ndim and all(
@@ -170,7 +170,7 @@ def predict_inputs(body: dict, inputs: dict[str, TensorSpec]) -> tuple[dict[str,
         if named:
             columns = {}
             for r in rows:
-                _check_names(set(r), inputs)
+                check_names(set(r), inputs)
             for key in inputs:
                 columns[key] = [r[key] for r in rows]
         elif len(inputs) == 1:
@@ -182,7 +182,7 @@ def predict_inputs(body: dict, inputs: dict[str, TensorSpec]) -> tuple[dict[str,
         return {k: to_array(inputs[k], v, batched=True) for k, v in columns.items()}, True
     columns = body["inputs"]
     if isinstance(columns, dict) and not set(columns) <= {"b64"}:
-        _check_names(set(columns), inputs)
+        check_names(set(columns), inputs)
     elif len(inputs) == 1:
         columns = {next(iter(inputs)): columns}
     else:
@@ -191,7 +191,7 @@ def predict_inputs(body: dict, inputs: dict[str, TensorSpec]) -> tuple[dict[str,
     return {k: to_array(inputs[k], v, batched=False) for k, v in columns.items()}, False
 
 
-def _check_names(given: set[str], inputs: dict[str, TensorSpec]) -> None:
+def check_names(given: set[str], inputs: dict[str, TensorSpec]) -> None:
     unknown, missing = sorted(given - set(inputs)), sorted(set(inputs) - given)
     if unknown or missing:
         what = "; ".join(x for x in (f"unknown input(s) {unknown}" if unknown else "",

@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# fuseflow serve's gRPC protos, without their `tensorflow` requirement (pyproject.toml)
+TFS_API := tensorflow-serving-api==2.21.0
 
 .PHONY: install native browser demo test test-all bench bench-serve bench-defaults fuzz zoo lint clean
 
@@ -10,6 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,serve]'
+	$(PY) -m pip install -q --no-deps '$(TFS_API)'
 	touch $(STAMP)
 
 install: $(STAMP) native

@@ -22,6 +22,7 @@ from fuseflow.graph_util import (
     node_name,
     output_index,
 )
+from fuseflow.loops import batch_sized_loop_states
 from fuseflow.optimize import ORIGINAL_LOWER_ATTR
 from fuseflow.partition import Segment
 from fuseflow.shapes import TensorInfo
@@ -31,11 +32,14 @@ INPUT_PREFIX = "fuseflow_input_"
 
 def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
                     consumers: dict[str, set[str]], fetch_tensors: set[str],
-                    batch_info: BatchInfo | None, constants: set[str] | None = None
-                    ) -> SegmentGraph:
+                    batch_info: BatchInfo | None, constants: set[str] | None = None,
+                    per_shape: bool = False) -> SegmentGraph:
     """A standalone GraphDef for the segment, with its ports at their compiled shapes.
 
-    constants: graph_util.constant_nodes(graph_def), computed here when not given."""
+    constants: graph_util.constant_nodes(graph_def), computed here when not given.
+    per_shape: the backend compiles again for each input shape (Backend.compiles_per_shape);
+    with a free batch (batch_info), the loops' zero states folded at the compiled batch
+    are then computed from a batch input again (loops.batch_sized_loop_states)."""
     nodes = {n.name: n for n in graph_def.node}
     if constants is None:
         constants = constant_nodes(graph_def)
@@ -80,6 +84,11 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
         inputs.append(Port(ph_name, info.dtype.as_datatype_enum, tuple(info.shape),
                            _axis(t, batch_info)))
     out.node.extend(body)
+    if per_shape and batch_info is not None:
+        batch_inputs = [(t, ph) for t, ph in placeholders.items() if batch_info.splittable(t)]
+        if batch_inputs:
+            t, ph = batch_inputs[0]
+            out = batch_sized_loop_states(out, f"{ph}:0", infos[t].shape[0])
     outputs = []
     for name in segment.nodes:
         used = consumers.get(name, set())

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from fuseflow.graph_util import node_name, output_index
 from fuseflow.tf_compat import tf
 
@@ -275,3 +277,72 @@ def _set_shape_input(node, index: int, shape: tf.TensorShape, graph_def) -> None
     node.input[index] = const.name
     if "shape_type" in node.attr:
         node.attr["shape_type"].type = tf.int32.as_datatype_enum
+
+
+def batch_sized_loop_states(graph_def, batch_input: str, batch_size: int):
+    """A copy of graph_def whose loops start the states Grappler folded at the compiled
+    batch (a Keras RNN's zero state, from tf.shape(x)[0]) with dim 0 read from
+    batch_input again; graph_def itself when no loop has one.
+
+    A uniform constant of shape [batch_size, ...] fed to a While is taken as such a
+    state. At the compiled batch the values are the same; at other batch sizes an
+    XLA loop then compiles for them instead of failing on the folded shape (the
+    other-batch check of compile() still judges the result)."""
+    consts = {n.name: n for n in graph_def.node if n.op == "Const"}
+    folded: dict[str, object] = {}
+    for node in graph_def.node:
+        if node.op not in _WHILE:
+            continue
+        for inp in node.input:
+            const = consts.get(node_name(inp))
+            if const is None or inp.startswith("^") or output_index(inp) != 0:
+                continue
+            value = tf.make_ndarray(const.attr["value"].tensor)
+            if value.ndim and value.shape[0] == batch_size and value.size \
+                    and (value == value.flat[0]).all():
+                folded[const.name] = value
+    if not folded:
+        return graph_def
+    out = graph_def.__class__()
+    out.CopyFrom(graph_def)
+    prefix = "fuseflow_batch"
+    shape = out.node.add(name=f"{prefix}/shape", op="Shape", input=[batch_input])
+    shape.attr["out_type"].type = tf.int32.as_datatype_enum
+    source = next(n for n in graph_def.node if n.name == node_name(batch_input))
+    shape.attr["T"].CopyFrom(source.attr["dtype"] if "dtype" in source.attr
+                             else source.attr["T"])
+    _const(out, f"{prefix}/begin", np.array([0], np.int32))
+    _const(out, f"{prefix}/size", np.array([1], np.int32))
+    _const(out, f"{prefix}/axis", np.array(0, np.int32))
+    batch = out.node.add(name=f"{prefix}/batch", op="Slice",
+                         input=[shape.name, f"{prefix}/begin", f"{prefix}/size"])
+    batch.attr["T"].type = tf.int32.as_datatype_enum
+    batch.attr["Index"].type = tf.int32.as_datatype_enum
+    fills = {}
+    for name, value in folded.items():
+        rest = _const(out, f"{name}/{prefix}_rest", np.array(value.shape[1:], np.int32))
+        dims = out.node.add(name=f"{name}/{prefix}_dims", op="ConcatV2",
+                            input=[batch.name, rest.name, f"{prefix}/axis"])
+        dims.attr["T"].type = tf.int32.as_datatype_enum
+        dims.attr["N"].i = 2
+        dims.attr["Tidx"].type = tf.int32.as_datatype_enum
+        scalar = _const(out, f"{name}/{prefix}_value", value.reshape(-1)[:1].reshape(()))
+        fill = out.node.add(name=f"{name}/{prefix}_fill", op="Fill",
+                            input=[dims.name, scalar.name])
+        fill.attr["T"].CopyFrom(consts[name].attr["dtype"])
+        fill.attr["index_type"].type = tf.int32.as_datatype_enum
+        fills[name] = fill.name
+    for node in out.node:
+        if node.op in _WHILE:
+            for k, inp in enumerate(node.input):
+                if not inp.startswith("^") and node_name(inp) in fills:
+                    node.input[k] = fills[node_name(inp)]
+    log.debug("loop states given their batch dim at run time: %s", sorted(fills))
+    return out
+
+
+def _const(graph_def, name: str, value: np.ndarray):
+    node = graph_def.node.add(name=name, op="Const")
+    node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    return node

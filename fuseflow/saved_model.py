@@ -271,8 +271,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     constants = constant_nodes(graph_def)
 
     def extract(segment: Segment, consumers: dict):
+        backend = get_backend(segment.colour or next(iter(plan.supports)))
         return extract_segment(graph_def, segment, infos, consumers, fetches, batch_info,
-                               constants)
+                               constants, backend.compiles_per_shape)
 
     watch = plan.watch
     with _workdir(workdir) as work:

@@ -162,6 +162,29 @@ def test_tabular_preprocessing_splits_per_sample(tmp_path):
         assert_ran(per_batch[b], "openvino", segments)
 
 
+def test_keras_rnn_on_xla_keeps_a_free_batch(tmp_path):
+    """Grappler folds a Keras RNN's zero state (tf.zeros([tf.shape(x)[0], units])) at the
+    compiled batch; the XLA segment computes it from its input again, so the loop runs
+    compiled at every batch size (XLA compiles once per shape) instead of the model
+    being fixed to batch 1. Masking (mask_zero) adds masked states to the loop."""
+    import keras
+
+    ids = keras.Input((12,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(50, 16, mask_zero=True)(ids)
+    x = keras.layers.LSTM(16, return_sequences=True)(x)
+    x = keras.layers.GRU(8)(x)
+    model = keras.Model(ids, keras.layers.Dense(3)(x))
+    model.export(str(tmp_path / "m"), verbose=False)
+    result = compile_model("xla", tmp_path / "m", tmp_path / "c", batch_size=1)
+    assert result["dynamic_batch"] is True and result["num_segments"] == 1
+    batches = [1, 2, 5]
+    per_batch = _run_batches(tmp_path / "m", tmp_path / "c", "ids", (12,), batches,
+                             ints=True)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        assert_ran(per_batch[b], "xla", segments)
+
+
 def test_batch_statistics_are_never_split(tmp_path):
     """x - mean(x over the batch) mixes samples: other batch sizes must run unsplit,
     i.e. on the embedded TF fallback, for the shape reason."""

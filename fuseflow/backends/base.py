@@ -65,6 +65,9 @@ class Backend(ABC):
     """A compiler that can take some segments of a TF graph."""
 
     name: str = ""
+    # Compiles again for each input shape it meets (XLA): values derived from the batch
+    # may then stay computed in its segments instead of folded at the compiled batch.
+    compiles_per_shape: bool = False
 
     @abstractmethod
     def support(self, graph_def, tensor_infos, options: CompilerOptions

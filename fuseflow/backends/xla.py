@@ -80,6 +80,7 @@ def _probe_safe(node, infos) -> bool:
 
 class XlaBackend(Backend):
     name = "xla"
+    compiles_per_shape = True
 
     def __init__(self):
         self.gpu = has_gpu()

@@ -256,7 +256,7 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
                     start = time.perf_counter()
                     fuseflow.saved_model.compile(
                         str(src), str(out) + "-again", batch_size=batch, backend=v.backend,
-                        compiler_args=list(v.compiler_args) or None)
+                        compiler_args=list(v.compiler_args) or None, **extra)
                     row.recompile_s = time.perf_counter() - start
                     if v.backend == "openvino":
                         try:

@@ -137,12 +137,15 @@ class CompileCache:
     def for_options(cls, options: CompilerOptions) -> CompileCache:
         return cls(cache_dir() if options.cache else None, options.retime)
 
-    def key(self, backend_name: str, segment: SegmentGraph, options: CompilerOptions) -> str:
+    def key(self, backend_name: str, segment: SegmentGraph, options: CompilerOptions,
+            calibration: str = "") -> str:
+        """calibration: a digest of the samples an int8 compile is calibrated on, which
+        decide its blob as much as the graph does."""
         h = hashlib.sha256()
         chosen = {k: v for k, v in dataclasses.asdict(options).items() if k not in _NOT_IN_KEY}
         ports = [dataclasses.astuple(p) for p in (*segment.inputs, *segment.outputs)]
         head = json.dumps([backend_name, _versions(), chosen, len(segment.inputs), ports,
-                           segment.name], sort_keys=True, default=str)
+                           segment.name, calibration], sort_keys=True, default=str)
         h.update(head.encode())
         h.update(_canonical(segment.graph_def_bytes))
         return h.hexdigest()

@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
+import numpy as np
+
 from fuseflow import progress
 from fuseflow.backends.base import Artifact, SegmentGraph
-from fuseflow.cache import CompileCache
+from fuseflow.cache import CompileCache, values_digest
 from fuseflow.options import CompilerOptions
 
 log = logging.getLogger("fuseflow")
@@ -197,7 +199,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     keys when the caller has them already (cache_keys)."""
     segments = [j.segment for j in jobs]
     cache = CompileCache.for_options(options)
-    keys = keys or cache_keys(jobs, options)
+    keys = keys or cache_keys(jobs, options, workdir)
     results: dict[int, CompiledSegment] = {}
     for i, job in enumerate(jobs):
         start = time.monotonic()
@@ -243,10 +245,26 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     return [results[i] for i in range(len(segments))]
 
 
-def cache_keys(jobs: list[CompileJob], options: CompilerOptions) -> list[str]:
-    """The compile cache's key of each job (cache.py)."""
+def cache_keys(jobs: list[CompileJob], options: CompilerOptions,
+               workdir: Path | None = None) -> list[str]:
+    """The compile cache's key of each job (cache.py); an int8 job's includes the
+    calibration samples in its work directory (another set of samples, another blob)."""
     cache = CompileCache.for_options(options)
-    return [cache.key(j.backend, j.segment, j.options or options) for j in jobs]
+    return [cache.key(j.backend, j.segment, j.options or options,
+                      _calibration_digest(j, options, workdir)) for j in jobs]
+
+
+def _calibration_digest(job: CompileJob, options: CompilerOptions,
+                        workdir: Path | None) -> str:
+    from fuseflow.quantize import CALIBRATION_FILE
+
+    if (job.options or options).quantize != "int8" or workdir is None:
+        return ""
+    path = Path(workdir) / job.directory / CALIBRATION_FILE
+    if not path.exists():
+        return ""
+    with np.load(path, allow_pickle=False) as saved:  # the arrays: a zip's bytes hold times
+        return values_digest({name: saved[name] for name in saved.files})
 
 
 def _wait_any(workers: list[_Worker]) -> None:

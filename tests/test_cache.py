@@ -154,3 +154,29 @@ def test_damaged_timing_entry_is_timed_again(tmp_path, caplog):
     # --no-cache reads none of it.
     compile_model("openvino", src, tmp_path / "c4", compiler_args=[*TIMED, "--no-cache"])
     assert _report(tmp_path / "c4")["placement"]["source"] == "measured"
+
+
+def test_int8_entry_is_keyed_by_its_calibration_samples(tmp_path, rng):
+    """An int8 blob is decided by its calibration samples as much as by its graph: the
+    same samples take it from the cache, other samples (another scale) compile again and
+    give other quantization ranges, never the first samples' blob."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        w = tf.constant(np.random.default_rng(0).normal(size=(3, 3, 3, 8)).astype(np.float32))
+        y = tf.nn.relu(tf.nn.conv2d(x, w, 1, "SAME"))
+        return {"x": x}, {"y": tf.reduce_mean(y, axis=[1, 2], name="y")}
+
+    src = save_tf1(tmp_path / "m", build)
+    samples = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    args = ["--quantize", "int8", "--no-profile", "--accuracy-tolerance", "mean=inf,top1=1"]
+    for name, data in (("a", samples), ("again", samples.copy()), ("other", samples * 50)):
+        compile_model("openvino", src, tmp_path / name, compiler_args=args,
+                      calibration_data={"x": data})
+    assert _cached(tmp_path / "a") == [False]
+    assert _cached(tmp_path / "again") == [True]
+    assert _cached(tmp_path / "other") == [False]
+
+    def blob(name: str) -> bytes:
+        (path,) = (tmp_path / name / "assets").glob("*.ovblob")
+        return path.read_bytes()
+    assert blob("again") == blob("a") and blob("other") != blob("a")

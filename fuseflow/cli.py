@@ -191,10 +191,10 @@ def _grpc_port(port: int | None) -> int:
     if port == 0 or grpcapi.available():
         return grpcapi.DEFAULT_PORT if port is None else port
     if port is not None:
-        raise errors.OptionError("--grpc-port needs TF Serving's protos: pip install "
-                                 "tensorflow-serving-api (part of fuseflow's serve extra)")
+        raise errors.OptionError(f"--grpc-port needs TF Serving's protos: "
+                                 f"{grpcapi.INSTALL_HINT} (or --grpc-port 0 for REST only)")
     print("fuseflow serve: tensorflow-serving-api is not installed: REST only, no gRPC on "
-          f"port {grpcapi.DEFAULT_PORT}", file=sys.stderr)
+          f"port {grpcapi.DEFAULT_PORT} ({grpcapi.INSTALL_HINT} adds it)", file=sys.stderr)
     return 0
 
 

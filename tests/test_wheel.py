@@ -69,12 +69,17 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def venv(wheel, tmp_path_factory) -> Path:
-    """A fresh venv with the wheel (and its serve extra) installed."""
+    """A fresh venv with the wheel (and its serve extra) installed, and TF Serving's gRPC
+    protos without their `tensorflow` requirement, as the README's wheel route does."""
+    from fuseflow.serve.grpcapi import PROTOS
+
     root = tmp_path_factory.mktemp("venv")
     python = shutil.which("python3.11") or sys.executable
     _run([python, "-m", "venv", root / "venv"], timeout=300)
     _run([root / "venv/bin/python", "-m", "pip", "install", "-q", f"{wheel}[serve]"],
          timeout=1200)
+    _run([root / "venv/bin/python", "-m", "pip", "install", "-q", "--no-deps", PROTOS],
+         timeout=600)
     return root / "venv"
 
 

@@ -22,6 +22,10 @@ from fuseflow.serve.rest import RestError, TensorSpec
 SERVICER = ("tensorflow_serving.apis.prediction_service_pb2_grpc."
             "add_PredictionServiceServicer_to_server")
 DEFAULT_PORT = 8500  # TF Serving's --port (gRPC)
+# The protos, as the Makefile installs them: with --no-deps, since the package requires
+# `tensorflow`, which pip would add beside fuseflow's `tensorflow-cpu`.
+PROTOS = "tensorflow-serving-api==2.21.0"
+INSTALL_HINT = f"pip install --no-deps {PROTOS}"
 # PredictionService's other RPCs: registered with the service, answered UNIMPLEMENTED
 OTHER_METHODS = ("Classify", "Regress", "MultiInference", "GetModelMetadata")
 

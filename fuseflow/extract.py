@@ -85,10 +85,11 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
                            _axis(t, batch_info)))
     out.node.extend(body)
     if per_shape and batch_info is not None:
-        batch_inputs = [(t, ph) for t, ph in placeholders.items() if batch_info.splittable(t)]
-        if batch_inputs:
-            t, ph = batch_inputs[0]
-            out = batch_sized_loop_states(out, f"{ph}:0", infos[t].shape[0])
+        batch_input = next(((t, ph) for t, ph in placeholders.items()
+                            if batch_info.splittable(t)), None)
+        if batch_input is not None:  # the segment's own graph: rewritten in place
+            batch_sized_loop_states(out, f"{batch_input[1]}:0",
+                                    infos[batch_input[0]].shape[0])
     outputs = []
     for name in segment.nodes:
         used = consumers.get(name, set())

@@ -270,26 +270,24 @@ def _set_items(fdef, k: int) -> list[str] | None:
 
 def _set_shape_input(node, index: int, shape: tf.TensorShape, graph_def) -> None:
     """Point node's element_shape input at a new constant holding shape."""
-    const = graph_def.node.add(name=f"{node.name}/fuseflow_element_shape", op="Const")
-    value = tf.make_tensor_proto(shape.as_list(), dtype=tf.int32)
-    const.attr["dtype"].type = tf.int32.as_datatype_enum
-    const.attr["value"].tensor.CopyFrom(value)
+    const = _const(graph_def, f"{node.name}/fuseflow_element_shape",
+                   np.array(shape.as_list(), np.int32))
     node.input[index] = const.name
     if "shape_type" in node.attr:
         node.attr["shape_type"].type = tf.int32.as_datatype_enum
 
 
-def batch_sized_loop_states(graph_def, batch_input: str, batch_size: int):
-    """A copy of graph_def whose loops start the states Grappler folded at the compiled
-    batch (a Keras RNN's zero state, from tf.shape(x)[0]) with dim 0 read from
-    batch_input again; graph_def itself when no loop has one.
+def batch_sized_loop_states(graph_def, batch_input: str, batch_size: int) -> list[str]:
+    """Make graph_def's loops (in place) start the states Grappler folded at the compiled
+    batch (a Keras RNN's zero state, from tf.shape(x)[0]) with dim 0 read from the
+    Placeholder batch_input again; returns the constants so replaced.
 
     A uniform constant of shape [batch_size, ...] fed to a While is taken as such a
     state. At the compiled batch the values are the same; at other batch sizes an
     XLA loop then compiles for them instead of failing on the folded shape (the
     other-batch check of compile() still judges the result)."""
     consts = {n.name: n for n in graph_def.node if n.op == "Const"}
-    folded: dict[str, object] = {}
+    folded: dict[str, np.ndarray] = {}
     for node in graph_def.node:
         if node.op not in _WHILE:
             continue
@@ -302,43 +300,40 @@ def batch_sized_loop_states(graph_def, batch_input: str, batch_size: int):
                     and (value == value.flat[0]).all():
                 folded[const.name] = value
     if not folded:
-        return graph_def
-    out = graph_def.__class__()
-    out.CopyFrom(graph_def)
+        return []
     prefix = "fuseflow_batch"
-    shape = out.node.add(name=f"{prefix}/shape", op="Shape", input=[batch_input])
+    shape = graph_def.node.add(name=f"{prefix}/shape", op="Shape", input=[batch_input])
     shape.attr["out_type"].type = tf.int32.as_datatype_enum
     source = next(n for n in graph_def.node if n.name == node_name(batch_input))
-    shape.attr["T"].CopyFrom(source.attr["dtype"] if "dtype" in source.attr
-                             else source.attr["T"])
-    _const(out, f"{prefix}/begin", np.array([0], np.int32))
-    _const(out, f"{prefix}/size", np.array([1], np.int32))
-    _const(out, f"{prefix}/axis", np.array(0, np.int32))
-    batch = out.node.add(name=f"{prefix}/batch", op="Slice",
-                         input=[shape.name, f"{prefix}/begin", f"{prefix}/size"])
+    shape.attr["T"].CopyFrom(source.attr["dtype"])
+    _const(graph_def, f"{prefix}/begin", np.array([0], np.int32))
+    _const(graph_def, f"{prefix}/size", np.array([1], np.int32))
+    _const(graph_def, f"{prefix}/axis", np.array(0, np.int32))
+    batch = graph_def.node.add(name=f"{prefix}/batch", op="Slice",
+                               input=[shape.name, f"{prefix}/begin", f"{prefix}/size"])
     batch.attr["T"].type = tf.int32.as_datatype_enum
     batch.attr["Index"].type = tf.int32.as_datatype_enum
     fills = {}
     for name, value in folded.items():
-        rest = _const(out, f"{name}/{prefix}_rest", np.array(value.shape[1:], np.int32))
-        dims = out.node.add(name=f"{name}/{prefix}_dims", op="ConcatV2",
-                            input=[batch.name, rest.name, f"{prefix}/axis"])
+        rest = _const(graph_def, f"{name}/{prefix}_rest", np.array(value.shape[1:], np.int32))
+        dims = graph_def.node.add(name=f"{name}/{prefix}_dims", op="ConcatV2",
+                                  input=[batch.name, rest.name, f"{prefix}/axis"])
         dims.attr["T"].type = tf.int32.as_datatype_enum
         dims.attr["N"].i = 2
         dims.attr["Tidx"].type = tf.int32.as_datatype_enum
-        scalar = _const(out, f"{name}/{prefix}_value", value.reshape(-1)[:1].reshape(()))
-        fill = out.node.add(name=f"{name}/{prefix}_fill", op="Fill",
-                            input=[dims.name, scalar.name])
+        scalar = _const(graph_def, f"{name}/{prefix}_value", value.reshape(-1)[:1].reshape(()))
+        fill = graph_def.node.add(name=f"{name}/{prefix}_fill", op="Fill",
+                                  input=[dims.name, scalar.name])
         fill.attr["T"].CopyFrom(consts[name].attr["dtype"])
         fill.attr["index_type"].type = tf.int32.as_datatype_enum
         fills[name] = fill.name
-    for node in out.node:
+    for node in graph_def.node:
         if node.op in _WHILE:
             for k, inp in enumerate(node.input):
                 if not inp.startswith("^") and node_name(inp) in fills:
                     node.input[k] = fills[node_name(inp)]
     log.debug("loop states given their batch dim at run time: %s", sorted(fills))
-    return out
+    return sorted(fills)
 
 
 def _const(graph_def, name: str, value: np.ndarray):

@@ -256,9 +256,15 @@ def summary_lines(accuracy: dict) -> list[str]:
                      + (f", adds {err:.3g} mean relative error" if err is not None else "")
                      + (f", demoted from {' -> '.join(seg['demoted_from'])}"
                         if seg["demoted_from"] else "")
-                     + (f"; {seg['selection']['kept']} kept by timing: "
-                        f"{seg['selection']['reason']}" if seg.get("selection") else ""))
+                     + (_selection_line(seg) if seg.get("selection") else ""))
     return lines
+
+
+def _selection_line(seg: dict) -> str:
+    chosen = seg["selection"]
+    if seg["demoted_from"]:  # the guard overruled what timing chose
+        return f"; timing had chosen {chosen['kept']} ({chosen['reason']})"
+    return f"; {chosen['kept']} kept by timing: {chosen['reason']}"
 
 
 def prepare(plan, segments: list[SegmentGraph], workdir, backend: Backend

@@ -48,12 +48,14 @@ class Choice:
     reason: str
     int8_ms: float | None = None
     bf16_ms: float | None = None
+    tf_ms: float | None = None  # the segment's own TF ops, timed in turn with the two
     source: str | None = None  # "cache": the timings are an earlier compile's (cache.py)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
-        if self.source is None:
-            del data["source"]
+        for key in ("source", "tf_ms"):
+            if data[key] is None:
+                del data[key]
         return data
 
 
@@ -115,13 +117,19 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
         for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
             jobs.append(TimingJob(f"{name}.{level}", c.backend, c.segment, c.artifact,
                                   batches[0], opts, level, in_flight=False, group=name))
+        # TF too: a one-segment model then needs no whole-model timing process (10 s of
+        # a 32 s MobileNetV2 int8 compile), as with placement's timings.
+        jobs.append(TimingJob(f"{name}.tf", None, item.segment, None, batches[0],
+                              in_flight=False, group=name))
     compiled_at = time.monotonic()
     timings, failures = time_jobs(jobs, options, options.profile_budget_s, workdir)
     for name, key in keys.items():
         sides = [timings.get(f"{name}.{level}") for level in ("int8", ALTERNATIVE)]
         if name not in stored and None not in sides:
+            tf_side = timings.get(f"{name}.tf")
             cache.store_timings(key, {"int8_ms": sides[0].latency_ms,
-                                      "bf16_ms": sides[1].latency_ms})
+                                      "bf16_ms": sides[1].latency_ms,
+                                      "tf_ms": tf_side and tf_side.latency_ms})
     log.info("int8 or bf16: %d segment(s) compiled at bf16 in %.1f s (more beside the int8 "
              "compiles), timed in %.1f s%s", len(alternatives), compiled_at - started,
              time.monotonic() - compiled_at,
@@ -134,7 +142,8 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
             out.append(item)
             continue
         if name in stored:
-            choice = dataclasses.replace(decide(*stored[name]), source="cache")
+            int8_ms, bf16_ms, tf_ms = stored[name]
+            choice = dataclasses.replace(decide(int8_ms, bf16_ms), tf_ms=tf_ms, source="cache")
         else:
             choice = _choice(name, alternatives.get(name), timings, failures, ready.get(name))
         choices[name] = choice
@@ -144,10 +153,13 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
     return out, choices, alternatives
 
 
-def _stored(entry: dict | None) -> tuple[float, float] | None:
-    """A stored int8-or-bf16 timing entry's (int8_ms, bf16_ms); None if it holds less."""
+def _stored(entry: dict | None) -> tuple[float, float, float | None] | None:
+    """A stored int8-or-bf16 timing entry's (int8_ms, bf16_ms, tf_ms); None if it holds
+    less (tf_ms may be None: TF's side did not run)."""
     try:
-        return (round(float(entry["int8_ms"]), 4), round(float(entry["bf16_ms"]), 4)
+        tf_ms = entry.get("tf_ms") if entry is not None else None
+        return (round(float(entry["int8_ms"]), 4), round(float(entry["bf16_ms"]), 4),
+                None if tf_ms is None else round(float(tf_ms), 4)
                 ) if entry is not None else None
     except (KeyError, TypeError, ValueError) as e:
         log.debug("compile cache: ignoring an int8-or-bf16 timing entry that lacks parts (%s)",
@@ -167,4 +179,22 @@ def _choice(name: str, other: CompiledSegment | None, timings, failures,
             return Choice("int8", f"not timed ({failures.get(key, 'no calibration batch')}): "
                           "int8 kept")
         sides[level] = round(timings[key].latency_ms, 4)
-    return decide(sides["int8"], sides[ALTERNATIVE])
+    tf_side = timings.get(f"{name}.tf")
+    return dataclasses.replace(decide(sides["int8"], sides[ALTERNATIVE]),
+                               tf_ms=tf_side and round(tf_side.latency_ms, 4))
+
+
+def figures_against_tf(choices: dict[str, Choice], final: dict[str, str]) -> dict[str, dict]:
+    """Segment name -> its timing against TF, in placement's form, where the precision the
+    segment ended at (final: name -> precision, after the accuracy guard) was timed."""
+    out = {}
+    for name, choice in choices.items():
+        ms = {"int8": choice.int8_ms, ALTERNATIVE: choice.bf16_ms}.get(final.get(name))
+        if ms is None or choice.tf_ms is None:
+            continue
+        out[name] = {"latency_ms": ms, "tf_latency_ms": choice.tf_ms,
+                     "speedup": round(choice.tf_ms / max(ms, 1e-9), 3),
+                     "timed_by": "int8 or bf16"}
+        if choice.source == "cache":
+            out[name]["source"] = "cache"
+    return out

@@ -52,6 +52,7 @@ from fuseflow.place import (
     preferred_backends,
 )
 from fuseflow.precision import alternative_job as select_precision_job
+from fuseflow.precision import figures_against_tf
 from fuseflow.precision import select as select_precision
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report, timing_line
@@ -362,6 +363,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         watch.lap("other-batch check")
         timings = {graph.name: placement.timings.get(frozenset(seg.nodes))
                    for seg, graph in zip(partition.segments, segments)}
+        if selection and accuracy_report is not None:
+            timings.update(figures_against_tf(selection, {
+                s["name"]: s["precision"] for s in accuracy_report.segments}))
         report = build_report(label, model.num_ops, graph_def, partition.excluded, compiled,
                               tensor_infos=infos, details=placement.details, timings=timings)
         report.dynamic_batch = serving != inputs.shapes
@@ -436,24 +440,25 @@ def _run_once(model: LoadedModel, inputs: InputShapes, path: Path, env: dict) ->
 
 
 def _timed_by_placement(report: CompileReport) -> dict | None:
-    """The whole model's timing when placement already took it: one compiled segment
-    holding every op, timed against TF at the compile shapes, one call at a time and
-    with calls in flight. Timing the written model again in a fresh process would measure
-    the same thing twice (6 s of a 34 s ResNet50 compile). TF's figure is then that of
-    the frozen, optimized graph, which is no slower than the original's: the speed-up
-    shown errs low."""
+    """The whole model's timing when placement (or, under int8, precision.select) already
+    took it: one compiled segment holding every op, timed against TF at the compile
+    shapes (placement: one call at a time and with calls in flight). Timing the written
+    model again in a fresh process would measure the same thing twice (6 s of a 34 s
+    ResNet50 compile). TF's figure is then that of the frozen, optimized graph, which is
+    no slower than the original's: the speed-up shown errs low."""
     compiled = [s for s in report.segments if s.compiled]
     if len(compiled) != 1 or report.ratio < 1.0 or not compiled[0].timing:
         return None
     figure = compiled[0].timing
+    timed_by = figure.get("timed_by", "placement")
     timing = {"original_ms": figure["tf_latency_ms"], "compiled_ms": figure["latency_ms"],
-              "speedup": figure["speedup"], "source": "placement"}
+              "speedup": figure["speedup"], "source": timed_by}
     if figure.get("source") == "cache":
         timing["cached"] = True  # placement's timings came from the compile cache
     with shown_info():
         log.info("compiled model: %.3g ms per call, original %.3g ms (%.2fx), timed by "
-                 "placement%s: its one segment is the whole model", timing["compiled_ms"],
-                 timing["original_ms"], timing["speedup"],
+                 "%s%s: its one segment is the whole model", timing["compiled_ms"],
+                 timing["original_ms"], timing["speedup"], timed_by,
                  " (timings from the compile cache)" if timing.get("cached") else "")
     _warn_if_slower(timing, report)
     return timing

@@ -250,7 +250,9 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
             graph, feeds, fetches = _graph(job, job.options or options)
             # Grappler only rewrites around the fused node (and folds its fallback's
             # constants): it would cost a first call seconds and change nothing timed.
-            sessions.append(tf.compat.v1.Session(graph=graph, config=plain_session_config()))
+            # TF's own ops get it, as they run in the original model.
+            sessions.append(tf.compat.v1.Session(
+                graph=graph, config=None if job.backend is None else plain_session_config()))
             run = sessions[-1].make_callable(fetches, feeds)
             if job.backend and injected_fault(job.segment.name, job.backend,
                                               job.precision) == "slow":

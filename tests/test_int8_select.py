@@ -115,9 +115,16 @@ def test_int8_slower_than_bf16_keeps_bf16_with_both_timings(tmp_path, monkeypatc
 def test_int8_choice_follows_its_timings(tmp_path):
     _, seg = _compile(tmp_path)
     choice = seg["selection"]
-    assert choice["int8_ms"] > 0 and choice["bf16_ms"] > 0, choice
-    assert choice == decide(choice["int8_ms"], choice["bf16_ms"]).to_json()
+    assert choice["int8_ms"] > 0 and choice["bf16_ms"] > 0 and choice["tf_ms"] > 0, choice
+    assert choice == {**decide(choice["int8_ms"], choice["bf16_ms"]).to_json(),
+                      "tf_ms": choice["tf_ms"]}
     assert seg["precision"] == choice["kept"], seg
+    # the segment is the whole model and its TF ops were timed with it: no timing process
+    # of the whole model, the figures are the kept precision's against TF's
+    assert inspect_model(tmp_path / "c")["model_timing"] == {
+        "original_ms": choice["tf_ms"], "compiled_ms": choice[f"{choice['kept']}_ms"],
+        "speedup": round(choice["tf_ms"] / choice[f"{choice['kept']}_ms"], 3),
+        "source": "int8 or bf16"}
     kernels = list(_int8_kernels(tmp_path / "c").values())
     assert (kernels[0] > 0) == (choice["kept"] == "int8"), (kernels, choice)
     assert list(_hint(tmp_path / "c").values()) == [

@@ -273,7 +273,8 @@ def _strided_slice_ok(node, ins, g: _Graph) -> bool:
 
 
 def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
-                        tolerance: float, assets_folder: Path | None = None) -> str | None:
+                        tolerance: float, assets_folder: Path | None = None,
+                        samples: dict[str, np.ndarray] | None = None) -> str | None:
     """Does the compiled graph give the original's answers at another batch size? None
     when it does, else why not (for the warning: "fails: ..." or "answers differ ...").
 
@@ -282,6 +283,12 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
     k+1 on random inputs tells, whatever the backend or the model. The two run
     side by side (TF releases the GIL). The fused ops' files go to assets_folder
     (the export's, which then keeps them) or a temp dir.
+
+    samples (tensor name -> the user's samples on axis 0, the calibration data of a
+    reduced-precision compile) replace the random inputs where they hold enough rows:
+    int8 is right only inside its calibrated ranges, and a BERT-like encoder fed
+    token ids of zeros was fixed to its batch for an int8 error the user's data
+    never shows.
     """
     from fuseflow.shapes import apply_input_shapes
 
@@ -292,9 +299,12 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
         if serving[spec.key][:1] == (None,):
             shape = (shape[0] + 1, *shape[1:])
             batch = shape[0]
-        if spec.dtype == tf.string:
+        given = (samples or {}).get(spec.tensor_name)
+        if given is not None and len(given) >= shape[0] and given.shape[1:] == shape[1:]:
+            feeds[spec.tensor_name] = given[:shape[0]]
+        elif spec.dtype == tf.string:
             return None  # no meaningful random strings (tf.Example); trust the analysis
-        if spec.dtype.is_floating:
+        elif spec.dtype.is_floating:
             feeds[spec.tensor_name] = rng.normal(0, 1, shape).astype(spec.dtype.as_numpy_dtype)
         else:
             feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)

@@ -51,6 +51,12 @@ class CalibrationSet:
     samples: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def stacked(self) -> dict[str, np.ndarray]:
+        """Every sample, held-out ones first, as one array per tensor name."""
+        batches = self.holdout + self.calibrate
+        return {name: np.concatenate([b[name] for b in batches])
+                for name in (batches[0] if batches else {})}
+
 
 def _as_arrays(model: LoadedModel, feed, what: str) -> dict[str, np.ndarray]:
     """One feed dict (signature keys or tensor names) -> {tensor name: array}, checked."""

@@ -350,7 +350,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     with staging_dir(out) as path, tempfile.TemporaryDirectory(
             prefix="fuseflow-xla-cache-") as staging:
         why = None if serving == inputs.shapes else runs_at_other_batch(
-            model, final, serving, inputs.shapes, tolerance, assets_folder(path))
+            model, final, serving, inputs.shapes, tolerance, assets_folder(path),
+            calibration and calibration.stacked())
         if why:
             log.warning("the compiled model does not match the original at another batch "
                         "size (%s); most often the model computes with its own batch size "

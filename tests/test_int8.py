@@ -106,6 +106,9 @@ def test_int8_keeps_held_out_accuracy_within_one_point(tmp_path, build):
     assert acc["requested"] == "int8" and acc["source"] == "calibration_data"
     assert acc["fits"] and not acc["demoted"], acc
     assert result["num_segments"] >= 1 and result["OnNeuronRatio"] > 0.8, result
+    # checked at another batch size on the user's samples, not on random ones (token ids
+    # of zeros) that int8 was never calibrated for
+    assert result["dynamic_batch"], result
     assert [s["precision"] for s in acc["segments"]] == ["int8"] * result["num_segments"]
     assert all(s["quantized_ops"] > 0 for s in acc["segments"]), acc
     kernels = _int8_kernels(tmp_path / "c")
@@ -244,3 +247,30 @@ def test_cli_takes_the_int8_flags(tmp_path):
     assert proc.returncode == cli.EXIT_BAD_INPUT, proc.stderr
     assert "--calibration-data" in proc.stderr and "is not a file" in proc.stderr, proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_other_batch_check_runs_on_the_users_samples(tmp_path):
+    """An int8 model is right only inside its calibrated ranges. Its inputs live near 100
+    here, and the model centres them before a MatMul: at random inputs (normal around 0)
+    the centred values fall far outside the calibrated range, the int8 answer is off by
+    more than the output's magnitude, and the other-batch check used to fix the model
+    to its batch for an error the user's data never shows."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.3, (16, 8)).astype(np.float32)
+
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 16], name="x")
+        h = tf.matmul(x - 100.5, w)
+        return {"x": x}, {"y": tf.add(h, 100.5 * w.sum(0), name="y")}
+
+    save_tf1(tmp_path / "m", build)
+    samples = (100.0 + rng.random((64, 16))).astype(np.float32)
+    result = fuseflow.saved_model.compile(
+        tmp_path / "m", tmp_path / "c", batch_size=BATCH, calibration_data={"x": samples},
+        compiler_args=["--quantize", "int8", "--no-profile"])
+    assert result["accuracy"]["fits"] and result["dynamic_batch"], result
+    assert [s["precision"] for s in result["accuracy"]["segments"]] == ["int8"], result
+    x = samples[:BATCH + 3]
+    out = run_fresh(tmp_path / "c", {"x": x}, tmp_path, backend="openvino")
+    want = _reference(tmp_path / "m", x)
+    assert np.max(np.abs(out["y"] - want)) / np.max(np.abs(want)) < 0.05

@@ -42,7 +42,7 @@ _UNARY = frozenset({
     "Tan", "Atan", "Asin", "Acos", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Rint",
     "Inv", "Invert", "Lgamma", "Digamma", "BesselI0e", "BesselI1e", "AsString",
     "StringToNumber", "ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic",
-    "ResizeArea", "DepthToSpace", "SpaceToDepth", "Bucketize",
+    "ResizeArea", "DepthToSpace", "SpaceToDepth", "Bucketize", "ZerosLike", "OnesLike",
 })
 # Transposed convolutions: (output sizes, filter, per-sample input); the sizes are a
 # constant whose dim 0 is the compiled batch once shapes are folded.
@@ -123,6 +123,8 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
         return {}
     if op == "IdentityN":
         return {o: rows[t] for t, o in zip(ins, outs) if t in rows}
+    if op in ("ConcatV2", "Pack"):  # a broadcast constant may come first (a class token)
+        first = next((t for t in ins if t in rows), first)
     if first not in rows:
         if op in _BACKPROP_INPUT:
             return _backprop_input_rows(ins, outs[0], g, rows, dep)
@@ -180,7 +182,9 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
     elif op in ("ConcatV2", "Pack"):
         values = ins[:-1] if op == "ConcatV2" else ins
         axis = g.const(ins[-1]) if op == "ConcatV2" else node.attr["axis"].i
-        ok = all(rows.get(t) == m for t in values) and _axis_ok(axis, g.rank(outs[0]))
+        ok = (any(rows.get(t) == m for t in values) and _axis_ok(axis, g.rank(outs[0]))
+              and all(rows.get(t) == m or (m == 1 and _same_row_per_sample(t, g, dep))
+                      for t in values))
     elif op == "StridedSlice":
         ok = _strided_slice_ok(node, ins, g)
     elif op == "Slice":
@@ -197,6 +201,45 @@ def _batch_outputs(node, ins, outs, g: _Graph, rows: dict[str, int], dep: set[st
         ok = (shape is not None and src is not None and rest_free
               and np.atleast_1d(shape).size == len(src) and int(shape[0]) == src[0])
     return {outs[0]: m} if ok else {}
+
+
+def _same_row_per_sample(tensor: str, g: _Graph, dep: set[str]) -> bool:
+    """A constant of the compiled batch's rows, all equal: what Grappler folds a broadcast
+    to the batch into (a ViT's class token, zeros_like(x[:, :1]) + token, is one row
+    at batch 1). Run in chunks of the compiled batch, every chunk gets the same rows it
+    would have computed, so a concatenation with it stays per-sample."""
+    value = None if tensor in dep else g.const(tensor)
+    return (value is not None and value.ndim >= 1 and value.shape[0] == g.batch_size
+            and bool(np.all(value == value[:1])))
+
+
+def free_batch_reshapes(graph_def, info: BatchInfo) -> int:
+    """In a segment graph for a backend that compiles per input shape (XLA), let each
+    per-sample Reshape infer its batch: its constant target shape, folded at the compiled
+    batch ([k * rows, ...]), gets -1 in dim 0, in a constant of its own. At batch k the
+    values are the same; at other sizes the segment no longer fails (a BERT-like encoder
+    on XLA was fixed to its batch by its Dense layers' [k*s, d] reshapes). Returns how
+    many reshapes were freed."""
+    consts = {n.name: n for n in graph_def.node if n.op == "Const"}
+    freed = []
+    for node in graph_def.node:
+        if node.op != "Reshape" or f"{node.name}:0" not in info.rows or len(node.input) < 2:
+            continue
+        shape_node = consts.get(node_name(node.input[1]))
+        if shape_node is None:
+            continue
+        shape = tf.make_ndarray(shape_node.attr["value"].tensor)
+        if shape.ndim != 1 or shape.size == 0 or np.any(shape < 0):
+            continue
+        free = shape.copy()
+        free[0] = -1
+        const = tf.compat.v1.NodeDef(name=f"{node.name}/fuseflow_free_batch", op="Const")
+        const.attr["dtype"].type = shape_node.attr["dtype"].type
+        const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(free))
+        freed.append(const)
+        node.input[1] = const.name
+    graph_def.node.extend(freed)
+    return len(freed)
 
 
 def _backprop_input_rows(ins, out, g: _Graph, rows, dep) -> dict[str, int]:

@@ -11,7 +11,7 @@ main graph through an IdentityN, so no consumer needs rewiring.
 from __future__ import annotations
 
 from fuseflow.backends.base import Port, SegmentGraph
-from fuseflow.batch import BatchInfo
+from fuseflow.batch import BatchInfo, free_batch_reshapes
 from fuseflow.graph_util import (
     constant_chain,
     constant_nodes,
@@ -39,7 +39,8 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
     constants: graph_util.constant_nodes(graph_def), computed here when not given.
     per_shape: the backend compiles again for each input shape (Backend.compiles_per_shape);
     with a free batch (batch_info), the loops' zero states folded at the compiled batch
-    are then computed from a batch input again (loops.batch_sized_loop_states)."""
+    are then computed from a batch input again (loops.batch_sized_loop_states), and
+    per-sample reshapes infer their batch (batch.free_batch_reshapes)."""
     nodes = {n.name: n for n in graph_def.node}
     if constants is None:
         constants = constant_nodes(graph_def)
@@ -90,6 +91,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
         if batch_input is not None:  # the segment's own graph: rewritten in place
             batch_sized_loop_states(out, f"{batch_input[1]}:0",
                                     infos[batch_input[0]].shape[0])
+            free_batch_reshapes(out, batch_info)
     outputs = []
     for name in segment.nodes:
         used = consumers.get(name, set())

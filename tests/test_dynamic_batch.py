@@ -8,7 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import REPO, assert_ran, fused_segments, save_tf1, tf
+import pytest
+from conftest import REPO, assert_ran, fused_segments, save_tf1, saved_graph, tf
 from test_compile_core import compile_model
 
 # One call per batch size alone (its run stats recorded), then `threads` threads calling
@@ -111,6 +112,29 @@ def test_transformer_splits_per_sample(tmp_path):
         assert_ran(per_batch[b], "openvino", segments)
 
 
+def test_transformer_on_xla_keeps_a_free_batch(tmp_path):
+    """XLA runs a segment whole, not in chunks: its per-sample reshapes ([k, s, d] ->
+    [k*s, d] and back, folded at k) infer their batch instead, so other batch sizes run
+    compiled rather than fixing the model to its batch."""
+    from test_compile_tf2 import _keras_transformer
+
+    model = _keras_transformer()
+    model.export(str(tmp_path / "m"), verbose=False)
+    result = compile_model("xla", tmp_path / "m", tmp_path / "c", batch_size=1)
+    assert result["dynamic_batch"] is True and result["num_segments"] == 1, result
+    graph = tf.compat.v1.GraphDef()
+    for function in saved_graph(tmp_path / "c").library.function:
+        graph.node.extend(function.node_def)
+    freed = [n for n in graph.node if n.name.endswith("/fuseflow_free_batch")]
+    assert freed and all(tf.make_ndarray(n.attr["value"].tensor)[0] == -1 for n in freed)
+    batches = [1, 2, 5]
+    per_batch = _run_batches(tmp_path / "m", tmp_path / "c", model.inputs[0].name, (16,),
+                             batches, ints=True)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        assert_ran(per_batch[b], "xla", segments)
+
+
 def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
     """Conv2DTranspose folds its output size, batch included, into a constant; resizes
     take a constant size: both are per-sample, so other batch sizes run compiled, in
@@ -134,6 +158,38 @@ def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
     assert [p["batch_axis"] for p in report["segments"][0]["outputs"]] == [0]
     batches = [1, 2, 5]
     per_batch = _run_batches(src, tmp_path / "c", "x", (8, 8, 3), batches)
+    segments = fused_segments(tmp_path / "c")
+    for b in batches:
+        assert_ran(per_batch[b], "openvino", segments)
+
+
+@pytest.mark.parametrize("broadcast", ["tile", "zeros_like"])
+def test_class_token_concatenated_to_the_patches_splits_per_sample(tmp_path, broadcast):
+    """A ViT's class token broadcast to the batch: tf.tile(token, [batch, 1, 1]) folds
+    into one constant row at batch 1 (Keras' zeros_like(x[:, :1]) + token does too),
+    TF1's zeros_like stays an op. Concatenated to the patch embeddings, either is
+    per-sample (every chunk of the compiled batch gets the same row); both used to fix
+    ViT-like models to their compiled batch."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 8], name="x")
+        w = tf.compat.v1.get_variable("w", [8, 8])
+        token = tf.compat.v1.get_variable("token", [1, 1, 8])
+        patches = tf.einsum("bpd,de->bpe", x, w)
+        cls = (tf.tile(token, tf.stack([tf.shape(x)[0], 1, 1])) if broadcast == "tile"
+               else tf.zeros_like(patches[:, :1]) + token)
+        y = tf.concat([cls, patches], axis=1)  # [b, 5, 8]
+        y = tf.nn.softmax(tf.matmul(y, y, transpose_b=True)) @ y
+        return {"x": x}, {"y": tf.identity(y[:, 0] * 2.0, name="y")}
+
+    src = save_tf1(tmp_path / "m", build)
+    result = compile_model("openvino", src, tmp_path / "c", batch_size=1)
+    assert result["dynamic_batch"] is True and result["num_segments"] == 1, result
+    report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
+    ops = report["segments"][0]["op_types"]
+    assert "ConcatV2" in ops and ("Tile" not in ops if broadcast == "tile" else "ZerosLike" in ops)
+    assert [p["batch_axis"] for p in report["segments"][0]["inputs"]] == [0]
+    batches = [1, 2, 5]
+    per_batch = _run_batches(src, tmp_path / "c", "x", (4, 8), batches)
     segments = fused_segments(tmp_path / "c")
     for b in batches:
         assert_ran(per_batch[b], "openvino", segments)

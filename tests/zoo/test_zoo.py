@@ -2,8 +2,9 @@
 
 For each model and backend: build it from code, compile it, run original and compiled
 in fresh processes, and check the answers, that the backend really ran, the
-OnNeuronRatio, the number of segments, and the exact op types left in TensorFlow with
-their reasons against `expectations.py`. A lower ratio or more segments than pinned
+OnNeuronRatio, the number of segments, the exact op types left in TensorFlow with
+their reasons, and whether the model still runs at other batch sizes, against
+`expectations.py`. A lower ratio or more segments than pinned
 fails: coverage never regresses silently.
 
 `make test` runs the models marked fast; `make zoo` runs all of them, keeps the compiled
@@ -78,7 +79,7 @@ def test_zoo_model(model: ZooModel, backend: str, expected: Expected, built, tmp
     record = {"model": model.name, "family": model.family, "backend": backend,
               "ratio": result["OnNeuronRatio"], "segments": result["num_segments"],
               "segments_failed": result["num_segments_failed"], "left_in_tf": left,
-              "max_error": max(errors.values())}
+              "max_error": max(errors.values()), "dynamic_batch": result["dynamic_batch"]}
     _keep(record, original, out, feeds)
 
     assert sorted(got) == sorted(want)
@@ -97,6 +98,8 @@ def test_zoo_model(model: ZooModel, backend: str, expected: Expected, built, tmp
     assert result["num_segments"] <= expected.segments, (
         f"{result['num_segments']} segments, pinned {expected.segments}")
     assert left == expected.left_in_tf
+    assert result["dynamic_batch"] == expected.dynamic_batch, (
+        f"dynamic_batch {result['dynamic_batch']}, pinned {expected.dynamic_batch}")
     if model.family in MUST_BE_WHOLE and backend in ("openvino", "auto"):
         assert result["OnNeuronRatio"] >= 0.97 and result["num_segments"] == 1
 

@@ -16,17 +16,14 @@ segment's split ports.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from fuseflow import errors
-from fuseflow.assets import add_assets_op, move_to_assets
+from fuseflow.assets import add_assets_op
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
@@ -272,19 +269,66 @@ def _strided_slice_ok(node, ins, g: _Graph) -> bool:
             and attr["ellipsis_mask"].i == 0)
 
 
-def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
-                        tolerance: float, assets_folder: Path | None = None) -> str | None:
-    """Does the compiled graph give the original's answers at another batch size? None
-    when it does, else why not (for the warning: "fails: ..." or "answers differ ...").
+class OtherBatchCheck:
+    """Does the compiled graph give the original's answers at another batch size?
 
     Folding tf.shape(x) at the compiled batch bakes it into constants that
     only splittable compiled segments survive; running both graphs at batch
-    k+1 on random inputs tells, whatever the backend or the model. The two run
-    side by side (TF releases the GIL). The fused ops' files go to assets_folder
-    (the export's, which then keeps them) or a temp dir.
+    k+1 on random inputs tells, whatever the backend or the model. The
+    original's answers depend on nothing compiling does: start() runs it in a
+    thread while the segments compile (the compilers are other processes,
+    this one only waits for them; ResNet50's frozen graph takes 5-8 s to
+    import and run). result() runs the compiled graph and compares.
     """
-    from fuseflow.shapes import apply_input_shapes
 
+    def __init__(self, model, serving: dict, compiled: dict):
+        self.model = model
+        self.fetches = [s.tensor_name for s in model.outputs]
+        self.feeds, self.batch = _other_batch_feeds(model, serving, compiled)
+        self._original: Future | None = None
+
+    def start(self) -> None:
+        """Run the original at the other batch now, in a thread (at most once)."""
+        if self.feeds is None or self._original is not None:
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-other-batch")
+        self._original = pool.submit(_run_or_error, self.model.graph_def,
+                                     self.model.init_nodes, self.feeds, self.fetches)
+        pool.shutdown(wait=False)  # the thread ends with its one job
+
+    def result(self, final_graph_def, files: list, tolerance: float,
+               serving: dict) -> str | None:
+        """None when the compiled graph (its fused ops' payloads moved to `files`, as the
+        saved model will have them: assets.move_to_assets) gives the original's answers,
+        else why not (for the warning: "fails: ..." or "answers differ ...")."""
+        from fuseflow.shapes import apply_input_shapes
+
+        if self.feeds is None:
+            return None  # no meaningful random strings (tf.Example); trust the analysis
+        self.start()
+        final = apply_input_shapes(final_graph_def, self.model, serving)
+        compiled_out, failure = _run_or_error(final, self.model.init_nodes, self.feeds,
+                                              self.fetches, files)
+        original, _ = self._original.result()
+        batch = self.batch
+        if original is None:
+            return None  # the original can't run on random inputs: nothing to compare
+        if compiled_out is None:
+            return f"at batch {batch} it fails: {failure}"
+        for spec, a, b in zip(self.model.outputs, original, compiled_out):
+            if a.dtype.kind not in "fciub":
+                continue
+            if a.shape != b.shape:
+                return f"at batch {batch} output {spec.key} has shape {b.shape}, not {a.shape}"
+            if relative_error(a, b) > tolerance:
+                return (f"at batch {batch} output {spec.key} differs from the original's by "
+                        f"{relative_error(a, b):.2g} (relative)")
+        return None
+
+
+def _other_batch_feeds(model, serving: dict, compiled: dict) -> tuple[dict | None, object]:
+    """(random feeds at batch k+1 where serving leaves the batch free, that batch), or
+    (None, ...) when an input is a string."""
     rng = np.random.default_rng(0)
     feeds, batch = {}, "?"
     for spec in model.inputs:
@@ -293,35 +337,12 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
             shape = (shape[0] + 1, *shape[1:])
             batch = shape[0]
         if spec.dtype == tf.string:
-            return None  # no meaningful random strings (tf.Example); trust the analysis
+            return None, batch
         if spec.dtype.is_floating:
             feeds[spec.tensor_name] = rng.normal(0, 1, shape).astype(spec.dtype.as_numpy_dtype)
         else:
             feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)
-    fetches = [s.tensor_name for s in model.outputs]
-    with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as stack:
-        original_run = pool.submit(_run_or_error, model.graph_def, model.init_nodes, feeds,
-                                   fetches)
-        final = apply_input_shapes(final_graph_def, model, serving)
-        folder = assets_folder or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="fuseflow-check-")))
-        # As the saved model will be: weights in files, not in a graph to parse and copy.
-        final, files = move_to_assets(final, folder)
-        compiled_out, failure = _run_or_error(final, model.init_nodes, feeds, fetches, files)
-        original, _ = original_run.result()
-    if original is None:
-        return None  # the original can't run on random inputs: nothing to compare
-    if compiled_out is None:
-        return f"at batch {batch} it fails: {failure}"
-    for spec, a, b in zip(model.outputs, original, compiled_out):
-        if a.dtype.kind not in "fciub":
-            continue
-        if a.shape != b.shape:
-            return f"at batch {batch} output {spec.key} has shape {b.shape}, not {a.shape}"
-        if relative_error(a, b) > tolerance:
-            return (f"at batch {batch} output {spec.key} differs from the original's by "
-                    f"{relative_error(a, b):.2g} (relative)")
-    return None
+    return feeds, batch
 
 
 def _run_or_error(graph_def, init_nodes, feeds, fetches, files=()):

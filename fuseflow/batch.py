@@ -27,7 +27,7 @@ from fuseflow.assets import add_assets_op
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
-from fuseflow.tf_compat import plain_session_config, tf
+from fuseflow.tf_compat import lift_constants, plain_session_config, tf
 
 _UNARY = frozenset({
     "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign",
@@ -360,6 +360,7 @@ def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
 
 
 def _run(graph_def, init_nodes, feeds, fetches, files=()):
+    graph_def, constants = lift_constants(graph_def)  # fed: TF copies them once, not ten times
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
@@ -368,5 +369,5 @@ def _run(graph_def, init_nodes, feeds, fetches, files=()):
         init.append(add_assets_op(graph, list(files))[0])
     with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         if init:
-            sess.run(init)
-        return sess.run(fetches, feeds)
+            sess.run(init, constants)
+        return sess.run(fetches, {**constants, **feeds})

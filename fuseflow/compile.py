@@ -30,7 +30,6 @@ import numpy as np
 from fuseflow import progress
 from fuseflow.backends.base import Artifact, SegmentGraph
 from fuseflow.cache import CompileCache, values_digest
-from fuseflow.compile_worker import EXECUTABLE_FILE, SEGMENT_FILE
 from fuseflow.options import CompilerOptions
 
 log = logging.getLogger("fuseflow")
@@ -42,6 +41,10 @@ _MAX_JOBS = 64  # then a worker is replaced: TF state grows with every segment i
 # Environment a worker does not read: a test's or a compile's changes to these don't make
 # a started worker stale.
 _ENV_IGNORED = frozenset({"PYTEST_CURRENT_TEST", "FUSEFLOW_CACHE_DIR"})
+# In each segment's directory (compile_worker.py): the GraphDef the parent writes for the
+# worker, and the executable the worker writes back.
+SEGMENT_FILE = "graph.pb"
+EXECUTABLE_FILE = "executable.bin"
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,8 @@ from fuseflow.backends.base import (
     random_inputs,
     relative_error,
 )
+from fuseflow.compile import EXECUTABLE_FILE, SEGMENT_FILE
 from fuseflow.options import CompilerOptions
-
-SEGMENT_FILE = "graph.pb"  # the segment's GraphDef, written by the parent
-EXECUTABLE_FILE = "executable.bin"  # the artifact's executable, written by the worker
 
 
 def injected_fault(segment: str, backend: str, precision: str | None = None) -> str | None:
@@ -57,15 +55,17 @@ def injected_fault(segment: str, backend: str, precision: str | None = None) -> 
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    from fuseflow.tf_compat import plain_session_config, tf
+    from fuseflow.tf_compat import lift_constants, plain_session_config, tf
 
+    graph_def, constants = lift_constants(  # fed: TF copies them once, not ten times
+        tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes))
     graph = tf.Graph()
     with graph.as_default():
-        tf.graph_util.import_graph_def(
-            tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
+        tf.graph_util.import_graph_def(graph_def, name="")
     with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         return sess.run([p.name for p in segment.outputs],
-                        {f"{p.name}:0": v for p, v in zip(segment.inputs, inputs)})
+                        {**constants, **{f"{p.name}:0": v for p, v in zip(segment.inputs,
+                                                                           inputs)}})
 
 
 def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,

@@ -17,12 +17,38 @@ from fuseflow.optimize import restore_lowering
 from fuseflow.options import CompilerOptions
 from fuseflow.tf_compat import tf
 
+# Constant values at least this big bypass the TF graph a segment's function is built in.
+_BIG_CONSTANT = 1 << 16
 
-def segment_function(segment: SegmentGraph, function_name: str):
-    """The segment's GraphDef as a FunctionDef: Placeholders become arguments."""
+
+def add_segment_function(library, segment: SegmentGraph, function_name: str):
+    """The segment's GraphDef as a FunctionDef (Placeholders become arguments), added to
+    library (a FunctionDefLibrary); returns it.
+
+    Going through a TF graph, a constant's value was copied five times (parsed, imported,
+    read back per node, copied into the library; ResNet50: 100 MB each): big values are
+    cut out before and set once, into the library's copy of the function."""
+    graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+    contents = {}
+    for node in graph_def.node:
+        if node.op == "Const":
+            tensor = node.attr["value"].tensor
+            content = tensor.tensor_content
+            if len(content) >= _BIG_CONSTANT:
+                contents[node.name] = content
+                tensor.ClearField("tensor_content")
+    function = library.function.add()
+    function.CopyFrom(_as_function(graph_def, segment, function_name))
+    for node in function.node_def:
+        if node.op == "Const" and node.name in contents:
+            node.attr["value"].tensor.tensor_content = contents[node.name]
+    return function
+
+
+def _as_function(graph_def, segment: SegmentGraph, function_name: str):
+    """graph_def (the segment's) as a FunctionDef named function_name."""
     from tensorflow.python.framework import graph_to_function_def
 
-    graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
@@ -53,7 +79,7 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
             continue
         seg = item.segment
         function_name = _unique(f"{seg.name}_native", taken)
-        out.library.function.add().CopyFrom(segment_function(seg, function_name))
+        add_segment_function(out.library, seg, function_name)
         fused = backends[item.backend].fused_node(seg, function_name, item.artifact,
                                                   item.options or options)
         fused.name = _unique(seg.name, taken)

@@ -355,7 +355,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             prefix="fuseflow-xla-cache-") as staging:
         # The fused ops' blobs and fallback functions into asset files once: the check
         # runs the graph as the saved model will hold it, and the export writes it.
-        final, files = move_to_assets(final, assets_folder(path))
+        final, files = move_to_assets(final, assets_folder(path), copy=False)
         watch.lap("rewrite")
         why = None if other_batch is None else other_batch.result(final, files, tolerance,
                                                                   serving)

@@ -102,10 +102,17 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
             inputs = [i for i in node.input if node_name(i) not in removed - replaced]
             del node.input[:]
             node.input.extend(inputs)
-    del out.node[:]
-    out.node.extend(kept + new_nodes)
+    _delete_nodes(out, removed)
+    out.node.extend(new_nodes)
     _prune_dead_constants(out, keep_nodes)
     return out
+
+
+def _delete_nodes(graph_def, names: set[str]) -> None:
+    """Delete the named nodes where they are: rebuilding the list (del, extend) copied
+    every node kept, the fused ones' blobs and the model's weights included."""
+    for k in reversed([k for k, n in enumerate(graph_def.node) if n.name in names]):
+        del graph_def.node[k]
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -121,8 +128,7 @@ def _prune_dead_constants(graph_def, keep_nodes: set[str]) -> None:
     constants = constant_nodes(graph_def) - keep_nodes
     while True:
         used = {node_name(i) for n in graph_def.node for i in n.input}
-        kept = [n for n in graph_def.node if n.name not in constants or n.name in used]
-        if len(kept) == len(graph_def.node):
+        dead = {n.name for n in graph_def.node if n.name in constants and n.name not in used}
+        if not dead:
             return
-        del graph_def.node[:]
-        graph_def.node.extend(kept)
+        _delete_nodes(graph_def, dead)

@@ -203,6 +203,8 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     Jobs in the compile cache are taken from it and not compiled. keys: the jobs' cache
     keys when the caller has them already (cache_keys)."""
     segments = [j.segment for j in jobs]
+    if len({j.directory for j in jobs}) != len(jobs):  # a worker reads its job's files there
+        raise ValueError(f"compile jobs share a directory: {[j.directory for j in jobs]}")
     cache = CompileCache.for_options(options)
     keys = keys or cache_keys(jobs, options, workdir)
     results: dict[int, CompiledSegment] = {}

@@ -104,7 +104,7 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
     if fault == "error":
         raise RuntimeError("injected compiler error")
     # TF's answers for the check need only the segment and the inputs: TF computes them
-    # in a thread while the backend compiles (both release the GIL; ResNet50: 4 s each).
+    # in a thread while the backend compiles (both release the GIL).
     inputs = _calibration_inputs(seg_dir, options)
     pool = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-reference")
     reference: Future = pool.submit(

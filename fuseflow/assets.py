@@ -44,17 +44,45 @@ def file_name(key: str, suffix: str) -> str:
     return f"fuseflow-{key}{suffix}"
 
 
-def _key(node_name: str, data: bytes) -> str:
-    return f"{node_name.replace('/', '_')}-{zlib.crc32(data):08x}-{len(data)}"
+def _key(node_name: str, chunks: list[bytes]) -> str:
+    """The file's key: the node and the CRC-32 and size of its content (these chunks)."""
+    crc = 0
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    return f"{node_name.replace('/', '_')}-{crc:08x}-{sum(map(len, chunks))}"
 
 
-def move_to_assets(graph_def, folder: Path):
+def _library_chunks(functions) -> list[bytes]:
+    """A FunctionDefLibrary holding functions, serialized, in pieces: each function's
+    bytes behind its field header, as protobuf writes a repeated field (never joined nor
+    copied into a library first: a fallback function holds the segment's weights)."""
+    chunks = []
+    for function in functions:
+        data = function.SerializeToString()
+        chunks += [b"\x0a" + _varint(len(data)), data]  # field 1 (function), length-delimited
+    return chunks
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def move_to_assets(graph_def, folder: Path, copy: bool = True):
     """(graph without fused ops' blobs and fallback functions, the files now holding them).
 
     Functions anything else in the graph calls stay in the library. A file already in
-    folder under its content's name is kept as it is."""
-    out = tf.compat.v1.GraphDef()
-    out.CopyFrom(graph_def)
+    folder under its content's name is kept as it is. copy=False takes them out of
+    graph_def itself (the caller's own: no copy of its 200 MB) and returns it."""
+    if copy:
+        out = tf.compat.v1.GraphDef()
+        out.CopyFrom(graph_def)
+    else:
+        out = graph_def
     fused = [n for n in out.node if n.op == FUSED_OP and n.attr["executable"].s]
     if not fused:
         return out, []
@@ -66,7 +94,7 @@ def move_to_assets(graph_def, folder: Path):
     stubs = {}
     files = []
     for node in fused:
-        blob = node.attr["executable"].s
+        blob = [node.attr["executable"].s]
         key = _key(node.name, blob)
         path = folder / file_name(key, BLOB_SUFFIX)
         _write_once(path, blob)
@@ -77,9 +105,7 @@ def move_to_assets(graph_def, folder: Path):
         names = reachable_functions(out, [node])
         if not names or names[0] != node.attr["native_segment"].func.name:
             continue
-        library = function_pb2.FunctionDefLibrary()
-        library.function.extend(functions[n] for n in names)
-        data = library.SerializeToString()
+        data = _library_chunks(functions[n] for n in names)
         key = _key(node.name, data)
         path = folder / file_name(key, LIBRARY_SUFFIX)
         _write_once(path, data)
@@ -94,11 +120,12 @@ def move_to_assets(graph_def, folder: Path):
     return out, files
 
 
-def _write_once(path: Path, data: bytes) -> None:
-    """Files are named by their content: one already there (the other-batch check wrote
-    it into the export's folder) is not written again."""
-    if not (path.is_file() and path.stat().st_size == len(data)):
-        path.write_bytes(data)
+def _write_once(path: Path, chunks: list[bytes]) -> None:
+    """Files are named by their content: one already there is not written again."""
+    if not (path.is_file() and path.stat().st_size == sum(map(len, chunks))):
+        with open(path, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
 
 
 def _stub(function):

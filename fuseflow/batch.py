@@ -16,21 +16,18 @@ segment's split ports.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from fuseflow import errors
-from fuseflow.assets import add_assets_op, move_to_assets
+from fuseflow.assets import add_assets_op
 from fuseflow.backends.base import relative_error
 from fuseflow.graph_util import is_control, node_name, output_index
 from fuseflow.shapes import TensorInfo
-from fuseflow.tf_compat import plain_session_config, tf
+from fuseflow.tf_compat import lift_constants, plain_session_config, tf
 
 _UNARY = frozenset({
     "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Sigmoid", "Tanh", "Softplus", "Softsign",
@@ -315,26 +312,81 @@ def _strided_slice_ok(node, ins, g: _Graph) -> bool:
             and attr["ellipsis_mask"].i == 0)
 
 
-def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
-                        tolerance: float, assets_folder: Path | None = None,
-                        samples: dict[str, np.ndarray] | None = None) -> str | None:
-    """Does the compiled graph give the original's answers at another batch size? None
-    when it does, else why not (for the warning: "fails: ..." or "answers differ ...").
+class OtherBatchCheck:
+    """Does the compiled graph give the original's answers at another batch size?
 
     Folding tf.shape(x) at the compiled batch bakes it into constants that
     only splittable compiled segments survive; running both graphs at batch
-    k+1 on random inputs tells, whatever the backend or the model. The two run
-    side by side (TF releases the GIL). The fused ops' files go to assets_folder
-    (the export's, which then keeps them) or a temp dir.
+    k+1 on random inputs tells, whatever the backend or the model. The
+    original's answers depend on nothing compiling does: start() runs it in a
+    thread while the segments compile (the compilers are other processes,
+    this one only waits for them; ResNet50's frozen graph takes 5-8 s to
+    import and run). result() runs the compiled graph and compares.
 
-    samples (tensor name -> the user's samples on axis 0, the calibration data of a
-    reduced-precision compile) replace the random inputs where they hold enough rows:
-    int8 is right only inside its calibrated ranges, and a BERT-like encoder fed
-    token ids of zeros was fixed to its batch for an int8 error the user's data
-    never shows.
+    use_samples (tensor name -> the user's samples on axis 0, the calibration data
+    of a reduced-precision compile) replaces the random inputs where they hold
+    enough rows: int8 is right only inside its calibrated ranges, and a BERT-like
+    encoder fed token ids of zeros was fixed to its batch for an int8 error the
+    user's data never shows.
     """
-    from fuseflow.shapes import apply_input_shapes
 
+    def __init__(self, model, serving: dict, compiled: dict):
+        self.model = model
+        self.fetches = [s.tensor_name for s in model.outputs]
+        self._shapes = (serving, compiled)
+        self.feeds, self.batch = _other_batch_feeds(model, serving, compiled)
+        self._original: Future | None = None
+
+    def use_samples(self, samples: dict[str, np.ndarray]) -> None:
+        """Check on these samples instead of random inputs (before start())."""
+        if self._original is None:
+            self.feeds, self.batch = _other_batch_feeds(self.model, *self._shapes, samples)
+
+    def start(self) -> None:
+        """Run the original at the other batch now, in a thread (at most once)."""
+        if self.feeds is None or self._original is not None:
+            return
+        pool = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-other-batch")
+        self._original = pool.submit(_run_or_error, self.model.graph_def,
+                                     self.model.init_nodes, self.feeds, self.fetches)
+        pool.shutdown(wait=False)  # the thread ends with its one job
+
+    def result(self, final_graph_def, files: list, tolerance: float,
+               serving: dict) -> str | None:
+        """None when the compiled graph (its fused ops' payloads moved to `files`, as the
+        saved model will have them: assets.move_to_assets) gives the original's answers,
+        else why not (for the warning: "fails: ..." or "answers differ ...")."""
+        from fuseflow.shapes import apply_input_shapes
+
+        if self.feeds is None:
+            return None  # no meaningful random strings (tf.Example); trust the analysis
+        self.start()
+        final = apply_input_shapes(final_graph_def, self.model, serving)
+        compiled_out, failure = _run_or_error(final, self.model.init_nodes, self.feeds,
+                                              self.fetches, files)
+        original, _ = self._original.result()
+        batch = self.batch
+        if original is None:
+            return None  # the original can't run on random inputs: nothing to compare
+        if compiled_out is None:
+            return f"at batch {batch} it fails: {failure}"
+        for spec, a, b in zip(self.model.outputs, original, compiled_out):
+            if a.dtype.kind not in "fciub":
+                continue
+            if a.shape != b.shape:
+                return f"at batch {batch} output {spec.key} has shape {b.shape}, not {a.shape}"
+            if relative_error(a, b) > tolerance:
+                return (f"at batch {batch} output {spec.key} differs from the original's by "
+                        f"{relative_error(a, b):.2g} (relative)")
+        return None
+
+
+def _other_batch_feeds(model, serving: dict, compiled: dict,
+                       samples: dict[str, np.ndarray] | None = None
+                       ) -> tuple[dict | None, object]:
+    """(feeds at batch k+1 where serving leaves the batch free, that batch): the given
+    samples where they hold enough rows, else random; (None, ...) when an input is a
+    string with no samples."""
     rng = np.random.default_rng(0)
     feeds, batch = {}, "?"
     for spec in model.inputs:
@@ -346,35 +398,12 @@ def runs_at_other_batch(model, final_graph_def, serving: dict, compiled: dict,
         if given is not None and len(given) >= shape[0] and given.shape[1:] == shape[1:]:
             feeds[spec.tensor_name] = given[:shape[0]]
         elif spec.dtype == tf.string:
-            return None  # no meaningful random strings (tf.Example); trust the analysis
+            return None, batch
         elif spec.dtype.is_floating:
             feeds[spec.tensor_name] = rng.normal(0, 1, shape).astype(spec.dtype.as_numpy_dtype)
         else:
             feeds[spec.tensor_name] = np.zeros(shape, spec.dtype.as_numpy_dtype)
-    fetches = [s.tensor_name for s in model.outputs]
-    with ThreadPoolExecutor(1) as pool, contextlib.ExitStack() as stack:
-        original_run = pool.submit(_run_or_error, model.graph_def, model.init_nodes, feeds,
-                                   fetches)
-        final = apply_input_shapes(final_graph_def, model, serving)
-        folder = assets_folder or Path(stack.enter_context(
-            tempfile.TemporaryDirectory(prefix="fuseflow-check-")))
-        # As the saved model will be: weights in files, not in a graph to parse and copy.
-        final, files = move_to_assets(final, folder)
-        compiled_out, failure = _run_or_error(final, model.init_nodes, feeds, fetches, files)
-        original, _ = original_run.result()
-    if original is None:
-        return None  # the original can't run on random inputs: nothing to compare
-    if compiled_out is None:
-        return f"at batch {batch} it fails: {failure}"
-    for spec, a, b in zip(model.outputs, original, compiled_out):
-        if a.dtype.kind not in "fciub":
-            continue
-        if a.shape != b.shape:
-            return f"at batch {batch} output {spec.key} has shape {b.shape}, not {a.shape}"
-        if relative_error(a, b) > tolerance:
-            return (f"at batch {batch} output {spec.key} differs from the original's by "
-                    f"{relative_error(a, b):.2g} (relative)")
-    return None
+    return feeds, batch
 
 
 def _run_or_error(graph_def, init_nodes, feeds, fetches, files=()):
@@ -392,6 +421,7 @@ def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
 
 
 def _run(graph_def, init_nodes, feeds, fetches, files=()):
+    graph_def, constants = lift_constants(graph_def)  # fed: TF copies them once, not ten times
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
@@ -400,5 +430,5 @@ def _run(graph_def, init_nodes, feeds, fetches, files=()):
         init.append(add_assets_op(graph, list(files))[0])
     with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         if init:
-            sess.run(init)
-        return sess.run(fetches, feeds)
+            sess.run(init, constants)
+        return sess.run(fetches, {**constants, **feeds})

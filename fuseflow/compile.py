@@ -14,6 +14,7 @@ Idle workers exit after _IDLE_S, and at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import subprocess
@@ -40,6 +41,10 @@ _MAX_JOBS = 64  # then a worker is replaced: TF state grows with every segment i
 # Environment a worker does not read: a test's or a compile's changes to these don't make
 # a started worker stale.
 _ENV_IGNORED = frozenset({"PYTEST_CURRENT_TEST", "FUSEFLOW_CACHE_DIR"})
+# In each segment's directory (compile_worker.py): the GraphDef the parent writes for the
+# worker, and the executable the worker writes back.
+SEGMENT_FILE = "graph.pb"
+EXECUTABLE_FILE = "executable.bin"
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,8 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     Jobs in the compile cache are taken from it and not compiled. keys: the jobs' cache
     keys when the caller has them already (cache_keys)."""
     segments = [j.segment for j in jobs]
+    if len({j.directory for j in jobs}) != len(jobs):  # a worker reads its job's files there
+        raise ValueError(f"compile jobs share a directory: {[j.directory for j in jobs]}")
     cache = CompileCache.for_options(options)
     keys = keys or cache_keys(jobs, options, workdir)
     results: dict[int, CompiledSegment] = {}
@@ -219,9 +226,11 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                     i = pending.pop(0)
                     seg_dir = workdir / jobs[i].directory
                     seg_dir.mkdir(parents=True, exist_ok=True)
-                    (seg_dir / "graph.pb").write_bytes(segments[i].graph_def_bytes)
-                    w.writer.send((jobs[i].backend, segments[i], jobs[i].options or options,
-                                   str(seg_dir)))
+                    (seg_dir / SEGMENT_FILE).write_bytes(segments[i].graph_def_bytes)
+                    # The worker reads the GraphDef from the file (compile_worker.py).
+                    w.writer.send((jobs[i].backend,
+                                   dataclasses.replace(segments[i], graph_def_bytes=b""),
+                                   jobs[i].options or options, str(seg_dir)))
                     w.job = (i, time.monotonic())
             for k, w in enumerate(workers):
                 outcome = _poll(w, options.timeout_s)
@@ -230,8 +239,12 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                 i, start = w.job
                 w.job, w.started = None, False
                 w.jobs_done += 1
+                if outcome[0] == "ok":  # its executable is in the file the worker wrote
+                    outcome = ("ok", dataclasses.replace(outcome[1], executable=(
+                        workdir / jobs[i].directory / EXECUTABLE_FILE).read_bytes()))
                 results[i] = _record(jobs[i], workdir / jobs[i].directory, outcome,
-                                     time.monotonic() - start, len(results) + 1, len(segments))
+                                     time.monotonic() - start, len(results) + 1, len(segments),
+                                     written=True)
                 if outcome[0] == "ok":
                     cache.store(keys[i], outcome[1])
                 progress.update(len(results), len(segments), segments[i].name)
@@ -297,12 +310,13 @@ def _poll(w: _Worker, timeout_s: float):
 
 
 def _record(job: CompileJob, seg_dir: Path, outcome, seconds: float, done: int,
-            total: int, cached: bool = False) -> CompiledSegment:
+            total: int, cached: bool = False, written: bool = False) -> CompiledSegment:
+    """written: the worker wrote the executable into seg_dir already."""
     segment = job.segment
     if outcome[0] == "ok":
         artifact: Artifact = outcome[1]
         seg_dir.mkdir(parents=True, exist_ok=True)
-        _write_artifact(seg_dir, artifact)
+        _write_artifact(seg_dir, artifact, executable=not written)
         if cached:
             log.info("%s (%d ops) on %s taken from the compile cache [%d/%d]", segment.name,
                      segment.node_count, job.backend, done, total)
@@ -318,8 +332,9 @@ def _record(job: CompileJob, seg_dir: Path, outcome, seconds: float, done: int,
     return CompiledSegment(segment, None, first, seconds, job.backend, options=job.options)
 
 
-def _write_artifact(seg_dir: Path, artifact: Artifact) -> None:
-    (seg_dir / "executable.bin").write_bytes(artifact.executable)
+def _write_artifact(seg_dir: Path, artifact: Artifact, executable: bool = True) -> None:
+    if executable:
+        (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
     (seg_dir / "compile.log").write_text(artifact.log)
     for name, data in artifact.files.items():
         (seg_dir / name).write_bytes(data)

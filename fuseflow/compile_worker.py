@@ -5,6 +5,12 @@ backends are imported before the first request); every request
 (backend name, segment, options, directory) gets exactly one ("ok", Artifact)
 or ("error", (line, traceback)).
 
+The big bytes travel as files in the segment's directory, not through the
+pipe (pickled, piped and unpickled, ResNet50's 100 MB cost three copies each
+way): the request's segment comes without its GraphDef, which the worker reads
+from SEGMENT_FILE there, and the artifact comes back without its executable,
+which the worker wrote to EXECUTABLE_FILE there (the workdir keeps it anyway).
+
 Before an artifact is accepted it is run on random inputs and compared with
 TensorFlow running the same segment: a compiler that returns garbage costs
 its segment (which stays in TF), never a silently wrong model.
@@ -17,10 +23,12 @@ than TF, or an int8 one slower than its bf16 compile).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -33,6 +41,7 @@ from fuseflow.backends.base import (
     random_inputs,
     relative_error,
 )
+from fuseflow.compile import EXECUTABLE_FILE, SEGMENT_FILE
 from fuseflow.options import CompilerOptions
 
 
@@ -46,24 +55,28 @@ def injected_fault(segment: str, backend: str, precision: str | None = None) -> 
 
 
 def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    from fuseflow.tf_compat import plain_session_config, tf
+    from fuseflow.tf_compat import lift_constants, plain_session_config, tf
 
+    graph_def, constants = lift_constants(  # fed: TF copies them once, not ten times
+        tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes))
     graph = tf.Graph()
     with graph.as_default():
-        tf.graph_util.import_graph_def(
-            tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
+        tf.graph_util.import_graph_def(graph_def, name="")
     with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         return sess.run([p.name for p in segment.outputs],
-                        {f"{p.name}:0": v for p, v in zip(segment.inputs, inputs)})
+                        {**constants, **{f"{p.name}:0": v for p, v in zip(segment.inputs,
+                                                                           inputs)}})
 
 
 def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,
-           options: CompilerOptions, inputs: list[np.ndarray] | None = None) -> str:
+           options: CompilerOptions, inputs: list[np.ndarray] | None = None,
+           expected: list[np.ndarray] | None = None) -> str:
     """Compare the artifact with TF on random inputs (or the given ones); raise if they
-    disagree."""
+    disagree. expected: TF's outputs on those inputs, when computed already."""
     where = "random inputs" if inputs is None else "calibration inputs"
     inputs = random_inputs(segment) if inputs is None else inputs
-    expected = reference_outputs(segment, inputs)
+    if expected is None:
+        expected = reference_outputs(segment, inputs)
     actual = backend.run(segment, artifact, options, inputs)
     tolerance = backend.tolerance(options)
     worst = 0.0
@@ -90,6 +103,13 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
         time.sleep(10**6)
     if fault == "error":
         raise RuntimeError("injected compiler error")
+    # TF's answers for the check need only the segment and the inputs: TF computes them
+    # in a thread while the backend compiles (both release the GIL).
+    inputs = _calibration_inputs(seg_dir, options)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-reference")
+    reference: Future = pool.submit(
+        reference_outputs, segment, random_inputs(segment) if inputs is None else inputs)
+    pool.shutdown(wait=False)  # a failed compile does not wait for it
     start = time.perf_counter()
     artifact = backend.compile(segment, options, seg_dir)
     compiled = time.perf_counter() - start
@@ -97,7 +117,7 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
         artifact = Artifact(os.urandom(len(artifact.executable) or 64), artifact.log,
                             artifact.files)
     start = time.perf_counter()
-    check = verify(backend, segment, artifact, options, _calibration_inputs(seg_dir, options))
+    check = verify(backend, segment, artifact, options, inputs, reference.result())
     timings = {**artifact.timings, "compile": round(compiled, 3),
                "artifact check": round(time.perf_counter() - start, 3)}
     return Artifact(artifact.executable, artifact.log + check, artifact.files, timings)
@@ -132,10 +152,15 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
             return
         writer.send(("started", time.monotonic()))
         try:
+            seg_dir = Path(seg_dir)
+            segment = dataclasses.replace(
+                segment, graph_def_bytes=(seg_dir / SEGMENT_FILE).read_bytes())
             if backend_name not in backends:
                 backends[backend_name] = get_backend(backend_name)
             backend = backends[backend_name]
-            writer.send(("ok", compile_checked(backend, segment, options, Path(seg_dir))))
+            artifact = compile_checked(backend, segment, options, seg_dir)
+            (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
+            writer.send(("ok", dataclasses.replace(artifact, executable=b"")))
         except Exception as e:  # every failure goes back to the parent, which decides
             text = str(e).strip()
             first = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fuseflow import errors
-from fuseflow.assets import add_assets_op, move_to_assets
+from fuseflow.assets import AssetFile, add_assets_op, move_to_assets
 from fuseflow.graph_util import node_name
 from fuseflow.load import LoadedModel
 from fuseflow.shapes import TensorInfo
@@ -137,12 +137,15 @@ def assets_folder(path: Path) -> Path:
 
 
 def write_saved_model(graph_def, model: LoadedModel, input_shapes: dict[str, tuple],
-                      infos: dict[str, TensorInfo], path: Path) -> None:
+                      infos: dict[str, TensorInfo], path: Path,
+                      files: list[AssetFile] | None = None) -> None:
     """One MetaGraphDef, one signature (same key and tensor names), tables kept; fused ops'
-    blobs and fallback functions go to assets (see assets.py)."""
+    blobs and fallback functions go to assets (see assets.py). files: where
+    move_to_assets(graph_def, assets_folder(path)) has put them already."""
     from tensorflow.core.protobuf import meta_graph_pb2
 
-    graph_def, files = move_to_assets(graph_def, assets_folder(path))
+    if files is None:
+        graph_def, files = move_to_assets(graph_def, assets_folder(path))
 
     signature = meta_graph_pb2.SignatureDef(method_name=model.method_name)
     for spec in model.inputs:

@@ -17,12 +17,38 @@ from fuseflow.optimize import restore_lowering
 from fuseflow.options import CompilerOptions
 from fuseflow.tf_compat import tf
 
+# Constant values at least this big bypass the TF graph a segment's function is built in.
+_BIG_CONSTANT = 1 << 16
 
-def segment_function(segment: SegmentGraph, function_name: str):
-    """The segment's GraphDef as a FunctionDef: Placeholders become arguments."""
+
+def add_segment_function(library, segment: SegmentGraph, function_name: str):
+    """The segment's GraphDef as a FunctionDef (Placeholders become arguments), added to
+    library (a FunctionDefLibrary); returns it.
+
+    Going through a TF graph, a constant's value was copied five times (parsed, imported,
+    read back per node, copied into the library; ResNet50: 100 MB each): big values are
+    cut out before and set once, into the library's copy of the function."""
+    graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+    contents = {}
+    for node in graph_def.node:
+        if node.op == "Const":
+            tensor = node.attr["value"].tensor
+            content = tensor.tensor_content
+            if len(content) >= _BIG_CONSTANT:
+                contents[node.name] = content
+                tensor.ClearField("tensor_content")
+    function = library.function.add()
+    function.CopyFrom(_as_function(graph_def, segment, function_name))
+    for node in function.node_def:
+        if node.op == "Const" and node.name in contents:
+            node.attr["value"].tensor.tensor_content = contents[node.name]
+    return function
+
+
+def _as_function(graph_def, segment: SegmentGraph, function_name: str):
+    """graph_def (the segment's) as a FunctionDef named function_name."""
     from tensorflow.python.framework import graph_to_function_def
 
-    graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
@@ -53,7 +79,7 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
             continue
         seg = item.segment
         function_name = _unique(f"{seg.name}_native", taken)
-        out.library.function.add().CopyFrom(segment_function(seg, function_name))
+        add_segment_function(out.library, seg, function_name)
         fused = backends[item.backend].fused_node(seg, function_name, item.artifact,
                                                   item.options or options)
         fused.name = _unique(seg.name, taken)
@@ -76,10 +102,17 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
             inputs = [i for i in node.input if node_name(i) not in removed - replaced]
             del node.input[:]
             node.input.extend(inputs)
-    del out.node[:]
-    out.node.extend(kept + new_nodes)
+    _delete_nodes(out, removed)
+    out.node.extend(new_nodes)
     _prune_dead_constants(out, keep_nodes)
     return out
+
+
+def _delete_nodes(graph_def, names: set[str]) -> None:
+    """Delete the named nodes where they are: rebuilding the list (del, extend) copied
+    every node kept, the fused ones' blobs and the model's weights included."""
+    for k in reversed([k for k, n in enumerate(graph_def.node) if n.name in names]):
+        del graph_def.node[k]
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -95,8 +128,7 @@ def _prune_dead_constants(graph_def, keep_nodes: set[str]) -> None:
     constants = constant_nodes(graph_def) - keep_nodes
     while True:
         used = {node_name(i) for n in graph_def.node for i in n.input}
-        kept = [n for n in graph_def.node if n.name not in constants or n.name in used]
-        if len(kept) == len(graph_def.node):
+        dead = {n.name for n in graph_def.node if n.name in constants and n.name not in used}
+        if not dead:
             return
-        del graph_def.node[:]
-        graph_def.node.extend(kept)
+        _delete_nodes(graph_def, dead)

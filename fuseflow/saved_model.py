@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow import accuracy, errors, xla_cache
+from fuseflow.assets import move_to_assets
 from fuseflow.backends import BACKEND_NAMES, get_backend
-from fuseflow.batch import batch_tensors, runs_at_other_batch
+from fuseflow.batch import OtherBatchCheck, batch_tensors
 from fuseflow.cache import CompileCache, timing_key, values_digest
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, prestart_worker
 from fuseflow.export import (
@@ -277,6 +278,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                                constants, backend.compiles_per_shape)
 
     watch = plan.watch
+    # The original at another batch size, for the check after rewriting (batch.py).
+    other_batch = None if serving == inputs.shapes else OtherBatchCheck(model, serving,
+                                                                         inputs.shapes)
     with _workdir(workdir) as work:
         placement = Placement(plan.partition, summary={
             "mode": "forced" if len(plan.supports) == 1 else "by kind (not timed)",
@@ -304,6 +308,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         watch.lap("extract")
         chosen = get_backend(next(iter(plan.supports)))
         calibration = accuracy.prepare(plan, segments, work, chosen)
+        if calibration is not None and other_batch is not None:
+            other_batch.use_samples(calibration.stacked())
         ready: dict[int, CompiledSegment] = {}
         jobs = []
         for k, (seg, graph) in enumerate(zip(partition.segments, segments)):
@@ -319,6 +325,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         extra = [select_precision_job(j, options) for _, j in jobs] if timed_int8 else []
         if extra:
             prestart()  # the timing process imports TF while the segments compile
+        elif other_batch is not None:
+            other_batch.start()  # no timing runs until the check: it costs no timing
         results = compile_segments([j for _, j in jobs] + extra, options, work)
         for (k, _), item in zip(jobs, results):
             ready[k] = item
@@ -346,12 +354,14 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     used = sorted({c.backend for c in compiled if c.artifact is not None})
     label = "+".join(used) if used else "+".join(plan.supports)
     tolerance = max(get_backend(b).tolerance(options) for b in plan.supports)
-    watch.lap("rewrite")
     with staging_dir(out) as path, tempfile.TemporaryDirectory(
             prefix="fuseflow-xla-cache-") as staging:
-        why = None if serving == inputs.shapes else runs_at_other_batch(
-            model, final, serving, inputs.shapes, tolerance, assets_folder(path),
-            calibration and calibration.stacked())
+        # The fused ops' blobs and fallback functions into asset files once: the check
+        # runs the graph as the saved model will hold it, and the export writes it.
+        final, files = move_to_assets(final, assets_folder(path), copy=False)
+        watch.lap("rewrite")
+        why = None if other_batch is None else other_batch.result(final, files, tolerance,
+                                                                  serving)
         if why:
             log.warning("the compiled model does not match the original at another batch "
                         "size (%s); most often the model computes with its own batch size "
@@ -381,7 +391,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         runtime["backend"] = label
         watch.lap("report")
         fill = options.xla_cache and "xla" in used and xla_cache.has_xla_segments(final)
-        write_saved_model(final, model, serving, infos, path)
+        write_saved_model(final, model, serving, infos, path, files)
         watch.lap("export")
         env = xla_cache.fill_env(Path(staging)) if fill else None
         timed_here = False

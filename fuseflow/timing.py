@@ -179,7 +179,7 @@ def _graph(job: TimingJob, options: CompilerOptions):
                 tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
         return graph, [f"{p.name}:0" for p in segment.inputs], [p.name for p in segment.outputs]
     from fuseflow.backends import get_backend
-    from fuseflow.rewrite import segment_function
+    from fuseflow.rewrite import add_segment_function
 
     graph_def = tf.compat.v1.GraphDef()
     # Loop and conditional bodies the segment calls.
@@ -189,7 +189,7 @@ def _graph(job: TimingJob, options: CompilerOptions):
         ph.attr["dtype"].type = port.dtype
         ph.attr["shape"].shape.CopyFrom(tf.TensorShape(port.shape).as_proto())
     function_name = f"{segment.name}_native"
-    graph_def.library.function.add().CopyFrom(segment_function(segment, function_name))
+    add_segment_function(graph_def.library, segment, function_name)
     fused = get_backend(job.backend).fused_node(segment, function_name, job.artifact, options)
     fused.name = "fuseflow_timed"
     fused.input.extend(p.name for p in segment.inputs)

@@ -68,3 +68,58 @@ def test_fallback_runs_from_its_asset_file(tmp_path, rng):
             assert_outputs_close(run_saved_model(src, feeds), out, rtol=1e-3, atol=1e-4)
             assert_ran(stats, "openvino", segments, path=path,
                        reason="shape" if path == "fallback" else None)
+
+
+def _function(name: str, calls: str | None = None, weights: int = 0):
+    from tensorflow.core.framework import function_pb2
+
+    function = function_pb2.FunctionDef()
+    function.signature.name = name
+    const = function.node_def.add(name="w", op="Const")
+    const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(
+        np.arange(weights or 4, dtype=np.float32)))
+    if calls:
+        call = function.node_def.add(name="call", op="PartitionedCall")
+        call.attr["f"].func.name = calls
+    return function
+
+
+def test_move_to_assets_in_place_writes_the_same_files(tmp_path):
+    """The fallback library file is written in pieces (never joined into one library
+    message first): it parses into exactly the functions the fused node reached, and
+    moving in place (the compile's own graph) gives what moving a copy gives."""
+    from tensorflow.core.framework import function_pb2
+
+    from fuseflow.assets import move_to_assets
+
+    graph = tf.compat.v1.GraphDef()
+    fused = graph.node.add(name="seg/0", op="FuseflowOp")
+    fused.attr["executable"].s = bytes(range(256)) * 1000
+    fused.attr["native_segment"].func.name = "seg_native"
+    other = graph.node.add(name="other", op="PartitionedCall")
+    other.attr["f"].func.name = "shared"
+    functions = [_function("seg_native", calls="body", weights=300_000), _function("body"),
+                 _function("shared")]
+    graph.library.function.extend(functions)
+    original = tf.compat.v1.GraphDef.FromString(graph.SerializeToString())
+
+    copied, files = move_to_assets(graph, tmp_path / "a")
+    assert graph == original  # copy=True leaves its argument alone
+    in_place, files_in_place = move_to_assets(graph, tmp_path / "b", copy=False)
+    assert in_place is graph and in_place == copied
+    assert [f.key for f in files] == [f.key for f in files_in_place]
+    assert [f.path.read_bytes() for f in files] == [f.path.read_bytes() for f in files_in_place]
+
+    blob, library = (f.path.read_bytes() for f in files)
+    assert blob == original.node[0].attr["executable"].s
+    parsed = function_pb2.FunctionDefLibrary.FromString(library)
+    assert list(parsed.function) == functions[:2]
+    assert library == function_pb2.FunctionDefLibrary(function=functions[:2]).SerializeToString()
+    [node] = [n for n in in_place.node if n.op == "FuseflowOp"]
+    assert not node.attr["executable"].s
+    assert (node.attr["executable_file"].s.decode(), node.attr["native_file"].s.decode()) == (
+        files[0].key, files[1].key)
+    kept = {f.signature.name: f for f in in_place.library.function}
+    assert kept["shared"] == functions[2] and "body" not in kept
+    stub = kept["seg_native"]  # its signature over no weights
+    assert stub.signature == functions[0].signature and not stub.node_def

@@ -273,7 +273,9 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     constants = constant_nodes(graph_def)
 
     def extract(segment: Segment, consumers: dict):
-        backend = get_backend(segment.colour or next(iter(plan.supports)))
+        # A placement piece's colour is "region/backend" (place.py), a segment's the backend.
+        backend = get_backend(segment.colour.split("/")[-1] if segment.colour
+                              else next(iter(plan.supports)))
         return extract_segment(graph_def, segment, infos, consumers, fetches, batch_info,
                                constants, backend.compiles_per_shape)
 

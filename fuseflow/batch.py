@@ -210,33 +210,69 @@ def _same_row_per_sample(tensor: str, g: _Graph, dep: set[str]) -> bool:
             and bool(np.all(value == value[:1])))
 
 
-def free_batch_reshapes(graph_def, info: BatchInfo) -> int:
-    """In a segment graph for a backend that compiles per input shape (XLA), let each
-    per-sample Reshape infer its batch: its constant target shape, folded at the compiled
-    batch ([k * rows, ...]), gets -1 in dim 0, in a constant of its own. At batch k the
-    values are the same; at other sizes the segment no longer fails (a BERT-like encoder
-    on XLA was fixed to its batch by its Dense layers' [k*s, d] reshapes). Returns how
-    many reshapes were freed."""
+def free_batch_shapes(graph_def, info: BatchInfo) -> int:
+    """In a segment graph for a backend that compiles per input shape (XLA, which runs a
+    segment whole, not in chunks), let the per-sample ops whose shape constants Grappler
+    folded at the compiled batch read their batch at run time instead. At batch k the
+    values are the same; at other sizes the segment no longer fails. Returns how many
+    ops were changed.
+
+    - Reshape: its target shape ([k * rows, ...]) gets -1 in dim 0, in a constant of
+      its own (a BERT-like encoder's Dense layers reshape [k, s, d] to [k*s, d]).
+    - Transposed convolutions: their output size [k, ...] takes dim 0 from their input
+      (XLA resolves the shape at compile time; a U-Net's decoder)."""
     consts = {n.name: n for n in graph_def.node if n.op == "Const"}
-    freed = []
+    added, changed = [], 0
     for node in graph_def.node:
-        if node.op != "Reshape" or f"{node.name}:0" not in info.rows or len(node.input) < 2:
+        if f"{node.name}:0" not in info.rows:
             continue
-        shape_node = consts.get(node_name(node.input[1]))
-        if shape_node is None:
-            continue
-        shape = tf.make_ndarray(shape_node.attr["value"].tensor)
-        if shape.ndim != 1 or shape.size == 0 or np.any(shape < 0):
-            continue
-        free = shape.copy()
-        free[0] = -1
-        const = tf.compat.v1.NodeDef(name=f"{node.name}/fuseflow_free_batch", op="Const")
-        const.attr["dtype"].type = shape_node.attr["dtype"].type
-        const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(free))
-        freed.append(const)
-        node.input[1] = const.name
-    graph_def.node.extend(freed)
-    return len(freed)
+        if node.op == "Reshape" and len(node.input) >= 2:
+            shape_node = consts.get(node_name(node.input[1]))
+            shape = None if shape_node is None else tf.make_ndarray(
+                shape_node.attr["value"].tensor)
+            if shape is None or shape.ndim != 1 or shape.size == 0 or np.any(shape < 0):
+                continue
+            free = shape.copy()
+            free[0] = -1
+            added.append(_const_node(f"{node.name}/fuseflow_free_batch", free))
+            node.input[1] = added[-1].name
+            changed += 1
+        elif node.op in _BACKPROP_INPUT and len(node.input) == 3:
+            sizes_node = consts.get(node_name(node.input[0]))
+            if sizes_node is None:
+                continue
+            sizes = tf.make_ndarray(sizes_node.attr["value"].tensor)
+            prefix = f"{node.name}/fuseflow_free_batch"
+            dtype = sizes_node.attr["dtype"]
+            shape = tf.compat.v1.NodeDef(name=f"{prefix}/shape", op="Shape",
+                                         input=[node.input[2]])
+            shape.attr["T"].CopyFrom(node.attr["T"])
+            shape.attr["out_type"].CopyFrom(dtype)
+            begin = _const_node(f"{prefix}/begin", np.array([0], np.int32))
+            size = _const_node(f"{prefix}/size", np.array([1], np.int32))
+            batch = tf.compat.v1.NodeDef(name=f"{prefix}/batch", op="Slice",
+                                         input=[shape.name, begin.name, size.name])
+            batch.attr["T"].CopyFrom(dtype)
+            batch.attr["Index"].type = tf.int32.as_datatype_enum
+            rest = _const_node(f"{prefix}/rest", sizes[1:])
+            axis = _const_node(f"{prefix}/axis", np.array(0, np.int32))
+            dims = tf.compat.v1.NodeDef(name=prefix, op="ConcatV2",
+                                        input=[batch.name, rest.name, axis.name])
+            dims.attr["T"].CopyFrom(dtype)
+            dims.attr["N"].i = 2
+            dims.attr["Tidx"].type = tf.int32.as_datatype_enum
+            added += [shape, begin, size, batch, rest, axis, dims]
+            node.input[0] = dims.name
+            changed += 1
+    graph_def.node.extend(added)
+    return changed
+
+
+def _const_node(name: str, value: np.ndarray):
+    node = tf.compat.v1.NodeDef(name=name, op="Const")
+    node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    return node
 
 
 def _backprop_input_rows(ins, out, g: _Graph, rows, dep) -> dict[str, int]:

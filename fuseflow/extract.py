@@ -11,7 +11,7 @@ main graph through an IdentityN, so no consumer needs rewiring.
 from __future__ import annotations
 
 from fuseflow.backends.base import Port, SegmentGraph
-from fuseflow.batch import BatchInfo, free_batch_reshapes
+from fuseflow.batch import BatchInfo, free_batch_shapes
 from fuseflow.graph_util import (
     constant_chain,
     constant_nodes,
@@ -40,7 +40,8 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
     per_shape: the backend compiles again for each input shape (Backend.compiles_per_shape);
     with a free batch (batch_info), the loops' zero states folded at the compiled batch
     are then computed from a batch input again (loops.batch_sized_loop_states), and
-    per-sample reshapes infer their batch (batch.free_batch_reshapes)."""
+    per-sample reshapes and transposed convolutions take their batch from their
+    input (batch.free_batch_shapes)."""
     nodes = {n.name: n for n in graph_def.node}
     if constants is None:
         constants = constant_nodes(graph_def)
@@ -91,7 +92,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
         if batch_input is not None:  # the segment's own graph: rewritten in place
             batch_sized_loop_states(out, f"{batch_input[1]}:0",
                                     infos[batch_input[0]].shape[0])
-            free_batch_reshapes(out, batch_info)
+            free_batch_shapes(out, batch_info)
     outputs = []
     for name in segment.nodes:
         used = consumers.get(name, set())

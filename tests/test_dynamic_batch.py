@@ -135,10 +135,12 @@ def test_transformer_on_xla_keeps_a_free_batch(tmp_path):
         assert_ran(per_batch[b], "xla", segments)
 
 
-def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
+@pytest.mark.parametrize("backend", ["openvino", "xla"])
+def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path, backend):
     """Conv2DTranspose folds its output size, batch included, into a constant; resizes
-    take a constant size: both are per-sample, so other batch sizes run compiled, in
-    chunks of the compiled batch, not fixed to it."""
+    take a constant size: both are per-sample, so other batch sizes run compiled, not
+    fixed to the compiled batch: OpenVINO in chunks of it, XLA whole, its transposed
+    convolution reading the batch from its input."""
     def build():
         x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
         w = tf.compat.v1.get_variable("w", [3, 3, 3, 6])
@@ -150,7 +152,7 @@ def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
         return {"x": x}, {"y": tf.sigmoid(y, name="y")}
 
     src = save_tf1(tmp_path / "m", build)
-    result = compile_model("openvino", src, tmp_path / "c", batch_size=1)
+    result = compile_model(backend, src, tmp_path / "c", batch_size=1)
     assert result["dynamic_batch"] is True and result["num_segments"] == 1
     report = json.loads((tmp_path / "c" / "assets.extra" / "fuseflow_report.json").read_text())
     ops = report["segments"][0]["op_types"]
@@ -160,7 +162,7 @@ def test_decoder_with_transposed_conv_and_resize_splits_per_sample(tmp_path):
     per_batch = _run_batches(src, tmp_path / "c", "x", (8, 8, 3), batches)
     segments = fused_segments(tmp_path / "c")
     for b in batches:
-        assert_ran(per_batch[b], "openvino", segments)
+        assert_ran(per_batch[b], backend, segments)
 
 
 @pytest.mark.parametrize("broadcast", ["tile", "zeros_like"])

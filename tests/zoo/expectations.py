@@ -55,11 +55,9 @@ _TABLE_PLUMBING = {"HashTableV2": "DTYPE", "LookupTableFindV2": "STRING",
 #   (and so auto) computes them from the batch (loops.batch_sized_loop_states).
 # - The CRNN's loops run time-major: the batch is on axis 1 there, which the batch
 #   analysis does not follow.
-# - XLA runs a segment whole, not in chunks: U-Net's transposed convolutions keep their
-#   output size, batch included, as a constant.
 _FIXED_BATCH = {("LSTM text", "openvino"), ("GRU text", "openvino"),
                 ("BiLSTM text", "openvino"), ("stacked LSTM", "openvino"),
-                ("CRNN", "openvino"), ("CRNN", "xla"), ("U-Net", "xla")}
+                ("CRNN", "openvino"), ("CRNN", "xla")}
 WHOLE_FIXED_BATCH = Expected(ratio=1.0, segments=1, dynamic_batch=False)
 
 EXPECTED: dict[tuple[str, str], Expected] = {

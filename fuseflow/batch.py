@@ -221,58 +221,31 @@ def free_batch_shapes(graph_def, info: BatchInfo) -> int:
       its own (a BERT-like encoder's Dense layers reshape [k, s, d] to [k*s, d]).
     - Transposed convolutions: their output size [k, ...] takes dim 0 from their input
       (XLA resolves the shape at compile time; a U-Net's decoder)."""
+    from fuseflow.loops import batch_dim, const_node, dims_with_batch
+
     consts = {n.name: n for n in graph_def.node if n.op == "Const"}
-    added, changed = [], 0
-    for node in graph_def.node:
-        if f"{node.name}:0" not in info.rows:
+    targets = [n for n in graph_def.node if f"{n.name}:0" in info.rows and (
+        (n.op == "Reshape" and len(n.input) >= 2) or (
+            n.op in _BACKPROP_INPUT and len(n.input) == 3))]
+    changed = 0
+    for node in targets:  # listed first: nodes are added to graph_def below
+        k = 1 if node.op == "Reshape" else 0  # the shape input
+        shape_node = consts.get(node_name(node.input[k]))
+        shape = None if shape_node is None else tf.make_ndarray(shape_node.attr["value"].tensor)
+        if shape is None or shape.ndim != 1 or shape.size == 0:
             continue
-        if node.op == "Reshape" and len(node.input) >= 2:
-            shape_node = consts.get(node_name(node.input[1]))
-            shape = None if shape_node is None else tf.make_ndarray(
-                shape_node.attr["value"].tensor)
-            if shape is None or shape.ndim != 1 or shape.size == 0 or np.any(shape < 0):
+        name = f"{node.name}/fuseflow_free_batch"
+        if node.op == "Reshape":
+            if np.any(shape < 0):
                 continue
-            free = shape.copy()
-            free[0] = -1
-            added.append(_const_node(f"{node.name}/fuseflow_free_batch", free))
-            node.input[1] = added[-1].name
-            changed += 1
-        elif node.op in _BACKPROP_INPUT and len(node.input) == 3:
-            sizes_node = consts.get(node_name(node.input[0]))
-            if sizes_node is None:
-                continue
-            sizes = tf.make_ndarray(sizes_node.attr["value"].tensor)
-            prefix = f"{node.name}/fuseflow_free_batch"
-            dtype = sizes_node.attr["dtype"]
-            shape = tf.compat.v1.NodeDef(name=f"{prefix}/shape", op="Shape",
-                                         input=[node.input[2]])
-            shape.attr["T"].CopyFrom(node.attr["T"])
-            shape.attr["out_type"].CopyFrom(dtype)
-            begin = _const_node(f"{prefix}/begin", np.array([0], np.int32))
-            size = _const_node(f"{prefix}/size", np.array([1], np.int32))
-            batch = tf.compat.v1.NodeDef(name=f"{prefix}/batch", op="Slice",
-                                         input=[shape.name, begin.name, size.name])
-            batch.attr["T"].CopyFrom(dtype)
-            batch.attr["Index"].type = tf.int32.as_datatype_enum
-            rest = _const_node(f"{prefix}/rest", sizes[1:])
-            axis = _const_node(f"{prefix}/axis", np.array(0, np.int32))
-            dims = tf.compat.v1.NodeDef(name=prefix, op="ConcatV2",
-                                        input=[batch.name, rest.name, axis.name])
-            dims.attr["T"].CopyFrom(dtype)
-            dims.attr["N"].i = 2
-            dims.attr["Tidx"].type = tf.int32.as_datatype_enum
-            added += [shape, begin, size, batch, rest, axis, dims]
-            node.input[0] = dims.name
-            changed += 1
-    graph_def.node.extend(added)
+            const_node(graph_def, name, np.concatenate([[-1], shape[1:]]).astype(shape.dtype))
+        else:
+            batch = batch_dim(graph_def, node.input[2], node.attr["T"].type, name,
+                              shape_node.attr["dtype"].type)
+            name = dims_with_batch(graph_def, batch, shape[1:], f"{name}/dims")
+        node.input[k] = name
+        changed += 1
     return changed
-
-
-def _const_node(name: str, value: np.ndarray):
-    node = tf.compat.v1.NodeDef(name=name, op="Const")
-    node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
-    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-    return node
 
 
 def _backprop_input_rows(ins, out, g: _Graph, rows, dep) -> dict[str, int]:

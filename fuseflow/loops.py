@@ -270,7 +270,7 @@ def _set_items(fdef, k: int) -> list[str] | None:
 
 def _set_shape_input(node, index: int, shape: tf.TensorShape, graph_def) -> None:
     """Point node's element_shape input at a new constant holding shape."""
-    const = _const(graph_def, f"{node.name}/fuseflow_element_shape",
+    const = const_node(graph_def, f"{node.name}/fuseflow_element_shape",
                    np.array(shape.as_list(), np.int32))
     node.input[index] = const.name
     if "shape_type" in node.attr:
@@ -301,29 +301,16 @@ def batch_sized_loop_states(graph_def, batch_input: str, batch_size: int) -> lis
                 folded[const.name] = value
     if not folded:
         return []
-    prefix = "fuseflow_batch"
-    shape = graph_def.node.add(name=f"{prefix}/shape", op="Shape", input=[batch_input])
-    shape.attr["out_type"].type = tf.int32.as_datatype_enum
     source = next(n for n in graph_def.node if n.name == node_name(batch_input))
-    shape.attr["T"].CopyFrom(source.attr["dtype"])
-    _const(graph_def, f"{prefix}/begin", np.array([0], np.int32))
-    _const(graph_def, f"{prefix}/size", np.array([1], np.int32))
-    _const(graph_def, f"{prefix}/axis", np.array(0, np.int32))
-    batch = graph_def.node.add(name=f"{prefix}/batch", op="Slice",
-                               input=[shape.name, f"{prefix}/begin", f"{prefix}/size"])
-    batch.attr["T"].type = tf.int32.as_datatype_enum
-    batch.attr["Index"].type = tf.int32.as_datatype_enum
+    batch = batch_dim(graph_def, batch_input, source.attr["dtype"].type, "fuseflow_batch")
     fills = {}
     for name, value in folded.items():
-        rest = _const(graph_def, f"{name}/{prefix}_rest", np.array(value.shape[1:], np.int32))
-        dims = graph_def.node.add(name=f"{name}/{prefix}_dims", op="ConcatV2",
-                                  input=[batch.name, rest.name, f"{prefix}/axis"])
-        dims.attr["T"].type = tf.int32.as_datatype_enum
-        dims.attr["N"].i = 2
-        dims.attr["Tidx"].type = tf.int32.as_datatype_enum
-        scalar = _const(graph_def, f"{name}/{prefix}_value", value.reshape(-1)[:1].reshape(()))
-        fill = graph_def.node.add(name=f"{name}/{prefix}_fill", op="Fill",
-                                  input=[dims.name, scalar.name])
+        dims = dims_with_batch(graph_def, batch, np.array(value.shape[1:], np.int32),
+                               f"{name}/fuseflow_batch_dims")
+        scalar = const_node(graph_def, f"{name}/fuseflow_batch_value",
+                        value.reshape(-1)[:1].reshape(()))
+        fill = graph_def.node.add(name=f"{name}/fuseflow_batch_fill", op="Fill",
+                                  input=[dims, scalar.name])
         fill.attr["T"].CopyFrom(consts[name].attr["dtype"])
         fill.attr["index_type"].type = tf.int32.as_datatype_enum
         fills[name] = fill.name
@@ -336,7 +323,37 @@ def batch_sized_loop_states(graph_def, batch_input: str, batch_size: int) -> lis
     return sorted(fills)
 
 
-def _const(graph_def, name: str, value: np.ndarray):
+def batch_dim(graph_def, tensor: str, dtype: int, prefix: str, out_type: int | None = None) -> str:
+    """Nodes under prefix (added to graph_def) that read [dim 0 of tensor] at run time,
+    as out_type (int32 by default); returns the name of that 1-element tensor. dtype:
+    tensor's DataType. XLA resolves it at compile time, for each shape it compiles."""
+    out_type = out_type or tf.int32.as_datatype_enum
+    shape = graph_def.node.add(name=f"{prefix}/shape", op="Shape", input=[tensor])
+    shape.attr["T"].type = dtype
+    shape.attr["out_type"].type = out_type
+    const_node(graph_def, f"{prefix}/begin", np.array([0], np.int32))
+    const_node(graph_def, f"{prefix}/size", np.array([1], np.int32))
+    batch = graph_def.node.add(name=f"{prefix}/batch", op="Slice",
+                               input=[shape.name, f"{prefix}/begin", f"{prefix}/size"])
+    batch.attr["T"].type = out_type
+    batch.attr["Index"].type = tf.int32.as_datatype_enum
+    return batch.name
+
+
+def dims_with_batch(graph_def, batch: str, rest: np.ndarray, name: str) -> str:
+    """A ConcatV2 node named name: batch (batch_dim's), then the constant dims rest (of
+    batch's integer type); returns its name."""
+    const_node(graph_def, f"{name}/rest", rest)
+    const_node(graph_def, f"{name}/axis", np.array(0, np.int32))
+    dims = graph_def.node.add(name=name, op="ConcatV2",
+                              input=[batch, f"{name}/rest", f"{name}/axis"])
+    dims.attr["T"].type = tf.as_dtype(rest.dtype).as_datatype_enum
+    dims.attr["N"].i = 2
+    dims.attr["Tidx"].type = tf.int32.as_datatype_enum
+    return dims.name
+
+
+def const_node(graph_def, name: str, value: np.ndarray):
     node = graph_def.node.add(name=name, op="Const")
     node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
     node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))

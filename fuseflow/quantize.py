@@ -51,10 +51,16 @@ class CalibrationSet:
     samples: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def stacked(self) -> dict[str, np.ndarray]:
-        """Every sample, held-out ones first, as one array per tensor name."""
-        batches = self.holdout + self.calibrate
-        return {name: np.concatenate([b[name] for b in batches])
+    def stacked(self, rows: int) -> dict[str, np.ndarray]:
+        """The first `rows` samples (fewer where there are fewer), held-out ones first, as
+        one array per tensor name: only the batches that hold them are copied."""
+        batches, have = [], 0
+        for batch in self.holdout + self.calibrate:
+            if have >= rows:
+                break
+            batches.append(batch)
+            have += len(next(iter(batch.values())))
+        return {name: np.concatenate([b[name] for b in batches])[:rows]
                 for name in (batches[0] if batches else {})}
 
 

@@ -311,7 +311,7 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         chosen = get_backend(next(iter(plan.supports)))
         calibration = accuracy.prepare(plan, segments, work, chosen)
         if calibration is not None and other_batch is not None:
-            other_batch.use_samples(calibration.stacked())
+            other_batch.use_samples(calibration.stacked(_batch_dim(inputs.shapes) + 1))
         ready: dict[int, CompiledSegment] = {}
         jobs = []
         for k, (seg, graph) in enumerate(zip(partition.segments, segments)):

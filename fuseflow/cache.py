@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -147,7 +148,7 @@ class CompileCache:
         head = json.dumps([backend_name, _versions(), chosen, len(segment.inputs), ports,
                            segment.name, calibration], sort_keys=True, default=str)
         h.update(head.encode())
-        h.update(_canonical(segment.graph_def_bytes))
+        h.update(canonical(segment.graph_def_bytes))
         return h.hexdigest()
 
     def lookup_timings(self, key: str, what: str) -> dict | None:
@@ -234,13 +235,52 @@ class CompileCache:
                         path, e.strerror or e)
 
 
-def _canonical(graph_def_bytes: bytes) -> bytes:
-    """The GraphDef's bytes with its maps (node attrs) in key order: plain serialization
-    orders them as the process happened to build them, which differs run to run."""
+def canonical(graph_def_bytes: bytes) -> bytes:
+    """The GraphDef's bytes as the same graph gives them in any process: maps (node
+    attrs) in key order, no debug info, and its functions named by order. Plain
+    serialization orders maps as the process happened to build them; and TF numbers
+    the functions of a frozen graph per process (`lstm_while_body_frozen_1147`, then
+    `_2113` when the same model is compiled again in the same process), as it does the
+    function named in the nodes' debug info. Neither changes what runs."""
     from fuseflow.tf_compat import tf
 
-    return tf.compat.v1.GraphDef.FromString(graph_def_bytes).SerializeToString(
-        deterministic=True)
+    graph = tf.compat.v1.GraphDef.FromString(graph_def_bytes)
+    renamed = _function_order(f.signature.name for f in graph.library.function)
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    for node in nodes:
+        node.ClearField("experimental_debug_info")
+        node.op = renamed.get(node.op, node.op)
+        for attr in node.attr.values():
+            _rename_functions(attr, renamed)
+    for function in graph.library.function:
+        function.signature.name = renamed[function.signature.name]
+        for attr in function.attr.values():
+            _rename_functions(attr, renamed)
+    for gradient in graph.library.gradient:
+        gradient.function_name = renamed.get(gradient.function_name, gradient.function_name)
+        gradient.gradient_func = renamed.get(gradient.gradient_func, gradient.gradient_func)
+    return graph.SerializeToString(deterministic=True)
+
+
+def _function_order(names) -> dict[str, str]:
+    """name -> its stem and its rank among the names of that stem, by their numbers
+    (`while_body_frozen_1147` -> `while_body_frozen#0`): TF numbers in creation order,
+    which is the same in every process."""
+    stems: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        found = re.fullmatch(r"(.*?)_?(\d+)", name)
+        stem, number = (found.group(1), int(found.group(2))) if found else (name, -1)
+        stems.setdefault(stem, []).append((number, name))
+    return {name: f"{stem}#{rank}" for stem, group in stems.items()
+            for rank, (_, name) in enumerate(sorted(group))}
+
+
+def _rename_functions(attr, renamed: dict[str, str]) -> None:
+    funcs = [attr.func] if attr.HasField("func") else list(attr.list.func)
+    for func in funcs:
+        func.name = renamed.get(func.name, func.name)
+        for inner in func.attr.values():
+            _rename_functions(inner, renamed)
 
 
 def _encode(artifact: Artifact, key: str) -> list[bytes]:

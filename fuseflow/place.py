@@ -40,13 +40,14 @@ import numpy as np
 
 from fuseflow.backends.base import random_inputs
 from fuseflow.batch import run_graph
-from fuseflow.cache import CompileCache, timing_key
+from fuseflow.cache import CompileCache, canonical, timing_key
 from fuseflow.compile import CompiledSegment, CompileJob, cache_keys, compile_segments
 from fuseflow.extract import consumers_outside
 from fuseflow.logs import shown_info
 from fuseflow.options import CompilerOptions
 from fuseflow.partition import Partition, Segment, internal_groups
 from fuseflow.reasons import Reason
+from fuseflow.tf_compat import tf
 from fuseflow.timing import Timing, TimingJob, prestart, time_jobs
 
 log = logging.getLogger("fuseflow")
@@ -248,10 +249,9 @@ def _timing_key(graph_def, candidates: list[tuple[str, str, Segment]], graphs: d
     ports, backend and options), the model's tensors that feed it, the nodes outside every
     candidate (they compute those tensors), the model's input values, the backends tried."""
     inside = {n for _, _, seg in candidates for n in seg.nodes}
-    outside = hashlib.sha256()
-    for node in graph_def.node:
-        if node.name not in inside:
-            outside.update(node.SerializeToString(deterministic=True))
+    outside = tf.compat.v1.GraphDef(library=graph_def.library)
+    outside.node.extend(node for node in graph_def.node if node.name not in inside)
+    outside = hashlib.sha256(canonical(outside.SerializeToString()))
     shown = [(k, b, sorted(seg.nodes), a, list(graphs[k].input_sources))
              for (k, b, seg), a in zip(candidates, artifact_keys)]
     return timing_key("placement", backends, shown, outside.hexdigest(), values_key)

@@ -180,3 +180,28 @@ def test_int8_entry_is_keyed_by_its_calibration_samples(tmp_path, rng):
         (path,) = (tmp_path / name / "assets").glob("*.ovblob")
         return path.read_bytes()
     assert blob("again") == blob("a") and blob("other") != blob("a")
+
+
+def test_recompile_in_the_same_process_hits_the_cache(tmp_path, rng):
+    """A TF2 model (a Keras LSTM and a dense head) compiled twice in one process, as a
+    notebook or a benchmark does. TF numbers the functions of a frozen graph per process
+    (`..._while_body_frozen_1147`, then `_2113`), and the nodes' debug info names the
+    function they were frozen from: neither may reach a cache key, or the second compile
+    misses every segment and times placement again."""
+    import keras
+
+    ids = keras.Input((12,), dtype="int32", name="ids")
+    x = keras.layers.Embedding(50, 16)(ids)
+    x = keras.layers.LSTM(16)(x)
+    model = keras.Model(ids, keras.layers.Dense(3)(x))
+    model.export(str(tmp_path / "m"), verbose=False)
+    for out in ("c1", "c2"):
+        compile_model("auto", tmp_path / "m", tmp_path / out, compiler_args=TIMED)
+    first, second = _report(tmp_path / "c1"), _report(tmp_path / "c2")
+    assert first["placement"]["source"] == "measured" and first["num_segments"] >= 1
+    assert "xla" in first["ops_per_backend"]  # the loop: its body and cond are functions
+    assert _cached(tmp_path / "c2") == [True] * first["num_segments"]
+    assert second["placement"]["source"] == "cache"
+    feeds = {"ids": rng.integers(0, 50, (2, 12)).astype(np.int32)}
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
+                         run_saved_model(tmp_path / "c2", feeds), rtol=1e-5, atol=1e-6)

@@ -173,9 +173,9 @@ def guard(graph_def, init_nodes: list[str], fetches: list[str], compiled: list[C
              if c.segment.name in selection and selection[c.segment.name].kept in steps else 0
              for c in compiled if c.artifact is not None}
     history: dict[str, list[str]] = {name: [] for name in level}
-    expected = run_graph(graph_def, init_nodes, calib.holdout, fetches)
     ok_segments = [c.segment for c in compiled if c.artifact is not None]
-    seg_ref = segment_values(graph_def, init_nodes, ok_segments, calib.holdout, outputs=True)
+    seg_ref, expected = segment_values(graph_def, init_nodes, ok_segments, calib.holdout,
+                                       outputs=True, fetches=tuple(fetches))
     added: dict[str, float] = {}
 
     def segment_error(item: CompiledSegment) -> float:

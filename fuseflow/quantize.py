@@ -192,39 +192,45 @@ def _random_set(model: LoadedModel, shapes, batches: int) -> CalibrationSet | No
 
 def run_graph(graph_def, init_nodes, feeds: list[dict], fetches: list[str]
               ) -> list[list[np.ndarray]]:
-    """fetches for every feed dict, in one session."""
+    """fetches for every feed dict, in one session: the graph as given (fuseflow has
+    optimized it already; Grappler again only costs time), its big constants fed."""
+    from fuseflow.tf_compat import lift_constants, plain_session_config
+
+    graph_def, constants = lift_constants(graph_def)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=graph) as sess:
+    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         if init_nodes:
-            sess.run([graph.get_operation_by_name(n) for n in init_nodes])
-        return [sess.run(fetches, feed) for feed in feeds]
+            sess.run([graph.get_operation_by_name(n) for n in init_nodes], constants)
+        return [sess.run(fetches, {**constants, **feed}) for feed in feeds]
 
 
 def segment_values(graph_def, init_nodes, segments: list[SegmentGraph], feeds: list[dict],
-                   outputs: bool = False) -> dict[str, list[list[np.ndarray]]]:
+                   outputs: bool = False, fetches: tuple[str, ...] = ()
+                   ) -> tuple[dict[str, list[list[np.ndarray]]], list[list[np.ndarray]]]:
     """Per segment, per feed: its input values (and then its output values, if asked)
-    as the original graph computes them."""
-    fetches, index = [], {}
-    for seg in segments:
-        for t in list(seg.input_sources) + ([p.name for p in seg.outputs] if outputs else []):
-            if t not in index:
-                index[t] = len(fetches)
-                fetches.append(t)
-    values = run_graph(graph_def, init_nodes, feeds, fetches) if fetches else [[]] * len(feeds)
-    out = {}
-    for seg in segments:
-        names = list(seg.input_sources) + ([p.name for p in seg.outputs] if outputs else [])
-        out[seg.name] = [[row[index[t]] for t in names] for row in values]
-    return out
+    as the original graph computes them; and per feed, the values of `fetches` (the
+    model's outputs, say), from the same run."""
+    wanted, index = [], {}
+    names_of = {seg.name: list(seg.input_sources) + ([p.name for p in seg.outputs]
+                                                     if outputs else [])
+                for seg in segments}
+    for t in [*fetches, *(t for names in names_of.values() for t in names)]:
+        if t not in index:
+            index[t] = len(wanted)
+            wanted.append(t)
+    values = run_graph(graph_def, init_nodes, feeds, wanted) if wanted else [[]] * len(feeds)
+    per_segment = {seg.name: [[row[index[t]] for t in names_of[seg.name]] for row in values]
+                   for seg in segments}
+    return per_segment, [[row[index[t]] for t in fetches] for row in values]
 
 
 def write_calibration(graph_def, init_nodes, segments: list[SegmentGraph],
                       calib: CalibrationSet, workdir: Path) -> None:
     """Each segment's input values on the calibration samples, as calibration.npz in its
     work directory (stacked: axis 0 counts batches)."""
-    values = segment_values(graph_def, init_nodes, segments, calib.calibrate)
+    values, _ = segment_values(graph_def, init_nodes, segments, calib.calibrate)
     for seg in segments:
         seg_dir = workdir / seg.name
         seg_dir.mkdir(parents=True, exist_ok=True)

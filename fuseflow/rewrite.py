@@ -21,13 +21,15 @@ from fuseflow.tf_compat import tf
 _BIG_CONSTANT = 1 << 16
 
 
-def add_segment_function(library, segment: SegmentGraph, function_name: str):
+def add_segment_function(library, segment: SegmentGraph, function_name: str,
+                         weights: bool = True):
     """The segment's GraphDef as a FunctionDef (Placeholders become arguments), added to
     library (a FunctionDefLibrary); returns it.
 
     Going through a TF graph, a constant's value was copied five times (parsed, imported,
     read back per node, copied into the library; ResNet50: 100 MB each): big values are
-    cut out before and set once, into the library's copy of the function."""
+    cut out before and set once, into the library's copy of the function. weights=False
+    leaves them out (zeros, if it ever ran): for a fallback that must never run."""
     graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
     contents = {}
     for node in graph_def.node:
@@ -39,7 +41,7 @@ def add_segment_function(library, segment: SegmentGraph, function_name: str):
                 tensor.ClearField("tensor_content")
     function = library.function.add()
     function.CopyFrom(_as_function(graph_def, segment, function_name))
-    for node in function.node_def:
+    for node in function.node_def if weights else ():
         if node.op == "Const" and node.name in contents:
             node.attr["value"].tensor.tensor_content = contents[node.name]
     return function

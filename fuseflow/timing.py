@@ -189,8 +189,12 @@ def _graph(job: TimingJob, options: CompilerOptions):
         ph.attr["dtype"].type = port.dtype
         ph.attr["shape"].shape.CopyFrom(tf.TensorShape(port.shape).as_proto())
     function_name = f"{segment.name}_native"
-    add_segment_function(graph_def.library, segment, function_name)
     fused = get_backend(job.backend).fused_node(segment, function_name, job.artifact, options)
+    # A FuseflowOp's fallback must not run while it is timed (_fused_path_ran checks), so
+    # it goes without its weights: ResNet50's 100 MB cost each candidate seconds to import.
+    # An XLA call runs its function: that one keeps them.
+    add_segment_function(graph_def.library, segment, function_name,
+                         weights=fused.op != "FuseflowOp")
     fused.name = "fuseflow_timed"
     fused.input.extend(p.name for p in segment.inputs)
     graph_def.node.append(fused)
@@ -200,7 +204,32 @@ def _graph(job: TimingJob, options: CompilerOptions):
             [f"fuseflow_timed:{k}" for k in range(len(segment.outputs))])
 
 
+def _fused_path_ran(before: dict) -> None:
+    """Raises if a timed FuseflowOp did not run its own executable: it fell back to TF, or
+    recompiled from its fallback function (its blob did not import). That timing would
+    not be the candidate's, and its fallback has no weights here (_graph)."""
+    from fuseflow.runtime import since
+
+    for name, counts in since(before)["ops"].items():
+        if counts.get("fallback") or counts.get("recompiled"):
+            reasons = [f"{k}: {v.get('message', '')}"
+                       for k, v in (counts.get("fallback_reasons") or {}).items()]
+            if counts.get("recompiled"):
+                reasons.append(f"recompiled: {counts.get('recompile_reason', '')}")
+            why = "; ".join(r.strip().splitlines()[0] if r.strip() else r for r in reasons)
+            raise RuntimeError(f"the compiled segment did not run ({name}: {why})")
+
+
 def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
+    from fuseflow.runtime import runtime_stats
+
+    before = runtime_stats()
+    timing = _latency_and_in_flight(job, options)
+    _fused_path_ran(before)
+    return timing
+
+
+def _latency_and_in_flight(job: TimingJob, options: CompilerOptions) -> Timing:
     from fuseflow.compile_worker import injected_fault
     from fuseflow.tf_compat import tf
 
@@ -242,8 +271,10 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
     """The group's jobs timed call by call in turn (A, B, A, B, ...): median latency of
     each; in_flight_ms repeats it."""
     from fuseflow.compile_worker import injected_fault
+    from fuseflow.runtime import runtime_stats
     from fuseflow.tf_compat import plain_session_config, tf
 
+    before = runtime_stats()
     calls, sessions = {}, []
     try:
         for job in jobs:
@@ -272,6 +303,7 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
     finally:
         for sess in sessions:
             sess.close()
+    _fused_path_ran(before)
     out = {}
     for key, times in samples.items():
         ms = statistics.median(times) * 1e3

@@ -283,3 +283,35 @@ def test_recompile_reuses_placement_timings_from_the_cache(tmp_path, caplog):
     again = _compile_timed(tmp_path / "m", tmp_path / "c4", "xla", caplog, "--retime")
     assert again["placement"]["source"] == "measured" and _backends(again) == ["openvino"]
     assert "timing again (--retime)" in caplog.text
+
+
+def test_timing_never_times_the_fallback(tmp_path):
+    """A timed FuseflowOp carries its fallback without weights (they cost a big model
+    seconds per candidate), so a fallback that ran would time TF on zeros: the timing
+    must fail instead. A broken blob (not importable, no IR to recompile from) falls
+    back; the same segment's good blob is timed."""
+    import dataclasses
+
+    from test_openvino_backend import segment_of
+
+    from fuseflow.backends.openvino import OpenVinoBackend
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import TimingJob, time_jobs
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 256], name="fuseflow_input_0")
+        w = tf.constant(np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32))
+        tf.tanh(tf.matmul(x, w), name="y")  # w: 256 kB, above the weightless cut
+    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    options = CompilerOptions()
+    artifact = OpenVinoBackend().compile(segment, options, str(tmp_path))
+    broken = dataclasses.replace(artifact, executable=b"not an OpenVINO blob",
+                                 files={})
+    feed = [np.ones((1, 256), np.float32)]
+    jobs = [TimingJob("good", "openvino", segment, artifact, feed, in_flight=False),
+            TimingJob("broken", "openvino", segment, broken, feed, in_flight=False)]
+    timings, failures = time_jobs(jobs, options, 60, tmp_path)
+    assert "good" in timings and timings["good"].latency_ms > 0, failures
+    assert "broken" not in timings
+    assert "the compiled segment did not run" in failures["broken"], failures

@@ -241,7 +241,8 @@ def canonical(graph_def_bytes: bytes) -> bytes:
     serialization orders maps as the process happened to build them; and TF numbers
     the functions of a frozen graph per process (`lstm_while_body_frozen_1147`, then
     `_2113` when the same model is compiled again in the same process), as it does the
-    function named in the nodes' debug info. Neither changes what runs."""
+    function named in the nodes' debug info, and orders the library by when it made
+    each function. None of this changes what runs."""
     from fuseflow.tf_compat import tf
 
     graph = tf.compat.v1.GraphDef.FromString(graph_def_bytes)
@@ -259,6 +260,12 @@ def canonical(graph_def_bytes: bytes) -> bytes:
     for gradient in graph.library.gradient:
         gradient.function_name = renamed.get(gradient.function_name, gradient.function_name)
         gradient.gradient_func = renamed.get(gradient.gradient_func, gradient.gradient_func)
+    # The library lists functions in the order this process made them: by name instead.
+    functions = sorted((f.signature.name, f.SerializeToString(deterministic=True))
+                       for f in graph.library.function)
+    del graph.library.function[:]
+    for _, data in functions:
+        graph.library.function.add().ParseFromString(data)
     return graph.SerializeToString(deterministic=True)
 
 

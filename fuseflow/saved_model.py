@@ -396,6 +396,10 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         write_saved_model(final, model, serving, infos, path, files)
         watch.lap("export")
         env = xla_cache.fill_env(Path(staging)) if fill else None
+        cache = CompileCache.for_options(options)
+        entries_key = xla_cache.entries_key(final, serving) if fill else ""
+        # An earlier compile of this very graph shipped its executables: no run for them.
+        reused = xla_cache.reuse(cache, entries_key, path) if fill else []
         timed_here = False
         if options.profile and used:
             report.model_timing = _timed_by_placement(report) or _cached_model_timing(
@@ -408,10 +412,12 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
                         "model_timing": report.model_timing, "compiled": _compiled_names(
                             compiled)})
             watch.lap("model timing")
-        if fill and not timed_here:
+        if fill and not timed_here and not reused:
             _run_once(model, inputs, path, env)
         if fill:
-            runtime["xla_cache"] = _ship_xla_cache(Path(staging), path)
+            runtime["xla_cache"] = _ship_xla_cache(Path(staging), path, reused)
+            if runtime["xla_cache"]["entries"] and runtime["xla_cache"].get("source") != "cache":
+                xla_cache.remember(cache, entries_key, path, runtime["xla_cache"]["names"])
             watch.lap("xla cache")
         if "xla" in used:  # this compile's XLA runs added to the per-user cache
             xla_cache.trim(xla_cache.cache_directory())
@@ -423,15 +429,19 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     return report.result()
 
 
-def _ship_xla_cache(staging: Path, path: Path) -> dict:
-    """The XLA executables the run of the written model left in staging, into its assets;
-    what a server without fuseflow sets to use them (README: XLA segments start warm)."""
+def _ship_xla_cache(staging: Path, path: Path, reused: list[str]) -> dict:
+    """The XLA executables the run of the written model left in staging (or `reused`,
+    already shipped from the compile cache), into its assets; what a server without
+    fuseflow sets to use them (README: XLA segments start warm)."""
     entries = xla_cache.ship(staging, path)
+    source = {} if entries or not reused else {"source": "cache"}
+    entries = entries or reused
     if not entries:
         log.info("no XLA executables to ship with the model: its XLA segments compile at "
                  "their first call in each process")
     cache = f"<model dir>/assets/{xla_cache.ASSETS_DIR}"
-    return {"entries": len(entries), "prefix": xla_cache.cpu_prefix(),
+    return {"entries": len(entries), "names": entries, **source,
+            "prefix": xla_cache.cpu_prefix(),
             "tf_xla_flags": xla_cache.serving_flags(cache, read_only=True)}
 
 

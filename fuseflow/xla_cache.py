@@ -157,6 +157,38 @@ def ship(staging: Path, model_dir: Path) -> list[str]:
     return [e.name for e in entries]
 
 
+def entries_key(graph_def, serving) -> str:
+    """The compile cache's key of the executables a written graph ships: TF names them by
+    the graph's functions and their HLO, so the same graph bytes, served at the same
+    shapes, on this CPU and TF (the prefix) give the same entries."""
+    from fuseflow.cache import timing_key
+
+    digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True)).hexdigest()
+    return timing_key("xla cache entries", digest, serving, cpu_prefix())
+
+
+def reuse(cache, key: str, model_dir: Path) -> list[str]:
+    """The entries an earlier compile of the same graph shipped (cache: a CompileCache),
+    copied into the model's assets; their names ([] when none is stored)."""
+    stored = cache.lookup(key)
+    if stored is None or not stored.files:
+        return []
+    target = Path(model_dir) / "assets" / ASSETS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for name, data in stored.files.items():
+        (target / Path(name).name).write_bytes(data)
+    return sorted(stored.files)
+
+
+def remember(cache, key: str, model_dir: Path, names: list[str]) -> None:
+    """Keep the shipped entries in the compile cache, for reuse()."""
+    from fuseflow.backends.base import Artifact
+
+    folder = Path(model_dir) / "assets" / ASSETS_DIR
+    cache.store(key, Artifact(b"", "XLA executables shipped in a model's assets",
+                              {name: (folder / name).read_bytes() for name in names}))
+
+
 def install(model_dir) -> int:
     """Copy the model's shipped executables that this process's cache would look up (its
     prefix) into its cache directory; how many were copied. Never fails a load."""

@@ -164,3 +164,27 @@ def test_per_user_cache_is_trimmed_oldest_first(tmp_path):
     assert xla_cache.trim(tmp_path, limit_bytes=600) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.pb", "c.pb", "keep.txt"]
     assert xla_cache.trim(tmp_path, limit_bytes=600) == 0
+
+
+def test_recompile_ships_the_executables_from_the_compile_cache(tmp_path, monkeypatch):
+    """The same graph compiled again: its executables come from the compile cache, with no
+    run of the model to build them, and a fresh process still loads every one."""
+    monkeypatch.setenv("FUSEFLOW_CACHE_DIR", str(tmp_path / "compile-cache"))
+    src = save_tf1(tmp_path / "m", _model)
+    for out in ("c1", "c2"):
+        fuseflow.saved_model.compile(str(src), str(tmp_path / out), backend="xla",
+                                     compiler_args=["--no-profile", "--xla-cache"])
+    first, second = (json.loads((tmp_path / out / "assets.extra" / "fuseflow_report.json")
+                                .read_text()) for out in ("c1", "c2"))
+    assert "source" not in first["runtime"]["xla_cache"]
+    assert second["runtime"]["xla_cache"]["source"] == "cache", second["runtime"]
+    shipped = [_entries(tmp_path / out / "assets" / xla_cache.ASSETS_DIR)
+               for out in ("c1", "c2")]
+    assert shipped[0] == shipped[1] and len(shipped[0]) == 2, shipped
+    x = np.random.default_rng(1).random((1, 32), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([sys.executable, "-c", _BOTH_LOADERS, str(tmp_path / "c2"),
+                    str(tmp_path / "x.npy"), str(tmp_path / "out.json")], check=True, cwd=REPO,
+                   env={**os.environ, "FUSEFLOW_CACHE_DIR": str(tmp_path / "user-cache")})
+    stats = json.loads((tmp_path / "out.json").read_text())["stats"]
+    assert stats["xla"]["compilations"] == 2 and stats["xla"]["cache_loads"] == 2, stats

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fuseflow.backends.base import Backend, SegmentGraph
+from fuseflow.batch import run_feeds
 from fuseflow.compile import CompiledSegment
 from fuseflow.options import CompilerOptions
-from fuseflow.quantize import CalibrationSet, run_graph, segment_values
+from fuseflow.quantize import CalibrationSet, segment_values
 
 log = logging.getLogger("fuseflow")
 
@@ -189,7 +190,7 @@ def guard(graph_def, init_nodes: list[str], fetches: list[str], compiled: list[C
 
     while True:
         final = rewrite(compiled)
-        metrics = compare(expected, run_graph(final, init_nodes, calib.holdout, fetches))
+        metrics = compare(expected, run_feeds(final, init_nodes, calib.holdout, fetches))
         for item in compiled:
             if item.artifact is not None and item.segment.name not in added:
                 added[item.segment.name] = segment_error(item)

@@ -430,7 +430,14 @@ def run_graph(graph_def, init_nodes, feeds, fetches, files=()):
 
 
 def _run(graph_def, init_nodes, feeds, fetches, files=()):
-    graph_def, constants = lift_constants(graph_def)  # fed: TF copies them once, not ten times
+    return run_feeds(graph_def, init_nodes, [feeds], fetches, files)[0]
+
+
+def run_feeds(graph_def, init_nodes, feed_list: list[dict], fetches, files=()) -> list:
+    """fetches' values for each feed dict, in one session (its init nodes first): the
+    graph as given, without Grappler (fuseflow optimized it already), its big constants
+    fed, since TF would copy them about ten times."""
+    graph_def, constants = lift_constants(graph_def)
     graph = tf.Graph()
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
@@ -440,4 +447,4 @@ def _run(graph_def, init_nodes, feeds, fetches, files=()):
     with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
         if init:
             sess.run(init, constants)
-        return sess.run(fetches, {**constants, **feeds})
+        return [sess.run(fetches, {**constants, **feeds}) for feeds in feed_list]

@@ -235,17 +235,19 @@ class CompileCache:
                         path, e.strerror or e)
 
 
-def canonical(graph_def_bytes: bytes) -> bytes:
+def canonical(graph_def_bytes) -> bytes:
     """The GraphDef's bytes as the same graph gives them in any process: maps (node
     attrs) in key order, no debug info, and its functions named by order. Plain
     serialization orders maps as the process happened to build them; and TF numbers
     the functions of a frozen graph per process (`lstm_while_body_frozen_1147`, then
     `_2113` when the same model is compiled again in the same process), as it does the
     function named in the nodes' debug info, and orders the library by when it made
-    each function. None of this changes what runs."""
+    each function. None of this changes what runs. A GraphDef message (not bytes) is
+    rewritten in place: pass one of your own."""
     from fuseflow.tf_compat import tf
 
-    graph = tf.compat.v1.GraphDef.FromString(graph_def_bytes)
+    graph = (tf.compat.v1.GraphDef.FromString(graph_def_bytes)
+             if isinstance(graph_def_bytes, bytes) else graph_def_bytes)
     renamed = _function_order(f.signature.name for f in graph.library.function)
     nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
     for node in nodes:

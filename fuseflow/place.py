@@ -251,7 +251,7 @@ def _timing_key(graph_def, candidates: list[tuple[str, str, Segment]], graphs: d
     inside = {n for _, _, seg in candidates for n in seg.nodes}
     outside = tf.compat.v1.GraphDef(library=graph_def.library)
     outside.node.extend(node for node in graph_def.node if node.name not in inside)
-    outside = hashlib.sha256(canonical(outside.SerializeToString()))
+    outside = hashlib.sha256(canonical(outside))
     shown = [(k, b, sorted(seg.nodes), a, list(graphs[k].input_sources))
              for (k, b, seg), a in zip(candidates, artifact_keys)]
     return timing_key("placement", backends, shown, outside.hexdigest(), values_key)

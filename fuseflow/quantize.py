@@ -30,6 +30,7 @@ import numpy as np
 
 from fuseflow import errors
 from fuseflow.backends.base import SegmentGraph
+from fuseflow.batch import run_feeds
 from fuseflow.load import LoadedModel
 from fuseflow.tf_compat import tf
 
@@ -190,22 +191,6 @@ def _random_set(model: LoadedModel, shapes, batches: int) -> CalibrationSet | No
                           batches * (next(iter(shapes.values()), (1,)) or (1,))[0])
 
 
-def run_graph(graph_def, init_nodes, feeds: list[dict], fetches: list[str]
-              ) -> list[list[np.ndarray]]:
-    """fetches for every feed dict, in one session: the graph as given (fuseflow has
-    optimized it already; Grappler again only costs time), its big constants fed."""
-    from fuseflow.tf_compat import lift_constants, plain_session_config
-
-    graph_def, constants = lift_constants(graph_def)
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.graph_util.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
-        if init_nodes:
-            sess.run([graph.get_operation_by_name(n) for n in init_nodes], constants)
-        return [sess.run(fetches, {**constants, **feed}) for feed in feeds]
-
-
 def segment_values(graph_def, init_nodes, segments: list[SegmentGraph], feeds: list[dict],
                    outputs: bool = False, fetches: tuple[str, ...] = ()
                    ) -> tuple[dict[str, list[list[np.ndarray]]], list[list[np.ndarray]]]:
@@ -220,7 +205,7 @@ def segment_values(graph_def, init_nodes, segments: list[SegmentGraph], feeds: l
         if t not in index:
             index[t] = len(wanted)
             wanted.append(t)
-    values = run_graph(graph_def, init_nodes, feeds, wanted) if wanted else [[]] * len(feeds)
+    values = run_feeds(graph_def, init_nodes, feeds, wanted) if wanted else [[]] * len(feeds)
     per_segment = {seg.name: [[row[index[t]] for t in names_of[seg.name]] for row in values]
                    for seg in segments}
     return per_segment, [[row[index[t]] for t in fetches] for row in values]

@@ -415,9 +415,10 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         if fill and not timed_here and not reused:
             _run_once(model, inputs, path, env)
         if fill:
-            runtime["xla_cache"] = _ship_xla_cache(Path(staging), path, reused)
-            if runtime["xla_cache"]["entries"] and runtime["xla_cache"].get("source") != "cache":
-                xla_cache.remember(cache, entries_key, path, runtime["xla_cache"]["names"])
+            shipped = xla_cache.ship(Path(staging), path)
+            if shipped:
+                xla_cache.remember(cache, entries_key, path, shipped)
+            runtime["xla_cache"] = _xla_cache_report(shipped or reused, not shipped)
             watch.lap("xla cache")
         if "xla" in used:  # this compile's XLA runs added to the per-user cache
             xla_cache.trim(xla_cache.cache_directory())
@@ -429,18 +430,15 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
     return report.result()
 
 
-def _ship_xla_cache(staging: Path, path: Path, reused: list[str]) -> dict:
-    """The XLA executables the run of the written model left in staging (or `reused`,
-    already shipped from the compile cache), into its assets; what a server without
-    fuseflow sets to use them (README: XLA segments start warm)."""
-    entries = xla_cache.ship(staging, path)
-    source = {} if entries or not reused else {"source": "cache"}
-    entries = entries or reused
+def _xla_cache_report(entries: list[str], from_cache: bool) -> dict:
+    """The shipped XLA executables (built by the run of the written model, or from the
+    compile cache) and what a server without fuseflow sets to use them (README: XLA
+    segments start warm)."""
     if not entries:
         log.info("no XLA executables to ship with the model: its XLA segments compile at "
                  "their first call in each process")
     cache = f"<model dir>/assets/{xla_cache.ASSETS_DIR}"
-    return {"entries": len(entries), "names": entries, **source,
+    return {"entries": len(entries), **({"source": "cache"} if entries and from_cache else {}),
             "prefix": xla_cache.cpu_prefix(),
             "tf_xla_flags": xla_cache.serving_flags(cache, read_only=True)}
 

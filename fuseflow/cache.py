@@ -59,7 +59,8 @@ def _versions() -> str:
 
     here = Path(__file__).resolve().parent
     sources = hashlib.sha256()
-    for path in sorted([*here.glob("backends/*.py"), here / "compile_worker.py"]):
+    for path in sorted([*here.glob("backends/*.py"), here / "compile_worker.py",
+                        here / "quantize.py"]):  # the worker runs NNCF from quantize.py
         sources.update(path.read_bytes())
     parts = [f"fuseflow {fuseflow.__version__} {sources.hexdigest()[:16]}",
              f"tf {_version('tensorflow')}", f"openvino {_version('openvino')}",
@@ -299,6 +300,7 @@ def _encode(artifact: Artifact, key: str) -> list[bytes]:
         digest.update(part)
     header = json.dumps({"key": key, "log": artifact.log, "executable": len(artifact.executable),
                          "files": {name: len(data) for name, data in artifact.files.items()},
+                         "properties": artifact.properties,
                          "sha256": digest.hexdigest()}).encode()
     return [FORMAT, struct.pack("<Q", len(header)), header, *payload]
 
@@ -323,4 +325,5 @@ def _decode(data: bytes, key: str) -> Artifact:
         at += length
     if at != len(data) or len(executable) != header["executable"]:
         raise ValueError("truncated entry")
-    return Artifact(executable=executable, log=header["log"], files=files)
+    return Artifact(executable=executable, log=header["log"], files=files,
+                    properties=list(header.get("properties", [])))

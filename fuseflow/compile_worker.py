@@ -114,13 +114,13 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
     artifact = backend.compile(segment, options, seg_dir)
     compiled = time.perf_counter() - start
     if fault == "garbage":
-        artifact = Artifact(os.urandom(len(artifact.executable) or 64), artifact.log,
-                            artifact.files)
+        artifact = dataclasses.replace(
+            artifact, executable=os.urandom(len(artifact.executable) or 64))
     start = time.perf_counter()
     check = verify(backend, segment, artifact, options, inputs, reference.result())
     timings = {**artifact.timings, "compile": round(compiled, 3),
                "artifact check": round(time.perf_counter() - start, 3)}
-    return Artifact(artifact.executable, artifact.log + check, artifact.files, timings)
+    return dataclasses.replace(artifact, log=artifact.log + check, timings=timings)
 
 
 def _calibration_inputs(seg_dir: Path, options: CompilerOptions) -> list[np.ndarray] | None:

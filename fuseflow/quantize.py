@@ -14,8 +14,10 @@ Sample counts follow NNCF's advice: nncf.quantize's default subset_size is
 on at most that many (in batches of the compiled batch size). A segment with
 attention (MatMul feeding Softmax) is quantized with ModelType.TRANSFORMER,
 which keeps softmax and layer-norm paths in floating point and applies
-SmoothQuant. Segments with no quantizable op come out unchanged, at the
-precision they would otherwise have had.
+SmoothQuant. The model is quantized after OpenVINO's model-level fusions
+(backends/openvino.py `_fused`). The ops left in floating point run at bf16
+where the CPU has it; segments with no quantizable op come out unchanged, at
+the precision they would otherwise have had.
 """
 
 from __future__ import annotations

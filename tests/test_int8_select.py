@@ -127,8 +127,8 @@ def test_int8_choice_follows_its_timings(tmp_path):
         "source": "int8 or bf16"}
     kernels = list(_int8_kernels(tmp_path / "c").values())
     assert (kernels[0] > 0) == (choice["kept"] == "int8"), (kernels, choice)
-    assert list(_hint(tmp_path / "c").values()) == [
-        "f32" if choice["kept"] == "int8" else _bf16_hint()]
+    # int8 runs what NNCF leaves in floating point at bf16 too, where the CPU has it
+    assert list(_hint(tmp_path / "c").values()) == [_bf16_hint()]
     _runs_like_the_original(tmp_path, 0.05)
 
 

@@ -59,6 +59,9 @@ class Artifact:
     log: str = ""
     files: dict[str, bytes] = field(default_factory=dict)  # extra files for the workdir
     timings: dict[str, float] = field(default_factory=dict)  # seconds per compile step
+    # Settings the executable must be loaded with, where they are not the options' own
+    # (an int8 segment NNCF found nothing to quantize in keeps the f32 settings).
+    properties: list[str] = field(default_factory=list)
 
 
 class Backend(ABC):

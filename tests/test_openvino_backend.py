@@ -115,7 +115,7 @@ def _two_output_graph():
 def test_compile_matches_tensorflow(tmp_path, outputs):
     graph, feeds = _two_output_graph()
     segment = segment_of(graph, ["fuseflow_input_0:0", "fuseflow_input_1:0"], outputs)
-    options = CompilerOptions()
+    options = CompilerOptions(workdir=str(tmp_path))  # kept: the IR is written beside
     artifact = OpenVinoBackend().compile(segment, options, tmp_path)
     expected = tf_run(graph, outputs, {"fuseflow_input_0:0": feeds[0],
                                        "fuseflow_input_1:0": feeds[1]})

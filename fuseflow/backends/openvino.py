@@ -204,8 +204,27 @@ def _run_probe(mode: str, graph_defs: list) -> list:
 
 
 def frontend_unsupported(graph_def) -> set[str]:
-    """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted."""
+    """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted. graph_def is
+    a copy the probe may change: its large float weights become zeros of their shapes."""
+    _zero_weights(graph_def)
     return set(_run_probe("partial", [graph_def]))
+
+
+_ZEROED_BYTES = 64 << 10
+
+
+def _zero_weights(graph_def) -> None:
+    """Large float constants as one zero broadcast to their shape (TensorProto's short
+    form): which ops the frontend converts does not hang on weight values, and the
+    child then neither reads nor converts ResNet50's 100 MB of them."""
+    for node in graph_def.node:
+        if node.op != "Const" or node.attr["dtype"].type != tf.float32.as_datatype_enum:
+            continue
+        tensor = node.attr["value"].tensor
+        if len(tensor.tensor_content) < _ZEROED_BYTES:
+            continue
+        tensor.ClearField("tensor_content")
+        tensor.float_val.append(0.0)
 
 
 def _refusal_reasons(graph_def, refused: set[str], infos, constants: set[str]
@@ -319,7 +338,8 @@ class OpenVinoBackend(Backend):
         start = time.perf_counter()
         _check_ports(_import(blob, tuple(props)), segment)
         times["import check"] = time.perf_counter() - start
-        ov.save_model(model, str(Path(workdir) / "model.xml"), compress_to_fp16=False)
+        if options.workdir:  # compiler_workdir, kept for the user: the IR beside the blob
+            ov.save_model(model, str(Path(workdir) / "model.xml"), compress_to_fp16=False)
 
         lines = [f"OpenVINO {ov.get_version()} {DEVICE}, segment {segment.name}",
                  f"properties: {' '.join(props)}",
@@ -336,7 +356,8 @@ class OpenVinoBackend(Backend):
                   for n, p in zip(input_names(segment), segment.inputs)]
         lines += [f"output {n} <- {p.name} {_fmt(p)}"
                   for n, p in zip(output_names(segment), segment.outputs)]
-        lines.append(f"blob {len(blob)} bytes, IR in model.xml/.bin; "
+        ir = ", IR in model.xml/.bin" if options.workdir else ""
+        lines.append(f"blob {len(blob)} bytes{ir}; "
                      + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
         return Artifact(executable=blob, log="\n".join(lines) + "\n",
                         timings={f"openvino {k}": round(v, 3) for k, v in times.items()},

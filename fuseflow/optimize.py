@@ -160,7 +160,17 @@ def _materialize_shapes(graph_def, keep: set[str]) -> bool:
     return changed
 
 
-def _grappler(graph_def, keep_nodes: list[str]):
+def inline_calls(graph_def, keep_nodes: list[str]):
+    """The graph with its function calls inlined and nothing else changed, loops and
+    conditionals kept functional: what freezing reads fastest (see load.py)."""
+    graph_def = keep_functional_control_flow(graph_def)
+    _allow_inlining(graph_def)
+    graph_def = _grappler(graph_def, keep_nodes, ("function",))
+    _strip_output_shapes(graph_def)  # a resource's shape, until freezing makes it a value
+    return graph_def
+
+
+def _grappler(graph_def, keep_nodes: list[str], optimizers=_OPTIMIZERS):
     from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, rewriter_config_pb2
     from tensorflow.python.grappler import tf_optimizer
 
@@ -184,7 +194,7 @@ def _grappler(graph_def, keep_nodes: list[str]):
     meta.collection_def["train_op"].CopyFrom(fetch)
     config = config_pb2.ConfigProto()
     rewrite = config.graph_options.rewrite_options
-    rewrite.optimizers.extend(_OPTIMIZERS)
+    rewrite.optimizers.extend(optimizers)
     rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.TWO
     rewrite.min_graph_nodes = -1
     rewrite.fail_on_optimizer_errors = False

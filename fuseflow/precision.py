@@ -7,8 +7,10 @@ faster in int8. OpenVINO's per-layer counters (PERF_COUNT) on EfficientNetB0 b1:
 its depthwise convolutions ran slower in int8 than in bf16 (3.8 vs 3.0 ms in all),
 its 1x1 convolutions only ~15% faster; NNCF's options did not help (depthwise left
 out of quantization: Reorders around them, 14.3 ms; preset MIXED: 12.7 ms; bf16
-12.6, int8 11.7 ms in that run). So with profiling on (the default), every int8
-segment is compiled at bf16 too (the next step of the accuracy ladder, beside the
+12.6, int8 11.7 ms in that run). Once NNCF quantized the fused model (Swish kept
+whole, see openvino._fused) and the rest ran at bf16, int8 and bf16 came within 1%
+at batch 1 and int8 was 14% faster at batch 8. So with profiling on (the default),
+every int8 segment is compiled at bf16 too (the next step of the accuracy ladder, beside the
 int8 compile), both are timed as they will run
 (timing.py: the fused node in a TF session, on the segment's first calibration
 batch, warmed up, then int8 and bf16 called in turn, call by call, the median of

@@ -219,3 +219,25 @@ def test_probe_and_segment_carry_the_same_constant_chains():
             "one": "Const", "zero": "Const", "add": "AddV2", "axis": "Identity"}
         assert sorted(ops.values()).count("Placeholder") == 1  # x only
     assert [p.name for p in segment.inputs] == ["fuseflow_input_0"]
+
+
+def test_the_frontend_probe_is_kept_in_the_compile_cache(tmp_path, monkeypatch):
+    """A recompile asks the compile cache, not a frontend process, what OpenVINO takes:
+    the second support() runs with the probe made to fail, and answers the same."""
+    from fuseflow.backends import openvino
+
+    monkeypatch.setenv("FUSEFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [2, 3], name="x")
+        axis = tf1.placeholder(tf.int32, [1], name="axis")
+        tf.reverse(tf.nn.relu(x), axis * 1, name="runtime")
+    options = parse_compiler_args(None, None, "openvino")
+    first = OpenVinoBackend().support(graph.as_graph_def(), _infos(graph), options)
+    assert first["runtime"] is Reason.RUNTIME_OPERAND
+
+    def no_frontend(*args):
+        raise AssertionError("the frontend was asked again")
+
+    monkeypatch.setattr(openvino, "_run_probe", no_frontend)
+    assert OpenVinoBackend().support(graph.as_graph_def(), _infos(graph), options) == first

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import subprocess
@@ -203,6 +204,40 @@ def _run_probe(mode: str, graph_defs: list) -> list:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _frontend_verdicts(graph_def, candidates: set[str], infos, options: CompilerOptions
+                       ) -> dict[str, Reason | None]:
+    """Each candidate the frontend leaves unconverted, with why (None: it converts alone,
+    refused only in its context). Kept in the compile cache by the probe graph's bytes
+    (its weights zeroed, so small to hash): a recompile starts no frontend process."""
+    from fuseflow.cache import CompileCache, timing_key
+
+    constants = constant_nodes(graph_def)
+    probe = probe_graph(graph_def, candidates, infos, constants)
+    _zero_weights(probe)
+    cache = CompileCache.for_options(options)
+    key = timing_key("openvino frontend probe",
+                     hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest())
+    stored = cache.lookup_timings(key, "OpenVINO's frontend probe")
+    try:
+        if stored is not None:
+            return {n: None if r is None else Reason[r] for n, r in stored["verdicts"].items()}
+    except (KeyError, AttributeError, TypeError) as e:  # probed again
+        log.debug("compile cache: ignoring a frontend probe entry (%s)", e)
+    unconverted = frontend_unsupported(probe) & candidates
+    if not unconverted:
+        verdicts: dict[str, Reason | None] = {}
+    else:
+        try:
+            verdicts = _refusal_reasons(graph_def, unconverted, infos, constants)
+        except Exception as e:
+            log.warning("OpenVINO's frontend failed on a refused node alone (%s)",
+                        str(e).splitlines()[0])
+            return dict.fromkeys(unconverted, Reason.UNSUPPORTED_OP)  # not kept: may pass
+    cache.store_timings(key, {"verdicts": {n: None if r is None else r.name
+                                           for n, r in verdicts.items()}})
+    return verdicts
+
+
 def frontend_unsupported(graph_def) -> set[str]:
     """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted. graph_def is
     a copy the probe may change: its large float weights become zeros of their shapes."""
@@ -281,21 +316,14 @@ class OpenVinoBackend(Backend):
             else:
                 result[node.name] = None
         candidates = {n for n, r in result.items() if r is None}
-        constants = constant_nodes(graph_def)
         try:
-            unconverted = frontend_unsupported(
-                probe_graph(graph_def, candidates, tensor_infos, constants)) & candidates
+            verdicts = _frontend_verdicts(graph_def, candidates, tensor_infos, options)
         except Exception as e:  # compile() still decides per segment
             log.warning("OpenVINO's frontend could not convert the graph (%s); deciding "
                         "support per segment at compile time", str(e).splitlines()[0])
             return result
-        if unconverted:
-            try:
-                result.update(_refusal_reasons(graph_def, unconverted, tensor_infos, constants))
-            except Exception as e:
-                log.warning("OpenVINO's frontend failed on a refused node alone (%s)",
-                            str(e).splitlines()[0])
-                result.update(dict.fromkeys(unconverted, Reason.UNSUPPORTED_OP))
+        result.update(verdicts)
+        unconverted = set(verdicts)
         op_of = {n.name: n.op for n in graph_def.node}
         for name in unconverted:  # a loop or conditional the frontend refused: its body
             if op_of[name] in FUNCTIONAL_CONTROL_FLOW and result[name] is not None:

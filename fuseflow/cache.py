@@ -17,7 +17,8 @@ again an unchanged model on the same machine would cost most of a recompile and
 learn nothing. Those entries (`.timing`, JSON) are keyed by the artifact keys of
 what was timed, what fed it, the timing code and the CPU and the cores this process
 may use; `--retime` measures again (and replaces them), `--no-cache` neither reads
-nor writes them.
+nor writes them. OpenVINO's frontend probe keeps its verdicts the same way (`.probe`,
+keyed by the probed graph with its weights zeroed).
 """
 
 from __future__ import annotations
@@ -152,15 +153,16 @@ class CompileCache:
         h.update(canonical(segment.graph_def_bytes))
         return h.hexdigest()
 
-    def lookup_timings(self, key: str, what: str) -> dict | None:
+    def lookup_timings(self, key: str, what: str, kind: str = "timing") -> dict | None:
         """The stored timing entry, or None: missing, disabled, --retime, or unreadable
-        (then removed; a damaged entry only costs timing again)."""
+        (then removed; a damaged entry only costs timing again). kind: the file suffix,
+        for other small JSON entries kept the same way (the frontend probe's "probe")."""
         if self.directory is None:
             return None
         if self.retime:
-            log.info("%s: timing again (--retime)", what)
+            log.info("%s: %s again (--retime)", what, "timing" if kind == "timing" else "asked")
             return None
-        path = self._path(key, ".timing")
+        path = self._path(key, f".{kind}")
         try:
             data = path.read_bytes()
         except OSError:
@@ -175,20 +177,20 @@ class CompileCache:
             if not isinstance(entry["data"], dict):
                 raise TypeError("not a timing entry")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            log.debug("compile cache: ignoring damaged timing entry %s (%s)", path, e)
+            log.debug("compile cache: ignoring damaged %s entry %s (%s)", kind, path, e)
             with contextlib.suppress(OSError):
                 path.unlink()
             return None
         return entry["data"]
 
-    def store_timings(self, key: str, data: dict) -> None:
+    def store_timings(self, key: str, data: dict, kind: str = "timing") -> None:
         """Write the timing entry atomically (JSON with a checksum of its data)."""
         if self.directory is None:
             return
         payload = json.dumps(data, sort_keys=True)
         entry = json.dumps({"format": TIMING_FORMAT, "key": key, "data": data,
                             "sha256": hashlib.sha256(payload.encode()).hexdigest()})
-        self._write(self._path(key, ".timing"), [entry.encode()])
+        self._write(self._path(key, f".{kind}"), [entry.encode()])
 
     def _path(self, key: str, suffix: str = ".entry") -> Path:
         return self.directory / key[:2] / f"{key}{suffix}"

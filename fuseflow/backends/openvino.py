@@ -217,7 +217,7 @@ def _frontend_verdicts(graph_def, candidates: set[str], infos, options: Compiler
     cache = CompileCache.for_options(options)
     key = timing_key("openvino frontend probe",
                      hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest())
-    stored = cache.lookup_timings(key, "OpenVINO's frontend probe")
+    stored = cache.lookup_timings(key, "OpenVINO's frontend probe", "probe")
     try:
         if stored is not None:
             return {n: None if r is None else Reason[r] for n, r in stored["verdicts"].items()}
@@ -234,7 +234,7 @@ def _frontend_verdicts(graph_def, candidates: set[str], infos, options: Compiler
                         str(e).splitlines()[0])
             return dict.fromkeys(unconverted, Reason.UNSUPPORTED_OP)  # not kept: may pass
     cache.store_timings(key, {"verdicts": {n: None if r is None else r.name
-                                           for n, r in verdicts.items()}})
+                                           for n, r in verdicts.items()}}, "probe")
     return verdicts
 
 

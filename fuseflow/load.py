@@ -287,8 +287,7 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
         model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
         inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
         # ops as the user wrote them: inlining adds an Identity per argument and result
-        assets=_asset_files(meta_graph, model_dir),
-        num_ops=count_ops(used) if calls else count_ops(frozen),
+        assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(used),
         variables=values)
 
 

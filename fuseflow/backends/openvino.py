@@ -217,16 +217,12 @@ def _frontend_verdicts(graph_def, candidates: set[str], infos, options: Compiler
     cache = CompileCache.for_options(options)
     key = timing_key("openvino frontend probe",
                      hashlib.sha256(probe.SerializeToString(deterministic=True)).hexdigest())
-    stored = cache.lookup_timings(key, "OpenVINO's frontend probe", "probe")
-    try:
-        if stored is not None:
-            return {n: None if r is None else Reason[r] for n, r in stored["verdicts"].items()}
-    except (KeyError, AttributeError, TypeError) as e:  # probed again
-        log.debug("compile cache: ignoring a frontend probe entry (%s)", e)
+    stored = _stored_verdicts(cache.lookup_timings(key, "OpenVINO's frontend probe", "probe"))
+    if stored is not None:
+        return stored
     unconverted = frontend_unsupported(probe) & candidates
-    if not unconverted:
-        verdicts: dict[str, Reason | None] = {}
-    else:
+    verdicts: dict[str, Reason | None] = {}
+    if unconverted:
         try:
             verdicts = _refusal_reasons(graph_def, unconverted, infos, constants)
         except Exception as e:
@@ -238,10 +234,19 @@ def _frontend_verdicts(graph_def, candidates: set[str], infos, options: Compiler
     return verdicts
 
 
+def _stored_verdicts(entry: dict | None) -> dict[str, Reason | None] | None:
+    """A cached probe entry's verdicts; None when there is none or it is not one."""
+    if entry is None:
+        return None
+    try:
+        return {n: None if r is None else Reason[r] for n, r in entry["verdicts"].items()}
+    except (KeyError, AttributeError, TypeError) as e:  # probed again
+        log.debug("compile cache: ignoring a frontend probe entry (%s)", e)
+        return None
+
+
 def frontend_unsupported(graph_def) -> set[str]:
-    """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted. graph_def is
-    a copy the probe may change: its large float weights become zeros of their shapes."""
-    _zero_weights(graph_def)
+    """Names of the nodes OpenVINO's TensorFlow frontend leaves unconverted."""
     return set(_run_probe("partial", [graph_def]))
 
 
@@ -449,7 +454,7 @@ def _fused(model):
     """OpenVINO's model-level fusions (Swish, GELU, MVN, ...), as ov.convert_model applies
     them and core.read_model does not. NNCF places its FakeQuantize ops by pattern on the
     graph it is given: on an unfused one it quantizes between Sigmoid and Multiply, and
-    the CPU plugin can no longer fuse them (EfficientNetB0 int8: 6.8 -> 4.8 ms at batch
+    the CPU plugin can no longer fuse them (EfficientNetB0 int8: 6.8 -> 4.9 ms at batch
     1). The plugin makes the same fusions itself when compiling an unquantized model."""
     from openvino._offline_transformations import (
         apply_fused_names_cleanup,

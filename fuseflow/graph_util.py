@@ -103,10 +103,11 @@ _FRAME_OPS = frozenset({"Enter", "Exit", "Switch", "Merge", "NextIteration", "Lo
                         "RefEnter", "RefExit", "RefSwitch", "RefMerge", "RefNextIteration"})
 
 
-def constant_nodes(graph_def) -> set[str]:
+def constant_nodes(graph_def, also: Collection[str] = ()) -> set[str]:
     """Nodes whose every output is a graph constant: Consts, and the stateless chains
     computed from Consts alone that Grappler left unfolded (e.g. results over its size
-    limit). Backends need such operands (axis, perm, shape...) as constants in a segment."""
+    limit). Backends need such operands (axis, perm, shape...) as constants in a segment.
+    also: other nodes to take as constants (optimize.py's stand-ins for weights)."""
     from tensorflow.python.framework import op_def_registry
 
     nodes = {n.name: n for n in graph_def.node}
@@ -120,7 +121,7 @@ def constant_nodes(graph_def) -> set[str]:
                 stack.pop()
                 continue
             node = nodes[top]
-            if node.op == "Const":
+            if node.op == "Const" or top in also:
                 memo[top] = True
                 stack.pop()
                 continue

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from fuseflow import errors
-from fuseflow.graph_util import constant_nodes
+from fuseflow.graph_util import constant_nodes, without_weights
 from fuseflow.tf_compat import tf
 
 _OPTIMIZERS = ("function", "common_subgraph_elimination", "constfold", "arithmetic",
@@ -41,49 +41,12 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     transposed tied embedding, a masked kernel), Grappler runs again with them,
     as it always did, so that such a computation is still a constant.
     """
-    light, weights = _weights_out(graph_def)
+    light, weights = without_weights(graph_def)
     light = _optimize(light, keep_nodes)
     if weights and (constant_nodes(light, also=set(weights)) - constant_nodes(light)
                     - set(weights)):
         return _optimize(graph_def, keep_nodes)
     return _weights_in(light, weights)
-
-
-# Consts larger than this go to Grappler as stand-ins. Small ones stay: Grappler
-# folds them (a BatchNorm's scale from gamma and the variance) into the values
-# backends need, and a dtype, axis or shape operand is always small.
-_STAND_IN_BYTES = 64 << 10
-
-
-def _weights_out(graph_def) -> tuple[object, dict]:
-    """A copy with each large Const replaced by a Placeholder of its dtype and shape;
-    and {name: the Const's NodeDef}.
-
-    Control inputs on those Consts are dropped (a constant orders nothing). Grappler
-    drops them itself from a Const, but not from a Placeholder: an inlined call's
-    input_control_node would otherwise keep them all and pass them on to every
-    constant it folds, tying segments together through control edges.
-    """
-    weights = {node.name: node for node in graph_def.node
-               if node.op == "Const" and not node.input
-               and node.attr["value"].tensor.ByteSize() > _STAND_IN_BYTES}
-    light = graph_def.__class__()
-    light.versions.CopyFrom(graph_def.versions)
-    light.library.CopyFrom(graph_def.library)
-    for node in graph_def.node:
-        if node.name not in weights:
-            copy = light.node.add()
-            copy.CopyFrom(node)
-            if any(i.startswith("^") and i[1:] in weights for i in node.input):
-                kept = [i for i in node.input if not (i.startswith("^") and i[1:] in weights)]
-                del copy.input[:]
-                copy.input.extend(kept)
-            continue
-        value = node.attr["value"].tensor
-        stand_in = light.node.add(name=node.name, op="Placeholder", device=node.device)
-        stand_in.attr["dtype"].type = value.dtype
-        stand_in.attr["shape"].shape.CopyFrom(value.tensor_shape)
-    return light, weights
 
 
 def _weights_in(light, weights: dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import assert_outputs_close, run_fresh, run_saved_model, save_tf1, tf
 
 import fuseflow
@@ -84,13 +85,17 @@ def test_wide_and_deep_compiles_its_whole_dense_tower(tmp_path):
     assert_outputs_close(want, got)
 
 
-def _loop_model():
+def _loop_model(wide: bool = False):
     """A loop that appends a feature block three times: TF shapes its output
-    [?, ?] (the loop variable's invariant), every run makes it [batch, 18]."""
+    [?, ?] (the loop variable's invariant), every run makes it [batch, 18].
+    wide: the block comes through a weight over graph_util.STAND_IN_BYTES, which static
+    shape inference takes as a stand-in; the run that measures the loop needs its values."""
     x = tf1.placeholder(tf.float32, [None, 6], name="x")
+    w_in = tf.constant(np.linspace(-1, 1, 6 * 4096).reshape(6, 4096).astype(np.float32))
+    features = tf.matmul(x, w_in)[:, :6] if wide else x
 
     def body(i, acc):
-        return i + 1, tf.concat([acc, tf.tanh(x) * tf.cast(i + 1, tf.float32)], 1)
+        return i + 1, tf.concat([acc, tf.tanh(features) * tf.cast(i + 1, tf.float32)], 1)
 
     _, blocks = tf.while_loop(lambda i, acc: i < 3, body, [tf.constant(0), x[:, :0]],
                               shape_invariants=[tf.TensorShape([]), tf.TensorShape([None, None])])
@@ -98,8 +103,9 @@ def _loop_model():
     return {"x": x}, {"y": tf.nn.softmax(tf.nn.relu(tf.matmul(blocks, w) + 0.5) * 2.0)}
 
 
-def test_numeric_shapes_are_measured_on_synthesized_inputs(tmp_path, rng):
-    src = save_tf1(tmp_path / "m", _loop_model)
+@pytest.mark.parametrize("wide", [False, True])
+def test_numeric_shapes_are_measured_on_synthesized_inputs(tmp_path, rng, wide):
+    src = save_tf1(tmp_path / "m", lambda: _loop_model(wide))
     result, report = _compile(tmp_path, src, batch_size=2)
     after_loop = {"MatMul", "AddV2", "Relu", "Mul", "Softmax"}
     assert any(after_loop <= set(s["op_types"]) for s in report["segments"]), report["segments"]

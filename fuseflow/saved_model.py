@@ -16,6 +16,7 @@ from fuseflow.assets import move_to_assets
 from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import OtherBatchCheck, batch_tensors
 from fuseflow.cache import CompileCache, timing_key, values_digest
+from fuseflow.cache import flush as flush_cache_writes
 from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, prestart_worker
 from fuseflow.export import (
     REPORT_DIR,
@@ -240,7 +241,10 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
                          signature_def_key, minimum_segment_size, no_fuse_ops,
                          force_fuse_ops, subgraph_builder_function, options)
             plan.calibration_data = calibration_data
-            result = _compile_plan(plan, out, workdir)
+            try:
+                result = _compile_plan(plan, out, workdir)
+            finally:
+                flush_cache_writes()  # the compile cache writes its entries in the background
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
     return result

@@ -17,11 +17,15 @@ from test_compile_core import compile_model
 from fuseflow import errors
 
 
-def _model():
+def _model(seed: int = 0):
+    """Two segments; a weight over graph_util.STAND_IN_BYTES, which the key hashes apart
+    from the rest of the graph."""
     def build():
+        rng = np.random.default_rng(seed)
         x = tf.compat.v1.placeholder(tf.float32, [None, 16], name="x")
-        w = tf.constant(np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32))
-        a = tf.nn.relu(tf.matmul(x, w) + 1.0, name="a")
+        w = tf.constant(rng.normal(size=(16, 16)).astype(np.float32))
+        wide = tf.constant(rng.normal(size=(16, 1200)).astype(np.float32) / 40)  # 77 KB
+        a = tf.nn.relu(tf.matmul(tf.matmul(x, wide), tf.transpose(wide)) + 1.0, name="a")
         s = tf.strings.to_number(tf.strings.as_string(a))  # two segments
         return {"x": x}, {"y": tf.tanh(tf.matmul(s, w) * 0.5, name="y")}
     return build
@@ -60,6 +64,18 @@ def test_unchanged_model_is_taken_from_the_cache(tmp_path, rng):
     feeds = {"x": rng.random((2, 16), np.float32)}
     assert_outputs_close(run_saved_model(src, feeds),
                          run_fresh(tmp_path / "c2", feeds, tmp_path, backend="openvino"))
+
+
+def test_changed_weights_compile_again(tmp_path, rng):
+    """Only the weights differ: the key must see them (they are hashed apart)."""
+    feeds = {"x": rng.random((2, 16), np.float32)}
+    for seed in (0, 1):
+        src = save_tf1(tmp_path / f"m{seed}", _model(seed))
+        compile_model("openvino", src, tmp_path / f"c{seed}")
+        assert _cached(tmp_path / f"c{seed}") == [False, False], seed
+        assert_outputs_close(run_saved_model(src, feeds),
+                             run_saved_model(tmp_path / f"c{seed}", feeds))
+    assert len(_entries()) == 4
 
 
 def test_changed_options_and_no_cache_compile_again(tmp_path, monkeypatch):

@@ -13,7 +13,8 @@ outputs on the same input.
 
 Throughput: after the latency timing, each variant is called from 1, 2 and 4
 threads at once (calls in flight), each thread calling back to back for
---throughput-seconds; the column is samples (calls x batch) per second.
+--throughput-seconds; the column is samples (calls x batch) per second, the
+median of --throughput-rounds such windows taken in turns.
 
 Targets (read here, not asserted in tests): geomean speed-up >= 2x at f32 and
 >= 3.5x with --fp32-cast all, and ahead of onnxruntime on every row. INT8
@@ -202,13 +203,18 @@ def throughput(call: Callable, in_flight: int, seconds: float) -> float:
     return sum(counts) / (time.perf_counter() - start)
 
 
-def measure_throughput(calls: dict[str, Callable], seconds: float) -> dict[str, dict[int, float]]:
-    """Calls per second for each variant and number of calls in flight (variants take turns)."""
-    rates: dict[str, dict[int, float]] = {key: {} for key in calls}
-    for n in IN_FLIGHT:
+def measure_throughput(calls: dict[str, Callable], seconds: float, rounds: int = 3
+                       ) -> dict[str, dict[int, float]]:
+    """Calls per second for each variant and number of calls in flight: the median of
+    `rounds` windows, taken in turns (every variant at 1, 2, 4 in flight, then again).
+    One window each put 1 and 4 in flight minutes apart, and the machine's drift between
+    them (a few %) read as a loss with calls in flight."""
+    windows: dict[str, dict[int, list[float]]] = {k: {n: [] for n in IN_FLIGHT} for k in calls}
+    for _ in range(rounds):
         for key, call in calls.items():
-            rates[key][n] = throughput(call, n, seconds)
-    return rates
+            for n in IN_FLIGHT:
+                windows[key][n].append(throughput(call, n, seconds))
+    return {k: {n: float(np.median(w)) for n, w in by_n.items()} for k, by_n in windows.items()}
 
 
 def bench_model(name: str, batches: list[int], variants: list[Variant], args,
@@ -326,7 +332,8 @@ def bench_model(name: str, batches: list[int], variants: list[Variant], args,
             row.speedup = 1000 * base / row.median_ms
         if args.throughput_seconds > 0:
             _progress(f"[{name} b{batch}] throughput with {IN_FLIGHT} calls in flight")
-            for k, rates in measure_throughput(calls, args.throughput_seconds).items():
+            for k, rates in measure_throughput(calls, args.throughput_seconds,
+                                               args.throughput_rounds).items():
                 by_key[k].throughput = {n: rate * batch for n, rate in rates.items()}
         rows += by_key.values()
         del calls
@@ -389,6 +396,7 @@ def environment(args) -> dict:
             "FUSEFLOW_CC_FLAGS", "NEURON_CC_FLAGS") if k in os.environ},
         "runs": args.runs, "seconds_per_variant": args.seconds, "warmup": args.warmup,
         "throughput_seconds": args.throughput_seconds,
+        "throughput_rounds": args.throughput_rounds,
     }
     reason = onnx_baseline.unavailable()
     env["onnxruntime"] = ({**onnx_baseline.versions(), "threads": onnx_baseline.thread_settings()}
@@ -418,7 +426,8 @@ def print_report(env: dict, rows: list[Row], summ: dict) -> None:
           "clusters on the first call: see load+1st call s\n")
     if env["throughput_seconds"] > 0:
         print(f"- n in flight /s: samples per second with n threads calling at once, each "
-              f"back to back for {env['throughput_seconds']} s (variants take turns)\n")
+              f"back to back for {env['throughput_seconds']} s; the median of "
+              f"{env['throughput_rounds']} such windows (variants take turns)\n")
     flight = "".join(f" {n} in flight /s |" for n in IN_FLIGHT)
     print("| model | batch | variant | median ms | speed-up | max abs err | compile s "
           f"| load+1st call s | runs |{flight}")
@@ -584,11 +593,14 @@ def main(argv=None) -> int:
                         default=float(os.environ.get("BENCH_THROUGHPUT_SECONDS", 1.0)),
                         help="seconds per variant and number of calls in flight for the "
                         "throughput columns; 0 skips them (env BENCH_THROUGHPUT_SECONDS)")
+    parser.add_argument("--throughput-rounds", type=int, default=3,
+                        help="windows per variant and number in flight; the column is their "
+                        "median (default 3)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--verbose", action="store_true", help="show fuseflow's compile log")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.warmup < 1 or args.seconds <= 0:
-        parser.error("--runs and --warmup must be >= 1 and --seconds > 0")
+    if args.runs < 1 or args.warmup < 1 or args.throughput_rounds < 1 or args.seconds <= 0:
+        parser.error("--runs, --warmup and --throughput-rounds must be >= 1 and --seconds > 0")
     models = _names(args.models, list(MODELS))
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]

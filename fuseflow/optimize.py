@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from fuseflow import errors
-from fuseflow.graph_util import constant_nodes, node_name, without_weights
+from fuseflow.graph_util import constant_nodes, without_weights
 from fuseflow.tf_compat import tf
 
 _OPTIMIZERS = ("function", "common_subgraph_elimination", "constfold", "arithmetic",
@@ -39,15 +39,14 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     stays a Mul, which OpenVINO folds at compile time (as TF does at load time
     for ops left to it). Where the weights alone feed a computation (the
     Reshape of Keras' EinsumDense kernel, a masked kernel), Grappler runs again
-    with those weights in, so that such a computation is still a constant.
+    with them, as it always did, so that such a computation is still a constant
+    (BERT-like: 0.9 s, 0.3 s more than before).
     """
     light, weights = without_weights(graph_def)
     light = _optimize(light, keep_nodes)
-    derived = constant_nodes(light, also=set(weights)) - constant_nodes(light) - set(weights)
-    if derived:  # those weights go in, the others stay out
-        needed = {node_name(i) for n in light.node if n.name in derived for i in n.input}
-        light = _optimize(_weights_in(light, {k: weights.pop(k) for k in needed & set(weights)}),
-                          keep_nodes)
+    if weights and (constant_nodes(light, also=set(weights)) - constant_nodes(light)
+                    - set(weights)):
+        return _optimize(graph_def, keep_nodes)
     return _weights_in(light, weights)
 
 

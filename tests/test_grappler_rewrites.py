@@ -143,8 +143,7 @@ def _without_projection():
 def test_a_computation_on_weights_alone_is_still_folded(tmp_path, monkeypatch):
     frozen, optimized, seen, _ = _optimized_with_grappler_inputs(
         tmp_path, _conv_bn_and_reshaped_table, monkeypatch)
-    # The second pass gets the table (128 KB), not the kernel (147 KB) nothing folds into.
-    assert 128 << 10 < max(seen) < 200 << 10, f"Grappler was handed {seen} bytes"
+    assert max(seen) > 128 << 10, "the weights-only Reshape was optimized without values"
     assert "Reshape" not in {n.op for n in optimized.node}
     assert "Rsqrt" not in {n.op for n in optimized.node}
     x = np.random.default_rng(2).normal(size=(2, 8, 8, 64)).astype(np.float32)

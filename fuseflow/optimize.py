@@ -47,7 +47,30 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     if weights and (constant_nodes(light, also=set(weights)) - constant_nodes(light)
                     - set(weights)):
         return _optimize(graph_def, keep_nodes)
-    return _weights_in(light, weights)
+    optimized = _weights_in(light, weights)
+    _drop_dangling_colocation(optimized)
+    return optimized
+
+
+def _drop_dangling_colocation(graph_def) -> None:
+    """Colocation with nodes that are gone, dropped. A weight comes back with its own
+    attrs, `_class` included: Keras' position embedding over tf.range, frozen to a Const,
+    is colocated (`loc:@`) with the inlined call's input that read it, which Grappler
+    pruned. Grappler fixes such references on the nodes it sees, not on a stand-in; left
+    as they are, the graph does not import."""
+    names = {node.name for node in graph_def.node}
+    for node in graph_def.node:
+        if "_class" not in node.attr:
+            continue
+        refs = list(node.attr["_class"].list.s)
+        kept = [r for r in refs if not r.startswith(b"loc:@") or r[5:].decode() in names]
+        if len(kept) == len(refs):
+            continue
+        if kept:
+            del node.attr["_class"].list.s[:]
+            node.attr["_class"].list.s.extend(kept)
+        else:
+            del node.attr["_class"]
 
 
 def _weights_in(light, weights: dict):

@@ -148,3 +148,24 @@ def test_a_computation_on_weights_alone_is_still_folded(tmp_path, monkeypatch):
     assert "Rsqrt" not in {n.op for n in optimized.node}
     x = np.random.default_rng(2).normal(size=(2, 8, 8, 64)).astype(np.float32)
     np.testing.assert_allclose(_run(optimized, x), _run(frozen, x), rtol=1e-4, atol=1e-3)
+
+
+def test_position_embeddings_of_a_constant_range_compile_and_match(tmp_path, rng):
+    """Keras' position embedding of tf.range(seq) is a Gather on weights alone (a 128 KB
+    table here), folded in Grappler's second pass. A second pass over the light graph once
+    left a constant colocated with a node the first pass had pruned: the export failed."""
+    import keras
+
+    seq, dim = 128, 256
+    ids = keras.Input((seq,), dtype="int32", name="input_ids")
+    pos = keras.layers.Embedding(seq, dim)(tf.range(seq)[tf.newaxis])
+    x = keras.layers.Embedding(500, dim)(ids) + pos
+    model = keras.Model(ids, keras.layers.Dense(8)(keras.layers.LayerNormalization()(x)))
+    model.export(str(tmp_path / "m"), verbose=False)
+    result = fuseflow.saved_model.compile(str(tmp_path / "m"), str(tmp_path / "c"),
+                                          compiler_args=["--no-profile"], backend="openvino")
+    assert result["num_segments"] >= 1, result
+    feeds = {"input_ids": rng.integers(0, 500, (1, seq)).astype(np.int32)}
+    got, log = run_fresh(tmp_path / "c", feeds, tmp_path, with_log=True)
+    assert "runs its segment with TensorFlow" not in log
+    assert_outputs_close(run_saved_model(tmp_path / "m", feeds), got, rtol=1e-4, atol=1e-4)

@@ -47,9 +47,7 @@ def optimize_graph(graph_def, keep_nodes: list[str]):
     if weights and (constant_nodes(light, also=set(weights)) - constant_nodes(light)
                     - set(weights)):
         return _optimize(graph_def, keep_nodes)
-    optimized = _weights_in(light, weights)
-    _drop_dangling_colocation(optimized)
-    return optimized
+    return _weights_in(light, weights)
 
 
 def _drop_dangling_colocation(graph_def) -> None:
@@ -75,13 +73,14 @@ def _drop_dangling_colocation(graph_def) -> None:
 
 def _weights_in(light, weights: dict):
     """The stand-ins Grappler kept, made their Consts again (their inputs as Grappler
-    left them)."""
+    left them, their colocation without the nodes it pruned)."""
     for node in light.node:
         if node.op == "Placeholder" and node.name in weights:
             node.op = "Const"
             node.attr.clear()
             for key, value in weights[node.name].attr.items():
                 node.attr[key].CopyFrom(value)
+    _drop_dangling_colocation(light)
     return light
 
 

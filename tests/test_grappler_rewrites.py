@@ -22,6 +22,7 @@ from conftest import (
 )
 
 import fuseflow
+from fuseflow.graph_util import STAND_IN_BYTES
 from fuseflow.load import load_saved_model
 from fuseflow.optimize import optimize_graph
 from fuseflow.shapes import apply_input_shapes, resolve_input_shapes
@@ -72,19 +73,21 @@ def test_layer_norm_compiles_whole_and_runs_at_any_batch(tmp_path):
 # Weights stay out of Grappler: every pass copies the GraphDef, and ResNet50's 100 MB
 # of weights made Grappler 2.1 s of its compile (0.26 s without them).
 
-def _conv_bn_and_reshaped_table():
+def _conv_bn(table: bool = False):
+    """Conv + BatchNorm-like scale on a 147 KB kernel; table: a 128 KB table used
+    both directly and through a Reshape of it alone (as Keras' EinsumDense reshapes
+    its kernel), a computation on weights alone."""
     rng = np.random.default_rng(1)
     x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 64], name="x")
-    kernel = tf.Variable(rng.normal(size=(3, 3, 64, 64)).astype(np.float32))  # 147 KB
+    kernel = tf.Variable(rng.normal(size=(3, 3, 64, 64)).astype(np.float32))
     gamma = tf.Variable(rng.uniform(0.5, 1.5, 64).astype(np.float32))
     variance = tf.Variable(rng.uniform(0.5, 1.5, 64).astype(np.float32))
-    c = tf.nn.conv2d(x, kernel, 1, "SAME")
-    y = tf.nn.relu(c * (gamma * tf.math.rsqrt(variance + 1e-3)))
-    table = tf.Variable(rng.normal(size=(64, 512)).astype(np.float32))  # 128 KB
-    pooled = tf.reduce_mean(y, axis=[1, 2])
-    # weights alone: a Reshape (as Keras' EinsumDense makes of its kernel)
-    logits = tf.matmul(tf.matmul(pooled, table), tf.reshape(table, [512, 64]))
-    return {"x": x}, {"y": tf.identity(logits, name="y")}
+    y = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME") * (gamma * tf.math.rsqrt(variance + 1e-3)))
+    if table:
+        weights = tf.Variable(rng.normal(size=(64, 512)).astype(np.float32))
+        pooled = tf.reduce_mean(y, axis=[1, 2])
+        y = tf.matmul(tf.matmul(pooled, weights), tf.reshape(weights, [512, 64]))
+    return {"x": x}, {"y": tf.identity(y, name="y")}
 
 
 def _optimized_with_grappler_inputs(tmp_path, build, monkeypatch):
@@ -115,13 +118,13 @@ def _run(graph_def, x):
 
 def test_weights_go_to_grappler_as_stand_ins_and_come_back(tmp_path, monkeypatch):
     frozen, optimized, seen, _ = _optimized_with_grappler_inputs(
-        tmp_path, _without_projection, monkeypatch)
-    assert seen and max(seen) < 64 << 10, f"Grappler was handed the weights: {seen} bytes"
+        tmp_path, _conv_bn, monkeypatch)
+    assert seen and max(seen) < STAND_IN_BYTES, f"Grappler was handed the weights: {seen} bytes"
     kernels = [n for n in optimized.node if n.op == "Const"
-               and n.attr["value"].tensor.ByteSize() > 64 << 10]
+               and n.attr["value"].tensor.ByteSize() > STAND_IN_BYTES]
     assert len(kernels) == 1 and not kernels[0].input
     original = [n for n in frozen.node if n.op == "Const"
-                and n.attr["value"].tensor.ByteSize() > 64 << 10]
+                and n.attr["value"].tensor.ByteSize() > STAND_IN_BYTES]
     assert kernels[0].attr["value"] == original[0].attr["value"]
     assert [n.name for n in optimized.node if n.op == "Placeholder"] == ["x"]
     assert not any(i.startswith("^") for n in optimized.node for i in n.input)
@@ -129,20 +132,9 @@ def test_weights_go_to_grappler_as_stand_ins_and_come_back(tmp_path, monkeypatch
     np.testing.assert_allclose(_run(optimized, x), _run(frozen, x), rtol=1e-5, atol=1e-5)
 
 
-def _without_projection():
-    rng = np.random.default_rng(1)
-    x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 64], name="x")
-    kernel = tf.Variable(rng.normal(size=(3, 3, 64, 64)).astype(np.float32))  # 147 KB
-    gamma = tf.Variable(rng.uniform(0.5, 1.5, 64).astype(np.float32))
-    variance = tf.Variable(rng.uniform(0.5, 1.5, 64).astype(np.float32))
-    c = tf.nn.conv2d(x, kernel, 1, "SAME")
-    y = tf.nn.relu(c * (gamma * tf.math.rsqrt(variance + 1e-3)))
-    return {"x": x}, {"y": tf.identity(y, name="y")}
-
-
 def test_a_computation_on_weights_alone_is_still_folded(tmp_path, monkeypatch):
     frozen, optimized, seen, _ = _optimized_with_grappler_inputs(
-        tmp_path, _conv_bn_and_reshaped_table, monkeypatch)
+        tmp_path, lambda: _conv_bn(table=True), monkeypatch)
     assert max(seen) > 128 << 10, "the weights-only Reshape was optimized without values"
     assert "Reshape" not in {n.op for n in optimized.node}
     assert "Rsqrt" not in {n.op for n in optimized.node}

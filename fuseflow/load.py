@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fuseflow import errors
-from fuseflow.graph_util import count_ops, node_name
+from fuseflow.graph_util import count_ops, is_control, node_name, subgraph
 from fuseflow.tf_compat import plain_session_config, tf
 
 log = logging.getLogger("fuseflow")
@@ -234,10 +234,6 @@ def _asset_files(meta_graph, model_dir: str) -> dict[str, str]:
 def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = None
                      ) -> LoadedModel:
     """Load, select tags and signature, and freeze variables into constants."""
-    from tensorflow.python.framework import convert_to_constants
-
-    from fuseflow.optimize import inline_calls
-
     model_dir = os.fspath(model_dir)
     proto = read_saved_model_proto(model_dir)
     tag_list, meta_graph = select_meta_graph(proto, tags)
@@ -253,18 +249,43 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
     check_graph_def(meta_graph.graph_def, pb)
     _check_signature_tensors(meta_graph.graph_def, key, inputs + outputs)
 
+    # Inputs too: an input no output reads must still exist to be fed.
+    io_nodes = sorted({node_name(t.tensor_name) for t in inputs + outputs})
+    loaded = _freeze_from_checkpoint(model_dir, meta_graph, io_nodes)
+    if loaded is None:
+        loaded = _freeze_in_session(model_dir, tag_list, key, sig, meta_graph, io_nodes)
+    used, frozen, values, init_nodes = loaded
+    unfrozen = set(values)
+    if unfrozen:
+        log.info("kept %d large variables (%.0f MB) out of the graph: %s", len(unfrozen),
+                 sum(v.nbytes for v in values.values()) / 2**20, sorted(unfrozen)[:5])
+    return LoadedModel(
+        model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
+        inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
+        # ops as the user wrote them: inlining adds an Identity per argument and result
+        assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(used),
+        variables=values)
+
+
+def _freeze_in_session(model_dir: str, tags: list[str], key: str, sig, meta_graph,
+                       io_nodes: list[str]) -> tuple:
+    """TF's v1 loader into a session, then TF's converter: (the graph the signature
+    uses, frozen, {variable left unfrozen: value}, table initializers to keep)."""
+    from tensorflow.python.framework import convert_to_constants
+
+    from fuseflow.optimize import inline_calls
+
     graph = tf.Graph()
     with graph.as_default(), tf.compat.v1.Session(graph=graph,
                                                   config=plain_session_config()) as sess:
-        variables_path = _load_into_session(sess, model_dir, tag_list)
-        _restore_unbound_variables(sess, graph, model_dir, tag_list, key, sig, meta_graph,
+        variables_path = _load_into_session(sess, model_dir, tags)
+        _restore_unbound_variables(sess, graph, model_dir, tags, key, sig, meta_graph,
                                    variables_path)
         full = graph.as_graph_def()
         init_nodes = _init_targets(full, meta_graph)
-        # Inputs too: an input no output reads must still exist to be fed.
-        keep = sorted({node_name(t.tensor_name) for t in inputs + outputs} | set(init_nodes))
+        keep = sorted(set(io_nodes) | set(init_nodes))
         # Only variables the signature reads count: a TF2 model may hold unused copies.
-        used = tf.compat.v1.graph_util.extract_sub_graph(full, keep)
+        used = subgraph(full, keep)
         unfrozen = _too_large_to_freeze(used)
         # A TF2 signature's call is inlined first. TF's converter walks every function's
         # nodes and, for each that reads a function argument, lists all the function's
@@ -280,15 +301,70 @@ def load_saved_model(model_dir: str, tags=None, signature_def_key: str | None = 
             raise errors.ModelLoadError(
                 f"could not freeze the variables of {model_dir!r}: {errors.reason(e)}. Check "
                 "that every variable the signature uses is saved in variables/") from None
-    if unfrozen:
-        log.info("kept %d large variables (%.0f MB) out of the graph: %s", len(unfrozen),
-                 sum(v.nbytes for v in values.values()) / 2**20, sorted(unfrozen)[:5])
-    return LoadedModel(
-        model_dir=model_dir, tags=tag_list, signature_key=key, method_name=sig.method_name,
-        inputs=inputs, outputs=outputs, graph_def=frozen, init_nodes=init_nodes,
-        # ops as the user wrote them: inlining adds an Identity per argument and result
-        assets=_asset_files(meta_graph, model_dir), num_ops=count_ops(used),
-        variables=values)
+    return used, frozen, values, init_nodes
+
+
+def _freeze_from_checkpoint(model_dir: str, meta_graph, keep: list[str]) -> tuple | None:
+    """What _freeze_in_session gives, for a TF2 SavedModel, without a session: the
+    variables the signature's calls capture are read from the checkpoint through the
+    object graph (as TF2's loader binds them) and made constants in the inlined graph.
+    TF's loader restored every variable (ResNet50's Keras 3 export holds three handles
+    per weight), imported the meta graph twice and checked each handle: 1.9 s of
+    ResNet50's loading, this 0.6 s. None where the model is not one this follows (TF1
+    variables, table initializers, a handle the object graph does not name, anything
+    failing): the session path then loads it, and names what is wrong."""
+    from fuseflow.optimize import inline_calls
+
+    graph_def = meta_graph.graph_def
+    if not meta_graph.object_graph_def.nodes or _init_targets(graph_def, meta_graph):
+        return None
+    used = subgraph(graph_def, keep)
+    handles = {n.name: n for n in used.node if n.op in _VARIABLE_OPS}
+    if any(n.op != "VarHandleOp" for n in handles.values()):
+        return None
+    calls = [n for n in used.node if n.op in _CALL_OPS]
+    try:
+        reader = tf.train.load_checkpoint(_variables_path(model_dir))
+        keys = _object_graph_keys(reader, meta_graph, [
+            (n.attr["f"].func.name, [node_name(i) for i in n.input if not is_control(i)])
+            for n in calls], set(handles))
+        if keys is None or keys.keys() != handles.keys():
+            return None
+        values = {}
+        for name, node in handles.items():
+            value = reader.get_tensor(keys[name])
+            if (tf.dtypes.as_dtype(node.attr["dtype"].type).as_numpy_dtype != value.dtype
+                    or not tf.TensorShape(node.attr["shape"].shape).is_compatible_with(
+                        value.shape)):
+                return None
+            values[name] = value
+        unfrozen = _too_large_to_freeze(used)
+        inlined = subgraph(inline_calls(used, keep), keep) if calls else used
+        frozen = _with_constants(inlined, {n: v for n, v in values.items()
+                                           if n not in unfrozen}, handles)
+    except Exception as e:  # noqa: BLE001 - the session path loads it, or says why not
+        log.debug("loading %s through a session (%s: %s)", model_dir, type(e).__name__, e)
+        return None
+    return used, frozen, {n: values[n] for n in unfrozen}, []
+
+
+def _variables_path(model_dir: str) -> str:
+    from tensorflow.python.saved_model import path_helpers
+
+    return path_helpers.get_variables_path(model_dir)
+
+
+def _with_constants(graph_def, values: dict[str, np.ndarray], handles: dict):
+    """graph_def with each named variable handle a constant of its value: TF's converter
+    (what convert_variables_to_constants_from_session_graph runs), given the values."""
+    from tensorflow.python.framework import convert_to_constants as converter
+
+    data = converter._ConverterData(graph_def)
+    for name, value in values.items():
+        data.tensor_data[name] = converter._TensorData(
+            numpy=value, dtype=handles[name].attr["dtype"].type, index=None)
+    frozen, _ = converter._replace_variables_by_constants(data)
+    return frozen
 
 
 _VARIABLE_OPS = frozenset({"VarHandleOp", "VariableV2"})
@@ -480,14 +556,32 @@ def _captured_from_checkpoint(variables_path: str, meta_graph, nodes, missing: s
     """Values for the missing variables the call nodes capture, read from the checkpoint
     through the SavedModel's object graph (what TF2's loader does, without loading and
     tracing every function: seconds on a ResNet50). None when any is not found."""
+    try:
+        reader = tf.train.load_checkpoint(variables_path)
+    except Exception:  # no checkpoint to read: the loader decides
+        return None
+    calls = [(n.get_attr("f").name, [t.op.name for t in n.inputs])
+             for n in nodes if n.type in _CALL_OPS]
+    keys = _object_graph_keys(reader, meta_graph, calls, missing)
+    if keys is None:
+        return None
+    return {name: reader.get_tensor(key) for name, key in keys.items()}
+
+
+def _object_graph_keys(reader, meta_graph, calls: list[tuple[str, list[str]]],
+                       wanted: set[str]) -> dict[str, str] | None:
+    """The checkpoint key of each wanted variable handle that the calls capture, as TF2's
+    loader binds them: a call's trailing inputs are its function's bound inputs, ids of
+    the SavedModel's object graph, matched to the checkpoint's own object graph by child
+    names from the root. calls: (function name, input node names) per call node.
+    None when a wanted captured handle is not found, or there is no object graph."""
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
     saved = meta_graph.object_graph_def
     try:
-        reader = tf.train.load_checkpoint(variables_path)
         stored = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
             reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
-    except Exception:  # no object-based checkpoint: the loader decides
+    except Exception:  # no object-based checkpoint
         return None
     if not saved.nodes or not stored.nodes:
         return None
@@ -500,24 +594,21 @@ def _captured_from_checkpoint(variables_path: str, meta_graph, nodes, missing: s
             if child.node_id not in ids and child.local_name in children:
                 ids[child.node_id] = children[child.local_name]
                 stack.append(child.node_id)
-    values: dict[str, np.ndarray] = {}
-    for node in nodes:
-        if node.type not in _CALL_OPS:
-            continue
-        function = saved.concrete_functions.get(node.get_attr("f").name)
+    keys: dict[str, str] = {}
+    for function_name, inputs in calls:
+        function = saved.concrete_functions.get(function_name)
         if function is None:
             return None
         bound = list(function.bound_inputs)
-        args = list(node.inputs)[len(node.inputs) - len(bound):]
-        for arg, node_id in zip(args, bound):
-            if arg.op.name not in missing:
+        for arg, node_id in zip(inputs[len(inputs) - len(bound):], bound):
+            if arg not in wanted:
                 continue
-            keys = [a.checkpoint_key for a in stored.nodes[ids[node_id]].attributes
-                    if a.name == "VARIABLE_VALUE"] if node_id in ids else []
-            if len(keys) != 1:
+            found = [a.checkpoint_key for a in stored.nodes[ids[node_id]].attributes
+                     if a.name == "VARIABLE_VALUE"] if node_id in ids else []
+            if len(found) != 1:
                 return None
-            values[arg.op.name] = reader.get_tensor(keys[0])
-    return values
+            keys[arg] = found[0]
+    return keys
 
 
 def _captured_from_tf2_loader(model_dir: str, tags: list[str], key: str, nodes,

@@ -8,24 +8,30 @@ TF's persistent XLA cache, so XLA segments load their executables (xla_cache.py)
 """
 
 import logging
+import os
 
 from fuseflow import xla_cache
 
 xla_cache.configure_process()  # before TF reads TF_XLA_FLAGS (at its first XLA use)
 
-from fuseflow import errors, graph_util, native, saved_model  # noqa: E402
-from fuseflow.multicore import auto_multicore  # noqa: E402
-from fuseflow.runtime import runtime_stats  # noqa: E402
-from fuseflow.trace import TracedModel, analyze_model, trace  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = ["errors", "graph_util", "native", "runtime_stats", "saved_model", "trace",
-           "analyze_model", "auto_multicore", "TracedModel", "__version__"]
 
-xla_cache.hook_loaders()
-_log = logging.getLogger("fuseflow")
-_log.addHandler(logging.NullHandler())
-try:
-    native.load_op_library()
-except errors.NativeOpError as e:  # XLA-compiled models still work without it
-    _log.warning("%s; models compiled with the OpenVINO backend will not load", e)
+# A compiler process (compile.py sets this) imports TensorFlow only when a job needs
+# it: an OpenVINO compile does not, and importing TF took 3 s of the two cores it
+# shares with the compile that started it.
+if os.environ.get("FUSEFLOW_COMPILER_PROCESS") != "1":
+    from fuseflow import errors, graph_util, native, saved_model  # noqa: E402
+    from fuseflow.multicore import auto_multicore  # noqa: E402
+    from fuseflow.runtime import runtime_stats  # noqa: E402
+    from fuseflow.trace import TracedModel, analyze_model, trace  # noqa: E402
+
+    __all__ = ["errors", "graph_util", "native", "runtime_stats", "saved_model", "trace",
+               "analyze_model", "auto_multicore", "TracedModel", "__version__"]
+
+    xla_cache.hook_loaders()
+    _log = logging.getLogger("fuseflow")
+    _log.addHandler(logging.NullHandler())
+    try:
+        native.load_op_library()
+    except errors.NativeOpError as e:  # XLA-compiled models still work without it
+        _log.warning("%s; models compiled with the OpenVINO backend will not load", e)

@@ -4,11 +4,17 @@ Each segment compiles in a separate (spawned) process so that a compiler
 that crashes or hangs costs only its segment: the worker is killed and the
 segment goes back to TensorFlow (unless --must-compile).
 
-A worker costs seconds of TF and OpenVINO imports before its first job, so
-healthy idle workers are kept for the next compile in this process (placement
-then the final compile, or a script compiling many models) and the first one
-is started when compile() starts, its imports overlapping loading and Grappler.
-Idle workers exit after _IDLE_S, and at interpreter exit.
+A worker imports its backends before its first job (OpenVINO: 0.3 s; XLA, which
+needs TensorFlow: 3 s), so healthy idle workers are kept for the next compile in
+this process (placement then the final compile, or a script compiling many
+models) and the first one is started when compile() starts, its imports
+overlapping loading and Grappler. Idle workers exit after _IDLE_S, and at
+interpreter exit.
+
+Before an artifact is accepted it is run on check inputs and its outputs are
+compared with TensorFlow's on the same inputs, which this process computes while
+the worker compiles: a compiler that returns garbage costs its segment (which
+stays in TF), never a silently wrong model.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -28,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fuseflow import progress
-from fuseflow.backends.base import Artifact, SegmentGraph
+from fuseflow.backends.base import Artifact, SegmentGraph, random_inputs, relative_error
 from fuseflow.cache import CompileCache, values_digest
 from fuseflow.options import CompilerOptions
 
@@ -45,6 +53,8 @@ _ENV_IGNORED = frozenset({"PYTEST_CURRENT_TEST", "FUSEFLOW_CACHE_DIR"})
 # worker, and the executable the worker writes back.
 SEGMENT_FILE = "graph.pb"
 EXECUTABLE_FILE = "executable.bin"
+# Set in a worker's environment: importing fuseflow there imports no TensorFlow.
+COMPILER_PROCESS = "FUSEFLOW_COMPILER_PROCESS"
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,8 @@ class _Worker:
         child_r, parent_w = os.pipe()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w),
-             *backends], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL)
+             *backends], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL,
+            env={**os.environ, COMPILER_PROCESS: "1"})  # fuseflow/__init__.py
         os.close(child_r)
         os.close(child_w)
         self.reader = Connection(parent_r, writable=False)
@@ -163,6 +174,16 @@ class _Pool:
                 return
         self.give([_Worker(backends)])
 
+    def preload(self, backends: tuple[str, ...]) -> None:
+        """Idle workers import these backends now, in the background (see compile_worker)."""
+        with self._lock:
+            for w in self._idle:
+                if w.reusable():
+                    try:
+                        w.writer.send(("preload", backends))
+                    except OSError:  # a dead worker is dropped when next taken
+                        pass
+
     def _expire(self) -> None:
         now = time.monotonic()
         with self._lock:
@@ -192,9 +213,15 @@ atexit.register(_POOL.close)
 
 
 def prestart_worker(backends: list[str]) -> None:
-    """Start a compiler process now, importing TF and `backends`, so that its imports
-    overlap the caller's own work (loading, Grappler)."""
+    """Start a compiler process now, importing `backends`, so that its imports overlap
+    the caller's own work (loading, Grappler)."""
     _POOL.prestart(tuple(backends))
+
+
+def preload_backends(backends: list[str]) -> None:
+    """The started compiler processes import `backends` too, once a compile knows it
+    needs them (XLA's TensorFlow, for the loops placed on it)."""
+    _POOL.preload(tuple(backends))
 
 
 def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: Path,
@@ -218,6 +245,9 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     pending = [i for i in range(len(jobs)) if i not in results]
     backends = tuple(sorted({jobs[i].backend for i in pending}))
     workers = _POOL.take(worker_count(options, len(pending)), backends) if pending else []
+    # TF's answers on each job's check inputs, computed here while its worker compiles.
+    references: dict[int, Future] = {}
+    checker = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-reference")
     progress.update(len(results), len(segments), "")
     try:
         while len(results) < len(segments):
@@ -227,11 +257,15 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                     seg_dir = workdir / jobs[i].directory
                     seg_dir.mkdir(parents=True, exist_ok=True)
                     (seg_dir / SEGMENT_FILE).write_bytes(segments[i].graph_def_bytes)
+                    inputs, where = check_inputs(segments[i], jobs[i].options or options,
+                                                 seg_dir)
                     # The worker reads the GraphDef from the file (compile_worker.py).
-                    w.writer.send((jobs[i].backend,
+                    w.writer.send(("job", jobs[i].backend,
                                    dataclasses.replace(segments[i], graph_def_bytes=b""),
-                                   jobs[i].options or options, str(seg_dir)))
+                                   jobs[i].options or options, str(seg_dir), inputs))
                     w.job = (i, time.monotonic())
+                    references[i] = checker.submit(reference_outputs, segments[i], inputs,
+                                                   where)
             for k, w in enumerate(workers):
                 outcome = _poll(w, options.timeout_s)
                 if outcome is None:
@@ -239,9 +273,9 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                 i, start = w.job
                 w.job, w.started = None, False
                 w.jobs_done += 1
-                if outcome[0] == "ok":  # its executable is in the file the worker wrote
-                    outcome = ("ok", dataclasses.replace(outcome[1], executable=(
-                        workdir / jobs[i].directory / EXECUTABLE_FILE).read_bytes()))
+                if outcome[0] == "ok":
+                    outcome = _checked(jobs[i], outcome, references.pop(i), options,
+                                       workdir / jobs[i].directory)
                 results[i] = _record(jobs[i], workdir / jobs[i].directory, outcome,
                                      time.monotonic() - start, len(results) + 1, len(segments),
                                      written=True)
@@ -254,8 +288,76 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                     workers[k] = _Worker(backends)
             _wait_any(workers)
     finally:
+        checker.shutdown(wait=False, cancel_futures=True)  # a failed compile's check
         _POOL.give(workers)  # busy ones (an interrupted compile) are stopped
     return [results[i] for i in range(len(segments))]
+
+
+def check_inputs(segment: SegmentGraph, options: CompilerOptions, seg_dir: Path
+                 ) -> tuple[list[np.ndarray], str]:
+    """The inputs an artifact is checked on, and what they are. A quantized segment is
+    checked on its first calibration batch: random inputs fall outside the calibrated
+    ranges, where int8 is wrong by design."""
+    if options.quantize == "int8":
+        from fuseflow.quantize import read_calibration
+
+        batches = read_calibration(seg_dir)
+        if batches:
+            return batches[0], "calibration inputs"
+    return random_inputs(segment), "random inputs"
+
+
+def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray], where: str = ""
+                      ) -> tuple[list[np.ndarray], str]:
+    """TF's outputs of the segment on inputs (and `where`, passed through)."""
+    from fuseflow.tf_compat import lift_constants, plain_session_config, tf
+
+    graph_def, constants = lift_constants(  # fed: TF copies them once, not ten times
+        tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes))
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.graph_util.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
+        return sess.run([p.name for p in segment.outputs],
+                        {**constants, **{f"{p.name}:0": v for p, v in zip(segment.inputs,
+                                                                           inputs)}}), where
+
+
+def compare(segment: SegmentGraph, expected: list, actual: list, tolerance: float,
+            where: str) -> str:
+    """The check's line for the log; ValueError where an output differs from TF's."""
+    worst = 0.0
+    for port, want, got in zip(segment.outputs, expected, actual):
+        want, got = np.asarray(want), np.asarray(got)
+        if want.shape != got.shape:
+            raise ValueError(f"output {port.name} has shape {got.shape}, TF gives {want.shape}")
+        error = relative_error(want, got)
+        if error == float("inf"):
+            raise ValueError(f"output {port.name}: non-finite values differ from TF")
+        if error > tolerance:
+            raise ValueError(f"output {port.name} differs from TF by {error:.2e} (relative; "
+                             f"tolerance {tolerance:.0e})")
+        worst = max(worst, error)
+    return f"verified against TF on {where}: max relative error {worst:.2e}\n"
+
+
+def _checked(job: CompileJob, outcome: tuple, reference: Future, options: CompilerOptions,
+             seg_dir: Path) -> tuple:
+    """A worker's ("ok", artifact, its outputs) as ("ok", artifact with its executable
+    and the check in its log) if the outputs match TF's, else as ("error", ...)."""
+    from fuseflow.backends import get_backend
+
+    _, artifact, actual = outcome
+    try:
+        expected, where = reference.result()
+        tolerance = get_backend(job.backend).tolerance(job.options or options)
+        line = compare(job.segment, expected, actual, tolerance, where)
+    except Exception as e:  # noqa: BLE001 - the segment stays in TF, with why
+        text = str(e).strip()
+        return ("error", (f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
+                          traceback.format_exc()))
+    return ("ok", dataclasses.replace(artifact, log=artifact.log + line,
+                                      executable=(seg_dir / EXECUTABLE_FILE).read_bytes()))
 
 
 def cache_keys(jobs: list[CompileJob], options: CompilerOptions,

@@ -1,19 +1,20 @@
-"""The compiler worker process: compiles, then checks, the segments its parent sends.
+"""The compiler worker process: compiles the segments its parent sends, and runs each
+on the inputs its parent gives, for the parent to check against TensorFlow.
 
 Run as `python -m fuseflow.compile_worker READ_FD WRITE_FD [BACKEND...]` (the
 backends are imported before the first request); every request
-(backend name, segment, options, directory) gets exactly one ("ok", Artifact)
-or ("error", (line, traceback)).
+("job", backend name, segment, options, directory, check inputs) gets exactly one
+("ok", Artifact, outputs on the check inputs) or ("error", (line, traceback));
+("preload", backend names) gets no answer: the worker imports them meanwhile.
+The process imports TensorFlow only for a backend that needs it (XLA): an
+OpenVINO compile runs without it (fuseflow/__init__.py), and so the parent, which
+has TF, computes TF's answers for the check (compile.py) while this compiles.
 
 The big bytes travel as files in the segment's directory, not through the
 pipe (pickled, piped and unpickled, ResNet50's 100 MB cost three copies each
 way): the request's segment comes without its GraphDef, which the worker reads
 from SEGMENT_FILE there, and the artifact comes back without its executable,
 which the worker wrote to EXECUTABLE_FILE there (the workdir keeps it anyway).
-
-Before an artifact is accepted it is run on random inputs and compared with
-TensorFlow running the same segment: a compiler that returns garbage costs
-its segment (which stays in TF), never a silently wrong model.
 
 FUSEFLOW_INJECT_FAULT=crash|hang|error|garbage[:SEGMENT][@BACKEND] makes the
 worker fail on purpose, so the recovery paths can be tested with real backends
@@ -26,21 +27,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 
-from fuseflow.backends.base import (
-    Artifact,
-    Backend,
-    SegmentGraph,
-    random_inputs,
-    relative_error,
-)
+from fuseflow.backends.base import Artifact, Backend, SegmentGraph
 from fuseflow.compile import EXECUTABLE_FILE, SEGMENT_FILE
 from fuseflow.options import CompilerOptions
 
@@ -54,48 +49,10 @@ def injected_fault(segment: str, backend: str, precision: str | None = None) -> 
     return kind if kind and target in ("", segment) and only_on in on else None
 
 
-def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    from fuseflow.tf_compat import lift_constants, plain_session_config, tf
-
-    graph_def, constants = lift_constants(  # fed: TF copies them once, not ten times
-        tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes))
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.graph_util.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
-        return sess.run([p.name for p in segment.outputs],
-                        {**constants, **{f"{p.name}:0": v for p, v in zip(segment.inputs,
-                                                                           inputs)}})
-
-
-def verify(backend: Backend, segment: SegmentGraph, artifact: Artifact,
-           options: CompilerOptions, inputs: list[np.ndarray] | None = None,
-           expected: list[np.ndarray] | None = None) -> str:
-    """Compare the artifact with TF on random inputs (or the given ones); raise if they
-    disagree. expected: TF's outputs on those inputs, when computed already."""
-    where = "random inputs" if inputs is None else "calibration inputs"
-    inputs = random_inputs(segment) if inputs is None else inputs
-    if expected is None:
-        expected = reference_outputs(segment, inputs)
-    actual = backend.run(segment, artifact, options, inputs)
-    tolerance = backend.tolerance(options)
-    worst = 0.0
-    for port, want, got in zip(segment.outputs, expected, actual):
-        want, got = np.asarray(want), np.asarray(got)
-        if want.shape != got.shape:
-            raise ValueError(f"output {port.name} has shape {got.shape}, TF gives {want.shape}")
-        error = relative_error(want, got)
-        if error == float("inf"):
-            raise ValueError(f"output {port.name}: non-finite values differ from TF")
-        if error > tolerance:
-            raise ValueError(f"output {port.name} differs from TF by {error:.2e} (relative; "
-                             f"tolerance {tolerance:.0e})")
-        worst = max(worst, error)
-    return f"verified against TF on {where}: max relative error {worst:.2e}\n"
-
-
-def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOptions,
-                    seg_dir: Path) -> Artifact:
+def compile_and_run(backend: Backend, segment: SegmentGraph, options: CompilerOptions,
+                    seg_dir: Path, inputs: list[np.ndarray]
+                    ) -> tuple[Artifact, list[np.ndarray]]:
+    """The artifact, and its outputs on inputs (the parent compares them with TF's)."""
     fault = injected_fault(segment.name, backend.name)
     if fault == "crash":
         os.abort()
@@ -103,13 +60,6 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
         time.sleep(10**6)
     if fault == "error":
         raise RuntimeError("injected compiler error")
-    # TF's answers for the check need only the segment and the inputs: TF computes them
-    # in a thread while the backend compiles (both release the GIL).
-    inputs = _calibration_inputs(seg_dir, options)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-reference")
-    reference: Future = pool.submit(
-        reference_outputs, segment, random_inputs(segment) if inputs is None else inputs)
-    pool.shutdown(wait=False)  # a failed compile does not wait for it
     start = time.perf_counter()
     artifact = backend.compile(segment, options, seg_dir)
     compiled = time.perf_counter() - start
@@ -117,21 +67,10 @@ def compile_checked(backend: Backend, segment: SegmentGraph, options: CompilerOp
         artifact = dataclasses.replace(
             artifact, executable=os.urandom(len(artifact.executable) or 64))
     start = time.perf_counter()
-    check = verify(backend, segment, artifact, options, inputs, reference.result())
+    outputs = [np.asarray(v) for v in backend.run(segment, artifact, options, inputs)]
     timings = {**artifact.timings, "compile": round(compiled, 3),
                "artifact check": round(time.perf_counter() - start, 3)}
-    return dataclasses.replace(artifact, log=artifact.log + check, timings=timings)
-
-
-def _calibration_inputs(seg_dir: Path, options: CompilerOptions) -> list[np.ndarray] | None:
-    """A quantized segment is checked on its first calibration batch: random inputs fall
-    outside the calibrated ranges, where int8 is wrong by design."""
-    if options.quantize != "int8":
-        return None
-    from fuseflow.quantize import read_calibration
-
-    batches = read_calibration(seg_dir)
-    return batches[0] if batches else None
+    return dataclasses.replace(artifact, timings=timings), outputs
 
 
 def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
@@ -140,27 +79,51 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
     reader = Connection(read_fd, writable=False)
     writer = Connection(write_fd, readable=False)
     backends: dict[str, Backend] = {}
-    for name in preload:  # while the parent is still busy: a failure shows at the job
-        try:
-            backends[name] = get_backend(name)
-        except Exception:  # noqa: BLE001
-            pass
+    locks: dict[str, threading.Lock] = {}
+    guard = threading.Lock()
+
+    def backend_named(name: str) -> Backend:
+        with guard:
+            lock = locks.setdefault(name, threading.Lock())
+        with lock:  # one import of each backend, whichever thread asks first
+            if name not in backends:
+                backends[name] = get_backend(name)
+        return backends[name]
+
+    def preload_all(names) -> None:
+        for name in names:  # while the parent is still busy: a failure shows at the job
+            try:
+                backend_named(name)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def preload_later(names) -> None:
+        threading.Thread(target=preload_all, args=(names,), daemon=True).start()
+
+    # OpenVINO first, at once; a backend that imports TensorFlow (3 s) in the background,
+    # so that an OpenVINO job need not wait for it.
+    first = [n for n in preload if n == "openvino"]
+    preload_all(first)
+    if len(first) < len(preload):
+        preload_later([n for n in preload if n not in first])
     while True:
         try:
-            backend_name, segment, options, seg_dir = reader.recv()
+            message = reader.recv()
         except EOFError:
             return
+        if message[0] == "preload":  # backends a job will need: no answer
+            preload_later(message[1])
+            continue
+        _, backend_name, segment, options, seg_dir, inputs = message
         writer.send(("started", time.monotonic()))
         try:
             seg_dir = Path(seg_dir)
             segment = dataclasses.replace(
                 segment, graph_def_bytes=(seg_dir / SEGMENT_FILE).read_bytes())
-            if backend_name not in backends:
-                backends[backend_name] = get_backend(backend_name)
-            backend = backends[backend_name]
-            artifact = compile_checked(backend, segment, options, seg_dir)
+            artifact, outputs = compile_and_run(backend_named(backend_name), segment,
+                                                options, seg_dir, inputs)
             (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
-            writer.send(("ok", dataclasses.replace(artifact, executable=b"")))
+            writer.send(("ok", dataclasses.replace(artifact, executable=b""), outputs))
         except Exception as e:  # every failure goes back to the parent, which decides
             text = str(e).strip()
             first = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

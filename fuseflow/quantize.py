@@ -27,14 +27,15 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fuseflow import errors
 from fuseflow.backends.base import SegmentGraph
-from fuseflow.batch import run_feeds
-from fuseflow.load import LoadedModel
-from fuseflow.tf_compat import tf
+
+if TYPE_CHECKING:  # the compiler process quantizes without TensorFlow (compile_worker.py)
+    from fuseflow.load import LoadedModel
 
 log = logging.getLogger("fuseflow")
 
@@ -85,7 +86,7 @@ def _as_arrays(model: LoadedModel, feed, what: str) -> dict[str, np.ndarray]:
     for key, value in values.items():
         spec = specs[key]
         array = np.asarray(value)
-        if spec.dtype == tf.string or array.dtype.kind not in "biuf" or array.ndim == 0:
+        if spec.dtype.name == "string" or array.dtype.kind not in "biuf" or array.ndim == 0:
             raise errors.OptionError(
                 f"{what}[{key!r}] must be a numeric array with samples along axis 0, got "
                 f"{array.dtype} of shape {array.shape}")
@@ -182,7 +183,7 @@ def _random_set(model: LoadedModel, shapes, batches: int) -> CalibrationSet | No
     for _ in range(batches):
         feed = {}
         for spec in model.inputs:
-            if spec.dtype == tf.string:
+            if spec.dtype.name == "string":
                 return None
             dtype = spec.dtype.as_numpy_dtype
             shape = shapes[spec.key]
@@ -199,6 +200,8 @@ def segment_values(graph_def, init_nodes, segments: list[SegmentGraph], feeds: l
     """Per segment, per feed: its input values (and then its output values, if asked)
     as the original graph computes them; and per feed, the values of `fetches` (the
     model's outputs, say), from the same run."""
+    from fuseflow.batch import run_feeds
+
     wanted, index = [], {}
     names_of = {seg.name: list(seg.input_sources) + ([p.name for p in seg.outputs]
                                                      if outputs else [])

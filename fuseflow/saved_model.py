@@ -17,7 +17,13 @@ from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import OtherBatchCheck, batch_tensors
 from fuseflow.cache import CompileCache, timing_key, values_digest
 from fuseflow.cache import flush as flush_cache_writes
-from fuseflow.compile import CompiledSegment, CompileJob, compile_segments, prestart_worker
+from fuseflow.compile import (
+    CompiledSegment,
+    CompileJob,
+    compile_segments,
+    preload_backends,
+    prestart_worker,
+)
 from fuseflow.export import (
     REPORT_DIR,
     assets_folder,
@@ -183,6 +189,8 @@ def _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
 
     prefer = preferred_backends(graph_def, supports, force_fuse, internal)
     partition = by_kind(graph_def, supports, prefer, force_fuse, partitioner)
+    preload_backends(sorted({s.colour.split("/")[-1] for s in partition.segments
+                             if s.colour}))  # XLA's, when a loop went to it
     watch.lap("partition")
     return _Plan(model, inputs, serving, graph_def, infos, partition, backend_name, options,
                  supports, partitioner, force_fuse, prefer, watch)
@@ -235,7 +243,10 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         model_dir = model_path(model_dir)
         out = check_output_dir(model_dir, new_model_dir)
         workdir = check_workdir(model_dir, options.workdir)
-        prestart_worker(backend_names(options.backend or default_backend(), options))
+        backends = backend_names(options.backend or default_backend(), options)
+        # Timing compiles candidates on every backend; otherwise XLA's TensorFlow (3 s
+        # in the compiler process) is imported once a segment is placed on it.
+        prestart_worker([b for b in backends if options.profile or b != "xla"] or backends)
         with warm_interpreters():
             plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                          signature_def_key, minimum_segment_size, no_fuse_ops,

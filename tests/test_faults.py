@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,25 @@ def test_corrupted_executable_still_runs_with_one_warning(tmp_path, rng):
     assert_ran(stats, "openvino", [fused[0].name, fused[1].name],
                path={fused[0].name: "recompiled", fused[1].name: "compiled"})
     assert "corrupted" in stats["ops"][fused[0].name]["recompile_reason"]
+
+
+def test_openvino_compiles_in_a_process_without_tensorflow(tmp_path, rng):
+    """The compiler process never loads TF for an OpenVINO job (its import cost 3 s of
+    the two cores the compile shares), and the artifact is still checked against TF
+    (by this process)."""
+    from conftest import save_tf1
+
+    from fuseflow import compile as compile_stage
+
+    src = save_tf1(tmp_path / "m", _two_segment_model())
+    compile_stage._POOL.close()  # no worker an earlier test started (for XLA, say)
+    compile_model("openvino", src, tmp_path / "c", compiler_args=["--no-profile"],
+                  compiler_workdir=str(tmp_path / "work"))
+    workers = [w for w in compile_stage._POOL._idle if w.reusable()]
+    assert workers
+    for w in workers:
+        maps = Path(f"/proc/{w.process.pid}/maps").read_text()
+        assert "libopenvino" in maps and "libtensorflow_framework" not in maps
+    logs = list((tmp_path / "work").rglob("compile.log"))
+    assert logs and all("verified against TF on random inputs" in p.read_text()
+                        for p in logs)

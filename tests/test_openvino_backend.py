@@ -237,3 +237,45 @@ def test_fused_node_attrs(tmp_path):
     assert a["max_infer_requests"].i == 0
     info = backend.runtime_info()
     assert info["backend"] == "openvino" and info["openvino"] == ov.get_version()
+
+
+def test_dtype_numbers_are_tfs():
+    """base.DTYPES stands in for TF's enum in the compiler process, which has no TF."""
+    from fuseflow.backends.base import DTYPES
+
+    assert {name: tf.as_dtype(name).as_datatype_enum for name in DTYPES} == DTYPES
+
+
+def test_returned_identities_encode_as_tf_would():
+    """The Identity per output that compile() appends, encoded without TF: what TF's own
+    GraphDef gives, here with a name past one length byte and every port dtype."""
+    from fuseflow.backends.base import DTYPES
+    from fuseflow.backends.openvino import OV_TYPES, returned
+
+    long = "scope/" * 30 + "x"
+    outputs = tuple(Port(f"{long}:{k}", dtype, (2,), -1) for k, dtype in
+                    enumerate([DTYPES["float32"], *sorted(OV_TYPES)]))
+    segment = SegmentGraph("seg0", b"", (), outputs, (), 0)
+    want = tf.compat.v1.GraphDef()
+    for k, port in enumerate(outputs):
+        want.node.add(name=f"__fuseflow_ret_{k}", op="Identity", input=[port.name]
+                      ).attr["T"].type = port.dtype
+    assert tf.compat.v1.GraphDef.FromString(returned(segment)) == want
+
+
+def test_the_check_compares_each_output_with_tfs():
+    """The parent's check of a worker's outputs (compile.compare): a wrong shape, an
+    error past the tolerance, or a NaN where TF has a number rejects the artifact."""
+    from fuseflow.compile import compare
+
+    ports = (Port("a:0", 1, (2,), -1), Port("b:0", 1, (2,), -1))
+    segment = SegmentGraph("seg0", b"", (), ports, (), 0)
+    want = [np.array([1.0, 2.0]), np.array([3.0, 4.0])]
+    assert "max relative error 2.50e-03" in compare(
+        segment, want, [want[0], np.array([3.0, 4.01])], 1e-2, "random inputs")
+    with pytest.raises(ValueError, match=r"output b:0 differs from TF by 2\.50e-03"):
+        compare(segment, want, [want[0], np.array([3.0, 4.01])], 1e-3, "random inputs")
+    with pytest.raises(ValueError, match=r"output a:0 has shape \(3,\)"):
+        compare(segment, want, [np.zeros(3), want[1]], 1e-3, "random inputs")
+    with pytest.raises(ValueError, match="non-finite"):
+        compare(segment, want, [np.array([1.0, np.nan]), want[1]], 1e-3, "random inputs")

@@ -24,7 +24,13 @@ from fuseflow.graph_util import (
 )
 from fuseflow.options import CompilerOptions
 from fuseflow.reasons import Reason
-from fuseflow.tf_compat import tf
+
+# TF's DataType enum values (types.proto) by dtype name: a compiler process runs
+# OpenVINO jobs without TensorFlow. test_openvino_backend checks them against TF's.
+DTYPES = {"float32": 1, "float64": 2, "int32": 3, "uint8": 4, "int16": 5, "int8": 6,
+          "string": 7, "int64": 9, "bool": 10, "bfloat16": 14, "uint16": 17, "float16": 19,
+          "uint32": 22, "uint64": 23}
+DTYPE_NAMES = {number: name for name, number in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,8 @@ def relative_error(want, got) -> float:
 
 def random_inputs(segment: SegmentGraph, seed: int = 0) -> list[np.ndarray]:
     """Values every op accepts: normal floats, zero integers (valid indices), False."""
+    from fuseflow.tf_compat import tf
+
     rng = np.random.default_rng(seed)
     values = []
     for port in segment.inputs:
@@ -134,6 +142,8 @@ def probe_graph(graph_def, keep: set[str], infos, constants: set[str] | None = N
     chains computing them) copied in, the functions they call carried along, every other
     outside input a Placeholder. Strings,
     resources and stateful ops thus never reach (and crash) the frontend."""
+    from fuseflow.tf_compat import tf
+
     if constants is None:
         constants = constant_nodes(graph_def)
     nodes = {n.name: n for n in graph_def.node}

@@ -62,10 +62,16 @@ import zlib
 from pathlib import Path
 
 import openvino as ov
-from tensorflow.python.framework import op_def_registry
 
 from fuseflow import errors
-from fuseflow.backends.base import Artifact, Backend, SegmentGraph, probe_graph
+from fuseflow.backends.base import (
+    DTYPE_NAMES,
+    DTYPES,
+    Artifact,
+    Backend,
+    SegmentGraph,
+    probe_graph,
+)
 from fuseflow.graph_util import (
     NON_COMPUTE_OPS,
     body_nodes,
@@ -73,12 +79,9 @@ from fuseflow.graph_util import (
     constant_nodes,
     node_name,
 )
-from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
 from fuseflow.options import CompilerOptions
 from fuseflow.partition import in_v1_control_flow, topological_order
 from fuseflow.reasons import Reason
-from fuseflow.shapes import node_shapes_known, node_tensors
-from fuseflow.tf_compat import tf
 
 log = logging.getLogger("fuseflow")
 
@@ -102,12 +105,10 @@ def _core():
 
 
 # TF dtype -> the OpenVINO type of a port of that dtype; float64 is left out (see above).
-OV_TYPES = {tf.float32.as_datatype_enum: ov.Type.f32, tf.float16.as_datatype_enum: ov.Type.f16,
-            tf.bfloat16.as_datatype_enum: ov.Type.bf16, tf.int8.as_datatype_enum: ov.Type.i8,
-            tf.int16.as_datatype_enum: ov.Type.i16, tf.int32.as_datatype_enum: ov.Type.i32,
-            tf.int64.as_datatype_enum: ov.Type.i64, tf.uint8.as_datatype_enum: ov.Type.u8,
-            tf.uint16.as_datatype_enum: ov.Type.u16, tf.uint32.as_datatype_enum: ov.Type.u32,
-            tf.uint64.as_datatype_enum: ov.Type.u64, tf.bool.as_datatype_enum: ov.Type.boolean}
+OV_TYPES = {DTYPES[name]: getattr(ov.Type, kind) for name, kind in (
+    ("float32", "f32"), ("float16", "f16"), ("bfloat16", "bf16"), ("int8", "i8"),
+    ("int16", "i16"), ("int32", "i32"), ("int64", "i64"), ("uint8", "u8"), ("uint16", "u16"),
+    ("uint32", "u32"), ("uint64", "u64"), ("bool", "boolean"))}
 
 
 def _requested(options: CompilerOptions) -> tuple[str, bool]:
@@ -258,7 +259,7 @@ def _zero_weights(graph_def) -> None:
     form): which ops the frontend converts does not hang on weight values, and the
     child then neither reads nor converts ResNet50's 100 MB of them."""
     for node in graph_def.node:
-        if node.op != "Const" or node.attr["dtype"].type != tf.float32.as_datatype_enum:
+        if node.op != "Const" or node.attr["dtype"].type != DTYPES["float32"]:
             continue
         tensor = node.attr["value"].tensor
         if len(tensor.tensor_content) < _ZEROED_BYTES:
@@ -282,6 +283,10 @@ def _refusal_reasons(graph_def, refused: set[str], infos, constants: set[str]
 def _body_convertible(graph_def, node) -> bool:
     """No stateful or unknown op in a loop's/conditional's bodies: they never reach (and
     may crash) the frontend; the frontend judges the rest in the probe."""
+    from tensorflow.python.framework import op_def_registry
+
+    from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
+
     for n in body_nodes(graph_def, node):
         op_def = op_def_registry.get(n.op)
         if n.op in FUNCTIONAL_CONTROL_FLOW:
@@ -296,6 +301,12 @@ class OpenVinoBackend(Backend):
 
     def support(self, graph_def, tensor_infos, options: CompilerOptions
                 ) -> dict[str, Reason | None]:
+        from tensorflow.python.framework import op_def_registry
+
+        from fuseflow.optimize import FUNCTIONAL_CONTROL_FLOW
+        from fuseflow.shapes import node_shapes_known, node_tensors
+        from fuseflow.tf_compat import tf
+
         result: dict[str, Reason | None] = {}
         # Inside a TF1 loop TF knows no shapes (Enter gives none); the frontend infers
         # them, and the frame goes whole into a segment whose ports have known shapes.
@@ -342,14 +353,10 @@ class OpenVinoBackend(Backend):
         # The Identities serialized alone and appended: protobuf parses concatenated
         # GraphDefs as one with their nodes joined, and the segment's bytes (ResNet50:
         # 100 MB) are neither parsed nor serialized again.
-        returns = tf.compat.v1.GraphDef()
-        for k, port in enumerate(segment.outputs):
-            returns.node.add(name=f"{_RET}{k}", op="Identity", input=[port.name]
-                             ).attr["T"].type = port.dtype
         path = Path(workdir) / "openvino_input.pb"
         with open(path, "wb") as f:
             f.write(segment.graph_def_bytes)
-            f.write(returns.SerializeToString())
+            f.write(returned(segment))
         model = _ordered_model(_core().read_model(str(path)), segment)
         times["convert"] = time.perf_counter() - start
         quantized = None
@@ -413,6 +420,8 @@ class OpenVinoBackend(Backend):
 
     def fused_node(self, segment: SegmentGraph, function_name: str, artifact: Artifact,
                    options: CompilerOptions):
+        from fuseflow.tf_compat import tf
+
         node = tf.compat.v1.NodeDef(name=segment.name, op="FuseflowOp")
         node.attr["Tin"].list.type.extend(p.dtype for p in segment.inputs)
         node.attr["Tout"].list.type.extend(p.dtype for p in segment.outputs)
@@ -447,7 +456,31 @@ def output_names(segment: SegmentGraph) -> list[str]:
 
 
 def _fmt(port) -> str:
-    return f"{tf.dtypes.as_dtype(port.dtype).name}{list(port.shape)}"
+    return f"{DTYPE_NAMES.get(port.dtype, port.dtype)}{list(port.shape)}"
+
+
+def returned(segment: SegmentGraph) -> bytes:
+    """A GraphDef of one Identity `__fuseflow_ret_<k>` per output, encoded here: the
+    compiler process has no TensorFlow to build it with. Wire format: GraphDef.node = 1;
+    NodeDef name = 1, op = 2, input = 3, attr = 5 (map entries: key = 1, value = 2);
+    AttrValue.type = 6 (a varint). test_openvino_backend compares it with TF's."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    def field(number: int, data: bytes) -> bytes:
+        return varint(number << 3 | 2) + varint(len(data)) + data
+
+    graph = b""
+    for k, port in enumerate(segment.outputs):
+        dtype = field(1, b"T") + field(2, varint(6 << 3) + varint(port.dtype))
+        graph += field(1, field(1, f"{_RET}{k}".encode()) + field(2, b"Identity")
+                       + field(3, port.name.encode()) + field(5, dtype))
+    return graph
 
 
 def _fused(model):

@@ -218,6 +218,27 @@ def prestart_worker(backends: list[str]) -> None:
     _POOL.prestart(tuple(backends))
 
 
+def call_in_worker(function: str, args: tuple, backends: tuple[str, ...],
+                   timeout_s: float):
+    """function(*args) ("module:name") in a compiler process with `backends` imported
+    (the one compile() started, usually): a library that aborts on some graph costs that
+    process, never the user's. RuntimeError when it fails, dies or times out."""
+    [worker] = _POOL.take(1, backends)
+    try:
+        worker.writer.send(("call", function, args))
+        if not worker.reader.poll(timeout_s):
+            worker.stop(kill=True)
+            raise RuntimeError(f"no answer in {timeout_s:g} s")
+        message = worker.reader.recv()
+    except (EOFError, OSError):
+        raise RuntimeError(f"its process died (exit code {worker.process.wait()})") from None
+    finally:
+        _POOL.give([worker])  # a dead or killed one is stopped, not kept
+    if message[0] != "ok":
+        raise RuntimeError(message[1][0])
+    return message[1]
+
+
 def preload_backends(backends: list[str]) -> None:
     """The started compiler processes import `backends` too, once a compile knows it
     needs them (XLA's TensorFlow, for the loops placed on it)."""

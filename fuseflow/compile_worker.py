@@ -5,7 +5,9 @@ Run as `python -m fuseflow.compile_worker READ_FD WRITE_FD [BACKEND...]` (the
 backends are imported before the first request); every request
 ("job", backend name, segment, options, directory, check inputs) gets exactly one
 ("ok", Artifact, outputs on the check inputs) or ("error", (line, traceback));
-("preload", backend names) gets no answer: the worker imports them meanwhile.
+("preload", backend names) gets no answer: the worker imports them meanwhile;
+("call", "module:function", args) gets ("ok", its result) or ("error", ...)
+(OpenVINO's frontend probe runs so, where OpenVINO is imported already).
 The process imports TensorFlow only for a backend that needs it (XLA): an
 OpenVINO compile runs without it (fuseflow/__init__.py), and so the parent, which
 has TF, computes TF's answers for the check (compile.py) while this compiles.
@@ -25,6 +27,7 @@ than TF, or an int8 one slower than its bf16 compile).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 import threading
@@ -73,6 +76,21 @@ def compile_and_run(backend: Backend, segment: SegmentGraph, options: CompilerOp
     return dataclasses.replace(artifact, timings=timings), outputs
 
 
+def _call(function: str, args: tuple) -> tuple:
+    """("ok", function(*args)) or ("error", (line, traceback)); function: "module:name"."""
+    try:
+        module, _, name = function.partition(":")
+        return ("ok", getattr(importlib.import_module(module), name)(*args))
+    except Exception as e:  # noqa: BLE001 - the parent decides
+        return ("error", _failure(e))
+
+
+def _failure(e: Exception) -> tuple[str, str]:
+    text = str(e).strip()
+    return (f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
+            traceback.format_exc())
+
+
 def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
     from fuseflow.backends import get_backend
 
@@ -114,6 +132,9 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
         if message[0] == "preload":  # backends a job will need: no answer
             preload_later(message[1])
             continue
+        if message[0] == "call":
+            writer.send(_call(*message[1:]))
+            continue
         _, backend_name, segment, options, seg_dir, inputs = message
         writer.send(("started", time.monotonic()))
         try:
@@ -125,9 +146,7 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
             (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
             writer.send(("ok", dataclasses.replace(artifact, executable=b""), outputs))
         except Exception as e:  # every failure goes back to the parent, which decides
-            text = str(e).strip()
-            first = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-            writer.send(("error", (first, traceback.format_exc())))
+            writer.send(("error", _failure(e)))
 
 
 if __name__ == "__main__":

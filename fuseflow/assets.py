@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tensorflow.core.framework import function_pb2
 
-from fuseflow.graph_util import reachable_functions
+from fuseflow.graph_util import field_header, reachable_functions
 from fuseflow.tf_compat import tf
 
 FUSED_OP = "FuseflowOp"
@@ -59,17 +59,10 @@ def _library_chunks(functions) -> list[bytes]:
     chunks = []
     for function in functions:
         data = function.SerializeToString()
-        chunks += [b"\x0a" + _varint(len(data)), data]  # field 1 (function), length-delimited
+        chunks += [field_header(1, len(data)), data]  # FunctionDefLibrary.function = 1
     return chunks
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def move_to_assets(graph_def, folder: Path, copy: bool = True):

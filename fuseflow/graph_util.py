@@ -92,6 +92,19 @@ def body_nodes(graph_def, node) -> list:
             for n in functions[name].node_def]
 
 
+def field_header(number: int, length: int) -> bytes:
+    """The bytes protobuf writes before a bytes or message field of `length` bytes. A
+    message serialized, or a field so written, joins others by concatenation (repeated
+    fields append): big parts are encoded once, never copied into a message first."""
+    header = bytearray()
+    for value in (number << 3 | 2, length):  # the tag (wire type 2), then the length
+        while value > 0x7F:
+            header.append(value & 0x7F | 0x80)
+            value >>= 7
+        header.append(value)
+    return bytes(header)
+
+
 # Nodes that hold or pass data but compute nothing; never counted as ops.
 NON_COMPUTE_OPS = frozenset({"Const", "Placeholder", "PlaceholderWithDefault", "NoOp", "_Arg",
                              "_Retval", "VarHandleOp", "VariableV2"})

@@ -221,6 +221,40 @@ def test_probe_and_segment_carry_the_same_constant_chains():
     assert [p.name for p in segment.inputs] == ["fuseflow_input_0"]
 
 
+def test_weights_go_into_a_segment_byte_for_byte():
+    """A weight over the stand-in size goes in as its serialized bytes, appended to the
+    segment's; one with a device goes in as a copy, the device cleared. Both parse back
+    into one GraphDef that computes what the model does."""
+    from fuseflow.extract import extract_segment
+    from fuseflow.graph_util import STAND_IN_BYTES
+    from fuseflow.partition import Segment
+
+    rows = STAND_IN_BYTES // 16 + 1
+    values = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf1.placeholder(tf.float32, [2, rows], name="x")
+        w = tf.constant(values, name="w")
+        with tf.device("/cpu:0"):
+            v = tf.constant(values + 1, name="v")
+        tf.add(tf.matmul(x, w, name="a"), tf.matmul(x, v, name="b"), name="y")
+    graph_def, infos = graph.as_graph_def(), _infos(graph)
+    segment = extract_segment(graph_def, Segment("s", ["a", "b", "y"], 3), infos, {},
+                              {"y:0"}, None)
+    inside = {n.name: n for n in tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes).node}
+    original = {n.name: n for n in graph_def.node}
+    assert inside["w"] == original["w"] and inside["w"].SerializeToString() in (
+        segment.graph_def_bytes)
+    assert not inside["v"].device and inside["v"].attr == original["v"].attr
+    assert sorted(inside) == ["a", "b", "fuseflow_input_0", "v", "w", "y"]
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        tf.graph_util.import_graph_def(tf.compat.v1.GraphDef.FromString(
+            segment.graph_def_bytes), name="")
+        feed = np.ones((2, rows), np.float32)
+        np.testing.assert_allclose(sess.run("y:0", {"fuseflow_input_0:0": feed}),
+                                   feed @ values + feed @ (values + 1), rtol=1e-5)
+
+
 def test_the_frontend_probe_is_kept_in_the_compile_cache(tmp_path, monkeypatch):
     """A recompile asks the compile cache, not a frontend process, what OpenVINO takes:
     the second support() runs with the probe made to fail, and answers the same."""

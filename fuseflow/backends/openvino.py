@@ -461,21 +461,16 @@ def returned(segment: SegmentGraph) -> bytes:
     """A GraphDef of one Identity `__fuseflow_ret_<k>` per output, encoded here: the
     compiler process has no TensorFlow to build it with. Wire format: GraphDef.node = 1;
     NodeDef name = 1, op = 2, input = 3, attr = 5 (map entries: key = 1, value = 2);
-    AttrValue.type = 6 (a varint). test_openvino_backend compares it with TF's."""
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
+    AttrValue.type = 6. test_openvino_backend compares it with TF's."""
+    from fuseflow.graph_util import field_header
 
     def field(number: int, data: bytes) -> bytes:
-        return varint(number << 3 | 2) + varint(len(data)) + data
+        return field_header(number, len(data)) + data
 
     graph = b""
     for k, port in enumerate(segment.outputs):
-        dtype = field(1, b"T") + field(2, varint(6 << 3) + varint(port.dtype))
+        # AttrValue.type: tag and value one byte each (a varint field; dtypes are < 128).
+        dtype = field(1, b"T") + field(2, bytes([6 << 3, port.dtype]))
         graph += field(1, field(1, f"{_RET}{k}".encode()) + field(2, b"Identity")
                        + field(3, port.name.encode()) + field(5, dtype))
     return graph

@@ -20,6 +20,11 @@ __version__ = "0.1.0"
 # it: an OpenVINO compile does not, and importing TF took 3 s of the two cores it
 # shares with the compile that started it.
 if os.environ.get("FUSEFLOW_COMPILER_PROCESS") != "1":
+    # First: TensorFlow imported with its C++ start-up lines hidden (tf_compat.py), before
+    # a module imports any part of it directly.
+    from fuseflow import tf_compat  # noqa: E402, F401
+
+    # isort: split
     from fuseflow import errors, graph_util, native, saved_model  # noqa: E402
     from fuseflow.multicore import auto_multicore  # noqa: E402
     from fuseflow.runtime import runtime_stats  # noqa: E402

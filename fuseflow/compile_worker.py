@@ -136,13 +136,18 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
             writer.send(_call(*message[1:]))
             continue
         _, backend_name, segment, options, seg_dir, inputs = message
+        try:  # the job's clock starts once its backend is imported (maybe in the background)
+            backend: Backend | Exception = backend_named(backend_name)
+        except Exception as e:  # noqa: BLE001 - answered below
+            backend = e
         writer.send(("started", time.monotonic()))
         try:
+            if isinstance(backend, Exception):
+                raise backend
             seg_dir = Path(seg_dir)
             segment = dataclasses.replace(
                 segment, graph_def_bytes=(seg_dir / SEGMENT_FILE).read_bytes())
-            artifact, outputs = compile_and_run(backend_named(backend_name), segment,
-                                                options, seg_dir, inputs)
+            artifact, outputs = compile_and_run(backend, segment, options, seg_dir, inputs)
             (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
             writer.send(("ok", dataclasses.replace(artifact, executable=b""), outputs))
         except Exception as e:  # every failure goes back to the parent, which decides

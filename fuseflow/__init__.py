@@ -16,10 +16,11 @@ xla_cache.configure_process()  # before TF reads TF_XLA_FLAGS (at its first XLA 
 
 __version__ = "0.1.0"
 
-# A compiler process (compile.py sets this) imports TensorFlow only when a job needs
-# it: an OpenVINO compile does not, and importing TF took 3 s of the two cores it
-# shares with the compile that started it.
-if os.environ.get("FUSEFLOW_COMPILER_PROCESS") != "1":
+# Set in a compiler process's environment (compile.py): it imports TensorFlow only when
+# a job needs it. An OpenVINO compile does not, and importing TF took 3 s of the two
+# cores it shares with the compile that started it.
+COMPILER_PROCESS = "FUSEFLOW_COMPILER_PROCESS"
+if os.environ.get(COMPILER_PROCESS) != "1":
     # First: TensorFlow imported with its C++ start-up lines hidden (tf_compat.py), before
     # a module imports any part of it directly.
     from fuseflow import tf_compat  # noqa: E402, F401

@@ -63,8 +63,6 @@ def _library_chunks(functions) -> list[bytes]:
     return chunks
 
 
-
-
 def move_to_assets(graph_def, folder: Path, copy: bool = True):
     """(graph without fused ops' blobs and fallback functions, the files now holding them).
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fuseflow import progress
+from fuseflow import COMPILER_PROCESS, progress
 from fuseflow.backends.base import Artifact, SegmentGraph, random_inputs, relative_error
 from fuseflow.cache import CompileCache, values_digest
 from fuseflow.options import CompilerOptions
@@ -53,8 +53,6 @@ _ENV_IGNORED = frozenset({"PYTEST_CURRENT_TEST", "FUSEFLOW_CACHE_DIR"})
 # worker, and the executable the worker writes back.
 SEGMENT_FILE = "graph.pb"
 EXECUTABLE_FILE = "executable.bin"
-# Set in a worker's environment: importing fuseflow there imports no TensorFlow.
-COMPILER_PROCESS = "FUSEFLOW_COMPILER_PROCESS"
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,7 @@ class _Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fuseflow.compile_worker", str(child_r), str(child_w),
              *backends], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL,
-            env={**os.environ, COMPILER_PROCESS: "1"})  # fuseflow/__init__.py
+            env={**os.environ, COMPILER_PROCESS: "1"})  # it imports no TensorFlow
         os.close(child_r)
         os.close(child_w)
         self.reader = Connection(parent_r, writable=False)
@@ -267,7 +265,7 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
     backends = tuple(sorted({jobs[i].backend for i in pending}))
     workers = _POOL.take(worker_count(options, len(pending)), backends) if pending else []
     # TF's answers on each job's check inputs, computed here while its worker compiles.
-    references: dict[int, Future] = {}
+    references: dict[int, tuple[Future, str]] = {}
     checker = ThreadPoolExecutor(1, thread_name_prefix="fuseflow-reference")
     progress.update(len(results), len(segments), "")
     try:
@@ -285,8 +283,8 @@ def compile_segments(jobs: list[CompileJob], options: CompilerOptions, workdir: 
                                    dataclasses.replace(segments[i], graph_def_bytes=b""),
                                    jobs[i].options or options, str(seg_dir), inputs))
                     w.job = (i, time.monotonic())
-                    references[i] = checker.submit(reference_outputs, segments[i], inputs,
-                                                   where)
+                    references[i] = (checker.submit(reference_outputs, segments[i],
+                                                    inputs), where)
             for k, w in enumerate(workers):
                 outcome = _poll(w, options.timeout_s)
                 if outcome is None:
@@ -328,20 +326,14 @@ def check_inputs(segment: SegmentGraph, options: CompilerOptions, seg_dir: Path
     return random_inputs(segment), "random inputs"
 
 
-def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray], where: str = ""
-                      ) -> tuple[list[np.ndarray], str]:
-    """TF's outputs of the segment on inputs (and `where`, passed through)."""
-    from fuseflow.tf_compat import lift_constants, plain_session_config, tf
+def reference_outputs(segment: SegmentGraph, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """TF's outputs of the segment on inputs."""
+    from fuseflow.batch import run_feeds
+    from fuseflow.tf_compat import tf
 
-    graph_def, constants = lift_constants(  # fed: TF copies them once, not ten times
-        tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes))
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.graph_util.import_graph_def(graph_def, name="")
-    with tf.compat.v1.Session(graph=graph, config=plain_session_config()) as sess:
-        return sess.run([p.name for p in segment.outputs],
-                        {**constants, **{f"{p.name}:0": v for p, v in zip(segment.inputs,
-                                                                           inputs)}}), where
+    return run_feeds(tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), [],
+                     [{f"{p.name}:0": v for p, v in zip(segment.inputs, inputs)}],
+                     [p.name for p in segment.outputs])[0]
 
 
 def compare(segment: SegmentGraph, expected: list, actual: list, tolerance: float,
@@ -362,23 +354,29 @@ def compare(segment: SegmentGraph, expected: list, actual: list, tolerance: floa
     return f"verified against TF on {where}: max relative error {worst:.2e}\n"
 
 
-def _checked(job: CompileJob, outcome: tuple, reference: Future, options: CompilerOptions,
-             seg_dir: Path) -> tuple:
+def _checked(job: CompileJob, outcome: tuple, reference: tuple[Future, str],
+             options: CompilerOptions, seg_dir: Path) -> tuple:
     """A worker's ("ok", artifact, its outputs) as ("ok", artifact with its executable
-    and the check in its log) if the outputs match TF's, else as ("error", ...)."""
+    and the check in its log) if the outputs match TF's, else as ("error", ...).
+    reference: TF's outputs to come, and what inputs they are on."""
     from fuseflow.backends import get_backend
 
     _, artifact, actual = outcome
+    expected, where = reference
     try:
-        expected, where = reference.result()
         tolerance = get_backend(job.backend).tolerance(job.options or options)
-        line = compare(job.segment, expected, actual, tolerance, where)
+        line = compare(job.segment, expected.result(), actual, tolerance, where)
     except Exception as e:  # noqa: BLE001 - the segment stays in TF, with why
-        text = str(e).strip()
-        return ("error", (f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
-                          traceback.format_exc()))
+        return ("error", failure(e))
     return ("ok", dataclasses.replace(artifact, log=artifact.log + line,
                                       executable=(seg_dir / EXECUTABLE_FILE).read_bytes()))
+
+
+def failure(e: Exception) -> tuple[str, str]:
+    """An exception as a failed job's (first line, traceback), as the log shows it."""
+    text = str(e).strip()
+    return (f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
+            traceback.format_exc())
 
 
 def cache_keys(jobs: list[CompileJob], options: CompilerOptions,

@@ -32,14 +32,13 @@ import os
 import sys
 import threading
 import time
-import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 
 from fuseflow.backends.base import Artifact, Backend, SegmentGraph
-from fuseflow.compile import EXECUTABLE_FILE, SEGMENT_FILE
+from fuseflow.compile import EXECUTABLE_FILE, SEGMENT_FILE, failure
 from fuseflow.options import CompilerOptions
 
 
@@ -82,13 +81,7 @@ def _call(function: str, args: tuple) -> tuple:
         module, _, name = function.partition(":")
         return ("ok", getattr(importlib.import_module(module), name)(*args))
     except Exception as e:  # noqa: BLE001 - the parent decides
-        return ("error", _failure(e))
-
-
-def _failure(e: Exception) -> tuple[str, str]:
-    text = str(e).strip()
-    return (f"{type(e).__name__}: {text.splitlines()[0] if text else ''}",
-            traceback.format_exc())
+        return ("error", failure(e))
 
 
 def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
@@ -97,15 +90,13 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
     reader = Connection(read_fd, writable=False)
     writer = Connection(write_fd, readable=False)
     backends: dict[str, Backend] = {}
-    locks: dict[str, threading.Lock] = {}
-    guard = threading.Lock()
+    importing = threading.Lock()
 
     def backend_named(name: str) -> Backend:
-        with guard:
-            lock = locks.setdefault(name, threading.Lock())
-        with lock:  # one import of each backend, whichever thread asks first
-            if name not in backends:
-                backends[name] = get_backend(name)
+        if name not in backends:
+            with importing:  # one import of each, whichever thread asks first
+                if name not in backends:
+                    backends[name] = get_backend(name)
         return backends[name]
 
     def preload_all(names) -> None:
@@ -116,14 +107,13 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
                 pass
 
     def preload_later(names) -> None:
-        threading.Thread(target=preload_all, args=(names,), daemon=True).start()
+        if names:
+            threading.Thread(target=preload_all, args=(names,), daemon=True).start()
 
-    # OpenVINO first, at once; a backend that imports TensorFlow (3 s) in the background,
-    # so that an OpenVINO job need not wait for it.
-    first = [n for n in preload if n == "openvino"]
-    preload_all(first)
-    if len(first) < len(preload):
-        preload_later([n for n in preload if n not in first])
+    # OpenVINO at once; a backend that imports TensorFlow (3 s) in the background, so
+    # that an OpenVINO job need not wait for it.
+    preload_all([n for n in preload if n == "openvino"])
+    preload_later([n for n in preload if n != "openvino"])
     while True:
         try:
             message = reader.recv()
@@ -151,7 +141,7 @@ def main(read_fd: int, write_fd: int, preload: list[str] = ()) -> None:
             (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
             writer.send(("ok", dataclasses.replace(artifact, executable=b""), outputs))
         except Exception as e:  # every failure goes back to the parent, which decides
-            writer.send(("error", _failure(e)))
+            writer.send(("error", failure(e)))
 
 
 if __name__ == "__main__":

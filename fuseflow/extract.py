@@ -13,7 +13,6 @@ from __future__ import annotations
 from fuseflow.backends.base import Port, SegmentGraph
 from fuseflow.batch import BatchInfo, free_batch_shapes
 from fuseflow.graph_util import (
-    STAND_IN_BYTES,
     constant_chain,
     constant_nodes,
     copy_called_functions,
@@ -21,6 +20,7 @@ from fuseflow.graph_util import (
     count_ops,
     field_header,
     is_control,
+    is_weight,
     node_name,
     output_index,
 )
@@ -53,9 +53,10 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
     placeholders: dict[str, str] = {}  # outside tensor -> placeholder name
     copied_consts: set[str] = set()
     body = []
-    # Weights as they are serialized in the model's graph, appended to the segment's
-    # bytes (protobuf joins repeated fields): copied into a NodeDef, into the GraphDef
-    # and serialized, ResNet50's 100 MB went through three copies.
+    # Weights (with no device to clear) as they are serialized in the model's graph,
+    # appended to the segment's bytes (protobuf joins repeated fields): copied into a
+    # NodeDef, into the GraphDef and serialized, ResNet50's 100 MB went through three
+    # copies.
     as_bytes = not (per_shape and batch_info is not None)  # those rewrite the graph below
     weights: list[bytes] = []
     for name in segment.nodes:
@@ -71,7 +72,7 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
             elif src in constants:
                 for c in constant_chain(nodes, src, (members, copied_consts)):
                     copied_consts.add(c)
-                    if as_bytes and _plain_weight(nodes[c]):
+                    if as_bytes and is_weight(nodes[c]) and not nodes[c].device:
                         weights.append(nodes[c].SerializeToString())
                         continue
                     const = copy_constant(nodes[c])
@@ -131,15 +132,6 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
         outputs=outputs_t, op_types=tuple(sorted({nodes[n].op for n in segment.nodes})),
         node_count=count_ops(graph_def, members),
         node_names=tuple(segment.nodes), input_sources=tuple(placeholders))
-
-
-def _plain_weight(node) -> bool:
-    """A Const over STAND_IN_BYTES that goes into a segment as it is: no device to clear,
-    no input to drop."""
-    return (node.op == "Const" and not node.device and not node.input
-            and node.attr["value"].tensor.ByteSize() > STAND_IN_BYTES)
-
-
 
 
 def _axis(tensor: str, batch_info: BatchInfo | None) -> int:

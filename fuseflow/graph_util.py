@@ -216,6 +216,12 @@ def copy_constant(node):
 STAND_IN_BYTES = 64 << 10
 
 
+def is_weight(node) -> bool:
+    """A Const over STAND_IN_BYTES with no input: a weight, as the stages treat it."""
+    return (node.op == "Const" and not node.input
+            and node.attr["value"].tensor.ByteSize() > STAND_IN_BYTES)
+
+
 def without_weights(graph_def) -> tuple[object, dict]:
     """A copy with each large Const replaced by a Placeholder of its dtype and shape (a
     stand-in); and {name: the Const's NodeDef}. Copying ResNet50's graph this way takes
@@ -226,9 +232,7 @@ def without_weights(graph_def) -> tuple[object, dict]:
     input_control_node would otherwise keep them all and pass them on to every
     constant it folds, tying segments together through control edges.
     """
-    weights = {node.name: node for node in graph_def.node
-               if node.op == "Const" and not node.input
-               and node.attr["value"].tensor.ByteSize() > STAND_IN_BYTES}
+    weights = {node.name: node for node in graph_def.node if is_weight(node)}
     light = graph_def.__class__()
     light.versions.CopyFrom(graph_def.versions)
     light.library.CopyFrom(graph_def.library)

@@ -19,7 +19,7 @@ never mix theirs up.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tensorflow.core.framework import function_pb2
@@ -33,6 +33,23 @@ LIBRARY_SUFFIX = ".fallback.pb"
 ASSETS_OP = "fuseflow_assets"
 
 
+@dataclass
+class Payloads:
+    """What rewrite_graph keeps out of the graph for move_to_assets to write into files as
+    it is: each FuseflowOp's blob, and the weights its fallback function lacks (serialized
+    NodeDefs). Copied into the graph and read back out, ResNet50's 100 MB blob and 100 MB
+    of weights cost its compile 0.5 s."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)  # by fused node
+    weights: dict[str, list] = field(default_factory=dict)  # by fallback function
+
+    def hold(self, node, blob: bytes) -> None:
+        """Keep node's blob here: it goes into the graph as its CRC only."""
+        node.attr["executable"].s = b""
+        node.attr["executable_crc32"].s = f"{zlib.crc32(blob):08x}".encode()
+        self.blobs[node.name] = blob
+
+
 @dataclass(frozen=True)
 class AssetFile:
     key: str  # what the op's executable_file/native_file attr names
@@ -44,38 +61,48 @@ def file_name(key: str, suffix: str) -> str:
     return f"fuseflow-{key}{suffix}"
 
 
-def _key(node_name: str, chunks: list[bytes]) -> str:
-    """The file's key: the node and the CRC-32 and size of its content (these chunks)."""
-    crc = 0
-    for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
+def _key(node_name: str, chunks: list, crc: int | None = None) -> str:
+    """The file's key: the node and the CRC-32 and size of its content (these chunks);
+    crc: theirs, where the caller has it already."""
+    if crc is None:
+        crc = 0
+        for chunk in chunks:
+            crc = zlib.crc32(chunk, crc)
     return f"{node_name.replace('/', '_')}-{crc:08x}-{sum(map(len, chunks))}"
 
 
-def _library_chunks(functions) -> list[bytes]:
+def _library_chunks(functions, weights: dict[str, list]) -> list:
     """A FunctionDefLibrary holding functions, serialized, in pieces: each function's
     bytes behind its field header, as protobuf writes a repeated field (never joined nor
-    copied into a library first: a fallback function holds the segment's weights)."""
+    copied into a library first: a fallback function holds the segment's weights).
+    weights: per function, serialized NodeDefs it lacks (Payloads), written after it as
+    its own node_def fields."""
     chunks = []
     for function in functions:
-        data = function.SerializeToString()
-        chunks += [field_header(1, len(data)), data]  # FunctionDefLibrary.function = 1
+        data = [function.SerializeToString()]
+        for node in weights.get(function.signature.name, ()):
+            data += [field_header(3, len(node)), node]  # FunctionDef.node_def = 3
+        chunks += [field_header(1, sum(map(len, data))), *data]  # library.function = 1
     return chunks
 
 
-def move_to_assets(graph_def, folder: Path, copy: bool = True):
+def move_to_assets(graph_def, folder: Path, copy: bool = True,
+                   payloads: Payloads | None = None):
     """(graph without fused ops' blobs and fallback functions, the files now holding them).
 
     Functions anything else in the graph calls stay in the library. A file already in
     folder under its content's name is kept as it is. copy=False takes them out of
-    graph_def itself (the caller's own: no copy of its 200 MB) and returns it."""
+    graph_def itself (the caller's own: no copy of its 200 MB) and returns it.
+    payloads: what rewrite_graph kept out of graph_def, written into the files here."""
+    payloads = payloads or Payloads()
     if copy:
         out = tf.compat.v1.GraphDef()
         out.CopyFrom(graph_def)
     else:
         out = graph_def
-    fused = [n for n in out.node if n.op == FUSED_OP and n.attr["executable"].s]
-    if not fused:
+    fused = [n for n in out.node if n.op == FUSED_OP
+             and (n.name in payloads.blobs or n.attr["executable"].s)]
+    if not fused and not payloads.blobs and not payloads.weights:
         return out, []
     folder.mkdir(parents=True, exist_ok=True)
     functions = {f.signature.name: f for f in out.library.function}
@@ -85,8 +112,9 @@ def move_to_assets(graph_def, folder: Path, copy: bool = True):
     stubs = {}
     files = []
     for node in fused:
-        blob = [node.attr["executable"].s]
-        key = _key(node.name, blob)
+        blob = [payloads.blobs.pop(node.name, None) or node.attr["executable"].s]
+        crc = node.attr["executable_crc32"].s
+        key = _key(node.name, blob, int(crc, 16) if crc else None)
         path = folder / file_name(key, BLOB_SUFFIX)
         _write_once(path, blob)
         files.append(AssetFile(key, path))
@@ -96,7 +124,7 @@ def move_to_assets(graph_def, folder: Path, copy: bool = True):
         names = reachable_functions(out, [node])
         if not names or names[0] != node.attr["native_segment"].func.name:
             continue
-        data = _library_chunks(functions[n] for n in names)
+        data = _library_chunks((functions[n] for n in names), payloads.weights)
         key = _key(node.name, data)
         path = folder / file_name(key, LIBRARY_SUFFIX)
         _write_once(path, data)
@@ -106,6 +134,11 @@ def move_to_assets(graph_def, folder: Path, copy: bool = True):
         stubs[names[0]] = _stub(functions[names[0]])
     kept = [stubs.get(f.signature.name, f) for f in out.library.function
             if f.signature.name not in moved or f.signature.name in needed]
+    incomplete = sorted(payloads.blobs) + sorted(
+        {f.signature.name for f in kept} & set(payloads.weights) - set(stubs))
+    if incomplete:
+        raise RuntimeError(f"{incomplete}: blobs or weights held apart from the graph with "
+                           "no file to go to: fuseflow bug, please report it")
     del out.library.function[:]
     out.library.function.extend(kept)
     return out, files
@@ -192,5 +225,5 @@ def blob_size(node, model_dir=None) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-__all__ = ["AssetFile", "move_to_assets", "add_assets_op", "read_asset_libraries",
+__all__ = ["AssetFile", "Payloads", "move_to_assets", "add_assets_op", "read_asset_libraries",
            "blob_size"]

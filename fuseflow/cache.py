@@ -151,7 +151,7 @@ class CompileCache:
         head = json.dumps([backend_name, _versions(), chosen, len(segment.inputs), ports,
                            segment.name, calibration], sort_keys=True, default=str)
         h.update(head.encode())
-        _hash_graph(h, segment.graph_def_bytes)
+        _hash_graph(h, segment)
         return h.hexdigest()
 
     def lookup_timings(self, key: str, what: str, kind: str = "timing") -> dict | None:
@@ -254,18 +254,23 @@ def flush() -> None:
         _PENDING.pop(0).result()
 
 
-def _hash_graph(h, graph_def_bytes) -> None:
-    """h.update with the canonical GraphDef (see canonical), its weights hashed apart:
-    serializing 100 MB of them again only to hash them cost ResNet50 0.2 s."""
-    from fuseflow.graph_util import without_weights
+def _hash_graph(h, segment: SegmentGraph) -> None:
+    """h.update with the segment's canonical GraphDef (see canonical), its weights hashed
+    apart, by name, dtype, shape and content: parsing and serializing 100 MB of them
+    again only to hash them cost ResNet50 0.2 s. Those extract.py appended are read
+    where they lie (split_weights)."""
+    from fuseflow.graph_util import split_weights, without_weights
     from fuseflow.tf_compat import tf
 
-    light, weights = without_weights(tf.compat.v1.GraphDef.FromString(graph_def_bytes))
+    light, appended = split_weights(segment)
+    light, weights = without_weights(light)
+    weights.update((n.name, n) for n in map(tf.compat.v1.NodeDef.FromString, appended))
     h.update(canonical(light))
     for name in sorted(weights):
         value = weights[name].attr["value"].tensor
         data = value.tensor_content or value.SerializeToString(deterministic=True)
-        h.update(f"{name}\0{len(data)}\0".encode())
+        shape = [d.size for d in value.tensor_shape.dim]
+        h.update(f"{name}\0{value.dtype}\0{shape}\0{len(data)}\0".encode())
         h.update(data)
 
 

@@ -124,10 +124,12 @@ def extract_segment(graph_def, segment: Segment, infos: dict[str, TensorInfo],
     if not splittable:
         outputs_t = tuple(Port(p.name, p.dtype, p.shape, -1) for p in outputs_t)
         inputs_t = tuple(Port(p.name, p.dtype, p.shape, -1) for p in inputs_t)
+    light = out.SerializeToString()
     return SegmentGraph(
         name=segment.name, graph_def_bytes=b"".join(
-            [out.SerializeToString(), *(part for w in weights  # GraphDef.node = 1
-                                        for part in (field_header(1, len(w)), w))]),
+            [light, *(part for w in weights  # GraphDef.node = 1
+                      for part in (field_header(1, len(w)), w))]),
+        weights_at=len(light) if weights else -1,
         inputs=inputs_t,
         outputs=outputs_t, op_types=tuple(sorted({nodes[n].op for n in segment.nodes})),
         node_count=count_ops(graph_def, members),

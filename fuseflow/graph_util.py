@@ -92,6 +92,31 @@ def body_nodes(graph_def, node) -> list:
             for n in functions[name].node_def]
 
 
+def split_weights(segment) -> tuple[object, list[memoryview]]:
+    """(the segment's GraphDef without the weights extract appended, those weights as
+    serialized NodeDefs): the stages that rebuild the segment keep them as bytes and
+    parse only the rest (ResNet50: 100 KB of its 100 MB)."""
+    from fuseflow.tf_compat import tf
+
+    data, start = segment.graph_def_bytes, segment.weights_at
+    if start < 0:
+        return tf.compat.v1.GraphDef.FromString(data), []
+    view, weights, pos = memoryview(data), [], start
+    while pos < len(data):
+        if data[pos] != 0x0A:  # GraphDef.node = 1, length-delimited
+            raise ValueError(f"segment {segment.name}: no node field at byte {pos}")
+        length, shift, pos = 0, 0, pos + 1
+        while True:
+            byte = data[pos]
+            length |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if byte < 0x80:
+                break
+        weights.append(view[pos:pos + length])
+        pos += length
+    return tf.compat.v1.GraphDef.FromString(view[:start]), weights
+
+
 def field_header(number: int, length: int) -> bytes:
     """The bytes protobuf writes before a bytes or message field of `length` bytes. A
     message serialized, or a field so written, joins others by concatenation (repeated

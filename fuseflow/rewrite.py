@@ -9,10 +9,13 @@ function library: it is the XLA call's body, and the native op's fallback.
 
 from __future__ import annotations
 
+import dataclasses
+
+from fuseflow.assets import FUSED_OP, Payloads
 from fuseflow.backends import get_backend
 from fuseflow.backends.base import SegmentGraph
 from fuseflow.compile import CompiledSegment
-from fuseflow.graph_util import constant_nodes, node_name
+from fuseflow.graph_util import constant_nodes, is_weight, node_name, split_weights
 from fuseflow.optimize import restore_lowering
 from fuseflow.options import CompilerOptions
 from fuseflow.tf_compat import tf
@@ -22,15 +25,18 @@ _BIG_CONSTANT = 1 << 16
 
 
 def add_segment_function(library, segment: SegmentGraph, function_name: str,
-                         weights: bool = True):
+                         weights: bool = True, apart: list | None = None):
     """The segment's GraphDef as a FunctionDef (Placeholders become arguments), added to
     library (a FunctionDefLibrary); returns it.
 
     Going through a TF graph, a constant's value was copied five times (parsed, imported,
     read back per node, copied into the library; ResNet50: 100 MB each): big values are
     cut out before and set once, into the library's copy of the function. weights=False
-    leaves them out (zeros, if it ever ran): for a fallback that must never run."""
-    graph_def = tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes)
+    leaves them out (zeros, if it ever ran): for a fallback that must never run.
+    apart: a list that takes the weights extract appended, as the serialized NodeDefs
+    the function is missing (assets.move_to_assets writes them into the function's file
+    as they are: never parsed, copied nor serialized again)."""
+    graph_def, appended = split_weights(segment)
     contents = {}
     for node in graph_def.node:
         if node.op == "Const":
@@ -39,10 +45,27 @@ def add_segment_function(library, segment: SegmentGraph, function_name: str,
             if len(content) >= _BIG_CONSTANT:
                 contents[node.name] = content
                 tensor.ClearField("tensor_content")
+    full = {}
+    for data in appended:  # a stand-in of its dtype and shape is all the import needs
+        weight = tf.compat.v1.NodeDef.FromString(data)
+        full[weight.name] = (weight, data)
+        stand_in = graph_def.node.add(name=weight.name, op=weight.op)
+        stand_in.attr["dtype"].CopyFrom(weight.attr["dtype"])
+        value = weight.attr["value"].tensor
+        stand_in.attr["value"].tensor.dtype = value.dtype
+        stand_in.attr["value"].tensor.tensor_shape.CopyFrom(value.tensor_shape)
     function = library.function.add()
     function.CopyFrom(_as_function(graph_def, segment, function_name))
-    for node in function.node_def if weights else ():
-        if node.op == "Const" and node.name in contents:
+    if not weights:
+        return function
+    if apart is not None:
+        for k in reversed([k for k, n in enumerate(function.node_def) if n.name in full]):
+            del function.node_def[k]
+        apart.extend(data for _, data in full.values())
+    for node in function.node_def:
+        if node.name in full:
+            node.CopyFrom(full[node.name][0])
+        elif node.op == "Const" and node.name in contents:
             node.attr["value"].tensor.tensor_content = contents[node.name]
     return function
 
@@ -66,13 +89,15 @@ def _as_function(graph_def, segment: SegmentGraph, function_name: str):
 
 
 def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerOptions,
-                  keep_nodes: set[str]):
+                  keep_nodes: set[str], payloads: Payloads | None = None):
     """A new GraphDef with every successfully compiled segment fused, each by the backend
-    that compiled it."""
+    that compiled it.
+
+    payloads: takes each FuseflowOp's blob and the weights its fallback lacks, held out of
+    the graph; it is then whole only once assets.move_to_assets has written them."""
     backends = {name: get_backend(name) for name in {c.backend for c in compiled
                                                      if c.artifact is not None}}
-    out = tf.compat.v1.GraphDef()
-    out.CopyFrom(graph_def)
+    out, weights = _without_weight_values(graph_def)
     taken = {n.name for n in out.node} | {f.signature.name for f in out.library.function}
     removed: set[str] = set()
     new_nodes = []
@@ -81,10 +106,21 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
             continue
         seg = item.segment
         function_name = _unique(f"{seg.name}_native", taken)
-        add_segment_function(out.library, seg, function_name)
-        fused = backends[item.backend].fused_node(seg, function_name, item.artifact,
+        blob = item.artifact.executable
+        held = payloads is not None and bool(blob)
+        artifact = dataclasses.replace(item.artifact, executable=b"") if held else item.artifact
+        fused = backends[item.backend].fused_node(seg, function_name, artifact,
                                                   item.options or options)
+        if held and fused.op != FUSED_OP:  # another backend's node holds its own
+            held = False
+            fused = backends[item.backend].fused_node(seg, function_name, item.artifact,
+                                                      item.options or options)
+        left_out = [] if held else None
+        add_segment_function(out.library, seg, function_name, apart=left_out)
         fused.name = _unique(seg.name, taken)
+        if held:
+            payloads.hold(fused, blob)
+            payloads.weights[function_name] = left_out
         fused.input.extend(seg.input_sources)
         new_nodes.append(fused)
         removed.update(seg.node_names)
@@ -107,7 +143,33 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
     _delete_nodes(out, removed)
     out.node.extend(new_nodes)
     _prune_dead_constants(out, keep_nodes)
+    for node in out.node:  # the weights still read outside the segments get their values
+        if node.name in weights:
+            node.CopyFrom(weights[node.name])
     return out
+
+
+def _without_weight_values(graph_def):
+    """(a copy of graph_def whose weights are Consts without their values, {name: the
+    weight}): most weights move into segments and are pruned here, and copying them
+    first cost ResNet50 100 MB."""
+    weights = {n.name: n for n in graph_def.node if is_weight(n)}
+    out = tf.compat.v1.GraphDef()
+    out.versions.CopyFrom(graph_def.versions)
+    out.library.CopyFrom(graph_def.library)
+    for node in graph_def.node:
+        copy = out.node.add()
+        if node.name not in weights:
+            copy.CopyFrom(node)
+            continue
+        copy.name, copy.op, copy.device = node.name, node.op, node.device
+        for key, value in node.attr.items():
+            if key != "value":
+                copy.attr[key].CopyFrom(value)
+        tensor = node.attr["value"].tensor
+        copy.attr["value"].tensor.dtype = tensor.dtype
+        copy.attr["value"].tensor.tensor_shape.CopyFrom(tensor.tensor_shape)
+    return out, weights
 
 
 def _delete_nodes(graph_def, names: set[str]) -> None:

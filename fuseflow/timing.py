@@ -179,11 +179,12 @@ def _graph(job: TimingJob, options: CompilerOptions):
                 tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
         return graph, [f"{p.name}:0" for p in segment.inputs], [p.name for p in segment.outputs]
     from fuseflow.backends import get_backend
+    from fuseflow.graph_util import split_weights
     from fuseflow.rewrite import add_segment_function
 
     graph_def = tf.compat.v1.GraphDef()
     # Loop and conditional bodies the segment calls.
-    graph_def.library.CopyFrom(tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes).library)
+    graph_def.library.CopyFrom(split_weights(segment)[0].library)
     for port in segment.inputs:
         ph = graph_def.node.add(name=port.name, op="Placeholder")
         ph.attr["dtype"].type = port.dtype

@@ -21,6 +21,7 @@ from conftest import assert_outputs_close, run_fresh, run_saved_model, save_tf1,
 import fuseflow
 from fuseflow.backends.openvino import OpenVinoBackend
 from fuseflow.backends.xla import XlaBackend
+from fuseflow.graph_util import STAND_IN_BYTES
 from fuseflow.options import parse_compiler_args
 from fuseflow.reasons import Reason
 from fuseflow.shapes import TensorInfo
@@ -221,26 +222,37 @@ def test_probe_and_segment_carry_the_same_constant_chains():
     assert [p.name for p in segment.inputs] == ["fuseflow_input_0"]
 
 
-def test_weights_go_into_a_segment_byte_for_byte():
-    """A weight over the stand-in size goes in as its serialized bytes, appended to the
-    segment's; one with a device goes in as a copy, the device cleared. Both parse back
-    into one GraphDef that computes what the model does."""
+def _weighted_segment(values):
+    """A segment over two weights above the stand-in size: w (appended as its bytes) and
+    v (placed on a device, so copied in)."""
     from fuseflow.extract import extract_segment
-    from fuseflow.graph_util import STAND_IN_BYTES
     from fuseflow.partition import Segment
 
-    rows = STAND_IN_BYTES // 16 + 1
-    values = np.random.default_rng(0).standard_normal((rows, 4)).astype(np.float32)
     graph = tf.Graph()
     with graph.as_default():
-        x = tf1.placeholder(tf.float32, [2, rows], name="x")
+        x = tf1.placeholder(tf.float32, [2, values.shape[0]], name="x")
         w = tf.constant(values, name="w")
         with tf.device("/cpu:0"):
             v = tf.constant(values + 1, name="v")
         tf.add(tf.matmul(x, w, name="a"), tf.matmul(x, v, name="b"), name="y")
-    graph_def, infos = graph.as_graph_def(), _infos(graph)
-    segment = extract_segment(graph_def, Segment("s", ["a", "b", "y"], 3), infos, {},
-                              {"y:0"}, None)
+    graph_def = graph.as_graph_def()
+    return graph_def, extract_segment(graph_def, Segment("s", ["a", "b", "y"], 3),
+                                      _infos(graph), {}, {"y:0"}, None)
+
+
+def _weights(rows: int = STAND_IN_BYTES // 16 + 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, 4)).astype(np.float32)
+
+
+def test_weights_go_into_a_segment_byte_for_byte():
+    """A weight over the stand-in size goes in as its serialized bytes, appended to the
+    segment's; one with a device goes in as a copy, the device cleared. Both parse back
+    into one GraphDef that computes what the model does, and split_weights finds the
+    appended one where it lies."""
+    from fuseflow.graph_util import split_weights
+
+    values = _weights()
+    graph_def, segment = _weighted_segment(values)
     inside = {n.name: n for n in tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes).node}
     original = {n.name: n for n in graph_def.node}
     # The model's own serialization of the weight (a parsed copy may order its attr map
@@ -249,12 +261,56 @@ def test_weights_go_into_a_segment_byte_for_byte():
         segment.graph_def_bytes)
     assert not inside["v"].device and inside["v"].attr == original["v"].attr
     assert sorted(inside) == ["a", "b", "fuseflow_input_0", "v", "w", "y"]
+    light, appended = split_weights(segment)
+    assert [bytes(a) for a in appended] == [original["w"].SerializeToString()]
+    assert sorted(n.name for n in light.node) == ["a", "b", "fuseflow_input_0", "v", "y"]
     with tf.compat.v1.Session(graph=tf.Graph()) as sess:
         tf.graph_util.import_graph_def(tf.compat.v1.GraphDef.FromString(
             segment.graph_def_bytes), name="")
-        feed = np.ones((2, rows), np.float32)
+        feed = np.ones((2, values.shape[0]), np.float32)
         np.testing.assert_allclose(sess.run("y:0", {"fuseflow_input_0:0": feed}),
                                    feed @ values + feed @ (values + 1), rtol=1e-5)
+
+
+def test_the_cache_key_reads_appended_weights():
+    """The key hashes the weights extract appended by their content: one value changed
+    changes it; the same model cut again (another bytes object) keeps it."""
+    from fuseflow.cache import CompileCache
+
+    options = parse_compiler_args([])
+    cache = CompileCache(None)
+    values = _weights()
+    key = cache.key("openvino", _weighted_segment(values)[1], options)
+    assert cache.key("openvino", _weighted_segment(values.copy())[1], options) == key
+    changed = values.copy()
+    changed[-1, -1] += 1.0
+    assert cache.key("openvino", _weighted_segment(changed)[1], options) != key
+
+
+def test_a_fallback_file_holds_the_function_with_its_weights():
+    """The fallback function is built without the appended weights and its file gets
+    them as they lie in the segment (never parsed into it): the file parses into the
+    very function built with them, node for node."""
+    from tensorflow.core.framework import function_pb2
+
+    from fuseflow.assets import _library_chunks
+    from fuseflow.rewrite import add_segment_function
+
+    _, segment = _weighted_segment(_weights())
+    whole, light, apart = (function_pb2.FunctionDefLibrary() for _ in range(3))
+    add_segment_function(whole, segment, "f")
+    left_out: list = []
+    add_segment_function(light, segment, "f", apart=left_out)
+    assert len(left_out) == 1 and "w" not in {n.name for n in light.function[0].node_def}
+    apart.ParseFromString(b"".join(_library_chunks(light.function, {"f": left_out})))
+
+    def nodes(function):
+        return sorted((n.name, n.SerializeToString(deterministic=True))
+                      for n in function.node_def)
+
+    [expected], [got] = whole.function, apart.function
+    assert nodes(got) == nodes(expected) and got.signature == expected.signature
+    assert dict(got.ret) == dict(expected.ret)
 
 
 def test_the_frontend_probe_is_kept_in_the_compile_cache(tmp_path, monkeypatch):

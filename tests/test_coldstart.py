@@ -123,3 +123,40 @@ def test_move_to_assets_in_place_writes_the_same_files(tmp_path):
     assert kept["shared"] == functions[2] and "body" not in kept
     stub = kept["seg_native"]  # its signature over no weights
     assert stub.signature == functions[0].signature and not stub.node_def
+
+
+def test_payloads_held_apart_are_written_into_the_files(tmp_path):
+    """The blob and the fallback's weights rewrite_graph holds out of the graph (Payloads)
+    end up in the files as if the graph had carried them; one with no file to go to is a
+    bug that raises, not a model silently missing its weights."""
+    import pytest
+    from tensorflow.core.framework import function_pb2
+
+    from fuseflow.assets import Payloads, move_to_assets
+
+    blob = bytes(range(256)) * 1000
+    whole = _function("seg_native", weights=300_000)
+    light = function_pb2.FunctionDef()
+    light.CopyFrom(whole)
+    del light.node_def[:]
+    graph = tf.compat.v1.GraphDef()
+    fused = graph.node.add(name="seg", op="FuseflowOp")
+    fused.attr["native_segment"].func.name = "seg_native"
+    graph.library.function.append(light)
+    payloads = Payloads(weights={"seg_native": [whole.node_def[0].SerializeToString()]})
+    payloads.hold(fused, blob)
+    expected = tf.compat.v1.GraphDef()
+    expected.CopyFrom(graph)
+    expected.node[0].attr["executable"].s = blob
+    expected.library.function[0].CopyFrom(whole)
+
+    _, files = move_to_assets(graph, tmp_path / "held", payloads=payloads)
+    _, reference = move_to_assets(expected, tmp_path / "whole")
+    assert [f.key for f in files] == [f.key for f in reference]
+    assert [f.path.read_bytes() for f in files] == [f.path.read_bytes() for f in reference]
+    assert not payloads.blobs  # taken
+
+    stray = Payloads(weights={"other": [b""]})
+    graph.library.function.add().signature.name = "other"
+    with pytest.raises(RuntimeError, match="fuseflow bug"):
+        move_to_assets(graph, tmp_path / "stray", payloads=stray)

@@ -55,6 +55,9 @@ class SegmentGraph:
     node_count: int  # ops that count toward OnNeuronRatio
     node_names: tuple[str, ...] = ()  # the model's nodes it replaces
     input_sources: tuple[str, ...] = ()  # the model's tensors feeding each input
+    # Where the weights extract.py appended to graph_def_bytes begin (each a GraphDef.node
+    # field: a serialized NodeDef); -1 when none were. graph_util.split_weights.
+    weights_at: int = -1
 
 
 @dataclass(frozen=True)

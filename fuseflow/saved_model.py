@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -247,7 +248,7 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         # Timing compiles candidates on every backend; otherwise XLA's TensorFlow (3 s
         # in the compiler process) is imported once a segment is placed on it.
         prestart_worker([b for b in backends if options.profile or b != "xla"] or backends)
-        with warm_interpreters():
+        with warm_interpreters(), _older_objects_frozen():
             plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                          signature_def_key, minimum_segment_size, no_fuse_ops,
                          force_fuse_ops, subgraph_builder_function, options)
@@ -259,6 +260,23 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         with shown_info():
             log.info("Successfully converted %s to %s", model_dir, new_model_dir)
     return result
+
+
+@contextlib.contextmanager
+def _older_objects_frozen():
+    """The objects alive before the compile out of the cyclic garbage collector's walks
+    while it runs (gc.freeze), given back after: with TF imported, the full collection a
+    compile set off walked 400,000 of them (ResNet50: 0.17 s of 3.4 s). What the compile
+    makes is still collected. A process that froze its own (a server before forking)
+    keeps them frozen: then nothing is done."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _only_types(types, builder):

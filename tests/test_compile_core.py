@@ -327,3 +327,27 @@ def test_vocabulary_file_asset_table(backend, tmp_path, rng):
     assert (tmp_path / "c" / "assets" / "vocab.txt").read_text().startswith("zero")
     assert_outputs_close(run_saved_model(tmp_path / "m", feeds),
                          run_fresh(tmp_path / "c", feeds, tmp_path, backend=backend))
+
+
+def test_the_garbage_collector_is_left_as_it_was(tmp_path):
+    """compile() keeps the objects alive before it out of the collector's walks while it
+    runs, then gives them back: nothing stays frozen, and a process that froze its own
+    keeps them frozen."""
+    import gc
+
+    src = save_tf1(tmp_path / "m", _conv_model)
+    seen = []
+    gc.callbacks.append(lambda phase, info: seen.append(gc.get_freeze_count()))
+    try:
+        compile_model("openvino", src, tmp_path / "c", batch_size=2,
+                      compiler_args=["--no-profile"])
+        assert gc.get_freeze_count() == 0 and gc.isenabled()
+        assert seen and max(seen) > 0  # frozen while the compile collected
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        compile_model("openvino", src, tmp_path / "c2", batch_size=2,
+                      compiler_args=["--no-profile"])
+        assert gc.get_freeze_count() > frozen // 2  # (some died since: no longer counted)
+    finally:
+        gc.callbacks.pop()
+        gc.unfreeze()

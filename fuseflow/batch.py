@@ -327,8 +327,10 @@ class OtherBatchCheck:
     Folding tf.shape(x) at the compiled batch bakes it into constants that
     only splittable compiled segments survive; running both graphs at another
     batch on random inputs tells, whatever the backend or the model. That batch
-    is k-1 (k+1 at batch 1): a compiled segment runs it as one padded chunk,
-    where k+1 took two (ResNet50 at batch 8: 0.63 s of its compile). The
+    is 2 (3 at k=2): a compiled segment runs it as one padded chunk, and the
+    original runs few rows (k+1 took two chunks, and the original at k+1: 0.6 s of
+    ResNet50's compile at batch 8); never 1, where a squeeze() drops the batch axis
+    that the compiled batch kept. The
     original's answers depend on nothing compiling does: start() runs it in a
     thread while the segments compile (the compilers are other processes,
     this one only waits for them; ResNet50's frozen graph takes 5-8 s to
@@ -395,7 +397,7 @@ class OtherBatchCheck:
 def _other_batch_feeds(model, serving: dict, compiled: dict,
                        samples: dict[str, np.ndarray] | None = None
                        ) -> tuple[dict | None, object]:
-    """(feeds at batch k-1 (2 at k=1) where serving leaves the batch free, that batch):
+    """(feeds at batch 2 (k+1 at k < 3) where serving leaves the batch free, that batch):
     the given samples where they hold enough rows, else random; (None, ...) when an
     input is a string with no samples."""
     rng = np.random.default_rng(0)
@@ -403,7 +405,7 @@ def _other_batch_feeds(model, serving: dict, compiled: dict,
     for spec in model.inputs:
         shape = compiled[spec.key]
         if serving[spec.key][:1] == (None,):
-            shape = (shape[0] - 1 if shape[0] > 1 else 2, *shape[1:])
+            shape = (2 if shape[0] > 2 else shape[0] + 1, *shape[1:])
             batch = shape[0]
         given = (samples or {}).get(spec.tensor_name)
         if given is not None and len(given) >= shape[0] and given.shape[1:] == shape[1:]:

@@ -144,7 +144,7 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
     out.node.extend(new_nodes)
     _prune_dead_constants(out, keep_nodes)
     for node in out.node:  # the weights still read outside the segments get their values
-        if node.name in weights:
+        if node.name in weights and node.op == "Const" and node.name not in replaced:
             node.CopyFrom(weights[node.name])
     return out
 

@@ -21,6 +21,7 @@ from fuseflow.cache import flush as flush_cache_writes
 from fuseflow.compile import (
     CompiledSegment,
     CompileJob,
+    cache_keys,
     compile_segments,
     preload_backends,
     prestart_worker,
@@ -358,11 +359,13 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
         # precision.select times the two.
         timed_int8 = options.quantize == "int8" and options.profile and calibration is not None
         extra = [select_precision_job(j, options) for _, j in jobs] if timed_int8 else []
+        all_jobs = [j for _, j in jobs] + extra
+        keys = cache_keys(all_jobs, options, work)  # before the check's TF run contends
         if extra:
             prestart()  # the timing process imports TF while the segments compile
         elif other_batch is not None:
             other_batch.start()  # no timing runs until the check: it costs no timing
-        results = compile_segments([j for _, j in jobs] + extra, options, work)
+        results = compile_segments(all_jobs, options, work, keys)
         for (k, _), item in zip(jobs, results):
             ready[k] = item
         alternatives = {item.segment.name: item for item in results[len(jobs):]}

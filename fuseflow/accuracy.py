@@ -22,8 +22,10 @@ import dataclasses
 import logging
 import math
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -156,11 +158,12 @@ def _quantized_ops(item: CompiledSegment) -> int | None:
 
 def guard(graph_def, init_nodes: list[str], fetches: list[str], compiled: list[CompiledSegment],
           calib: CalibrationSet, backend: Backend, options: CompilerOptions,
-          rewrite: Callable[[list[CompiledSegment]], object],
+          rewrite: Callable[[list[CompiledSegment]], tuple[object, list]],
           recompile: Callable[[SegmentGraph, CompilerOptions], CompiledSegment],
           selection: dict | None = None) -> tuple[list[CompiledSegment], AccuracyReport]:
     """Measure the compiled model against the original on held-out data, demoting the
-    worst segments until it fits the bounds. rewrite(compiled) -> final GraphDef;
+    worst segments until it fits the bounds. rewrite(compiled) -> (final GraphDef, the
+    asset files holding its fused ops' payloads: assets.move_to_assets);
     recompile(segment, options) -> the segment compiled again at other options;
     selection: segment name -> precision.Choice, where timing chose the precision a
     segment starts at (a step down the ladder when it kept bf16)."""
@@ -189,8 +192,9 @@ def guard(graph_def, init_nodes: list[str], fetches: list[str], compiled: list[C
         return compare(want, got).mean_relative_error
 
     while True:
-        final = rewrite(compiled)
-        metrics = compare(expected, run_feeds(final, init_nodes, calib.holdout, fetches))
+        final, files = rewrite(compiled)
+        metrics = compare(expected, run_feeds(final, init_nodes, calib.holdout, fetches,
+                                              files))
         for item in compiled:
             if item.artifact is not None and item.segment.name not in added:
                 added[item.segment.name] = segment_error(item)
@@ -299,11 +303,19 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
     """After compiling: the guard over plan's graph, recompiling demoted segments in
     the same work directory (or taking them from `prebuilt`, segment name -> its
     compile at the options it carries: precision.select's bf16 ones)."""
+    from fuseflow.assets import Payloads, move_to_assets
     from fuseflow.compile import CompileJob, compile_segments
     from fuseflow.rewrite import rewrite_graph
 
     model, graph_def, options = plan.model, plan.graph_def, plan.options
     keep = set(model.fetch_nodes)
+
+    def rewritten(items: list[CompiledSegment], folder: Path) -> tuple[object, list]:
+        # As the saved model holds it: blobs and fallbacks in files, not copied into a
+        # graph that TF then copies again (ResNet50 int8: 100 MB of fallback weights).
+        payloads = Payloads()
+        graph = rewrite_graph(graph_def, items, options, keep, payloads)
+        return move_to_assets(graph, folder, copy=False, payloads=payloads)
 
     def recompile(segment: SegmentGraph, opts: CompilerOptions) -> CompiledSegment:
         ready = (prebuilt or {}).get(segment.name)
@@ -313,10 +325,11 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
                                   workdir)[0]
         return dataclasses.replace(redone, options=opts)
 
-    compiled, report = guard(
-        graph_def, model.init_nodes, [s.tensor_name for s in model.outputs], compiled, calib,
-        backend, options, lambda c: rewrite_graph(graph_def, c, options, keep),
-        recompile, selection)
+    with tempfile.TemporaryDirectory(prefix="fuseflow-guard-") as folder:
+        compiled, report = guard(
+            graph_def, model.init_nodes, [s.tensor_name for s in model.outputs], compiled,
+            calib, backend, options, lambda c: rewritten(c, Path(folder)), recompile,
+            selection)
     from fuseflow.logs import shown_info
 
     with shown_info():

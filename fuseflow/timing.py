@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import json
 import os
 import pickle
@@ -51,6 +52,8 @@ _MIN_RUNS, _MAX_RUNS = 5, 200
 _MIN_INTERLEAVED = 11  # calls of each job of a group, at least
 _SECONDS_PER_SIDE = 0.3  # per candidate: latency calls, then as long again in flight
 _INJECTED_DELAY_S = 0.005
+# A blob this big goes to the timing process as a file it maps, not in the pickle.
+_BLOB_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class TimingJob:
     precision: str | None = None  # for FUSEFLOW_INJECT_FAULT=slow@BACKEND/PRECISION
     in_flight: bool = True  # also time calls in flight (else in_flight_ms = latency_ms)
     group: str | None = None  # jobs of one group are timed call by call in turn
+    executable_file: str | None = None  # artifact.executable, moved here (_blobs_as_files)
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,33 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
     """Timings by job key, and errors by job key; jobs past the budget are left out."""
     if not jobs:
         return {}, {}
-    result, why = _in_fresh_process("main", (jobs, options, budget_s), workdir,
-                                    budget_s + 120)
+    result, why = _in_fresh_process("main", (_blobs_as_files(jobs, workdir), options,
+                                              budget_s), workdir, budget_s + 120)
     if result is None:
         return {}, {j.key: f"timing process {why}" for j in jobs}
     return result
+
+
+def _blobs_as_files(jobs: list[TimingJob], workdir: Path) -> list[TimingJob]:
+    """The jobs with each big blob written to a file of its own, once. The timing process
+    maps a FuseflowOp's file as a compiled model's asset: pickled, then copied into the
+    fused node, imported and handed to the kernel, ResNet50's 100 MB blob cost each
+    candidate about a second before its first call."""
+    paths: dict[int, str] = {}
+    out = []
+    for job in jobs:
+        blob = job.artifact.executable if job.artifact is not None else b""
+        if len(blob) < _BLOB_FILE_BYTES:
+            out.append(job)
+            continue
+        if id(blob) not in paths:
+            path = workdir / f"timing_blob_{len(paths)}.bin"
+            path.write_bytes(blob)
+            paths[id(blob)] = str(path)
+        out.append(dataclasses.replace(
+            job, artifact=dataclasses.replace(job.artifact, executable=b""),
+            executable_file=paths[id(blob)]))
+    return out
 
 
 # A fresh interpreter that imports fuseflow, then runs the one job named on its stdin
@@ -168,7 +194,8 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
 
 
 def _graph(job: TimingJob, options: CompilerOptions):
-    """A TF graph that runs the job, with its feed and fetch names."""
+    """A TF graph that runs the job, with its feed and fetch names, and the ops to run
+    once before it (registering a blob's file)."""
     from fuseflow.tf_compat import tf
 
     segment = job.segment
@@ -177,7 +204,9 @@ def _graph(job: TimingJob, options: CompilerOptions):
         with graph.as_default():
             tf.graph_util.import_graph_def(
                 tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
-        return graph, [f"{p.name}:0" for p in segment.inputs], [p.name for p in segment.outputs]
+        return (graph, [f"{p.name}:0" for p in segment.inputs],
+                [p.name for p in segment.outputs], [])
+    from fuseflow.assets import FUSED_OP, AssetFile, add_assets_op
     from fuseflow.backends import get_backend
     from fuseflow.graph_util import split_weights
     from fuseflow.rewrite import add_segment_function
@@ -190,7 +219,17 @@ def _graph(job: TimingJob, options: CompilerOptions):
         ph.attr["dtype"].type = port.dtype
         ph.attr["shape"].shape.CopyFrom(tf.TensorShape(port.shape).as_proto())
     function_name = f"{segment.name}_native"
-    fused = get_backend(job.backend).fused_node(segment, function_name, job.artifact, options)
+    backend, artifact, files = get_backend(job.backend), job.artifact, []
+    fused = backend.fused_node(segment, function_name, artifact, options)
+    if job.executable_file and fused.op == FUSED_OP:  # its blob mapped from the file
+        key = Path(job.executable_file).name
+        fused.attr["executable_file"].s = key.encode()
+        fused.attr["executable_crc32"].s = b""  # the empty executable's: unchecked
+        files.append(AssetFile(key, Path(job.executable_file)))
+    elif job.executable_file:  # another backend's node holds its own
+        artifact = dataclasses.replace(
+            artifact, executable=Path(job.executable_file).read_bytes())
+        fused = backend.fused_node(segment, function_name, artifact, options)
     # A FuseflowOp's fallback must not run while it is timed (_fused_path_ran checks), so
     # it goes without its weights: ResNet50's 100 MB cost each candidate seconds to import.
     # An XLA call runs its function: that one keeps them.
@@ -201,8 +240,9 @@ def _graph(job: TimingJob, options: CompilerOptions):
     graph_def.node.append(fused)
     with graph.as_default():
         tf.graph_util.import_graph_def(graph_def, name="")
+    init = [add_assets_op(graph, files)[0]] if files else []
     return (graph, [f"{p.name}:0" for p in segment.inputs],
-            [f"fuseflow_timed:{k}" for k in range(len(segment.outputs))])
+            [f"fuseflow_timed:{k}" for k in range(len(segment.outputs))], init)
 
 
 def _fused_path_ran(before: dict) -> None:
@@ -234,8 +274,10 @@ def _latency_and_in_flight(job: TimingJob, options: CompilerOptions) -> Timing:
     from fuseflow.compile_worker import injected_fault
     from fuseflow.tf_compat import tf
 
-    graph, feeds, fetches = _graph(job, job.options or options)
+    graph, feeds, fetches, init = _graph(job, job.options or options)
     with tf.compat.v1.Session(graph=graph) as sess:
+        if init:
+            sess.run(init)
         run = sess.make_callable(fetches, feeds)
         if job.backend and injected_fault(job.segment.name, job.backend,
                                           job.precision) == "slow":
@@ -279,12 +321,14 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
     calls, sessions = {}, []
     try:
         for job in jobs:
-            graph, feeds, fetches = _graph(job, job.options or options)
+            graph, feeds, fetches, init = _graph(job, job.options or options)
             # Grappler only rewrites around the fused node (and folds its fallback's
             # constants): it would cost a first call seconds and change nothing timed.
             # TF's own ops get it, as they run in the original model.
             sessions.append(tf.compat.v1.Session(
                 graph=graph, config=None if job.backend is None else plain_session_config()))
+            if init:
+                sessions[-1].run(init)
             run = sessions[-1].make_callable(fetches, feeds)
             if job.backend and injected_fault(job.segment.name, job.backend,
                                               job.precision) == "slow":

@@ -315,3 +315,35 @@ def test_timing_never_times_the_fallback(tmp_path):
     assert "good" in timings and timings["good"].latency_ms > 0, failures
     assert "broken" not in timings
     assert "the compiled segment did not run" in failures["broken"], failures
+
+
+def test_a_big_blob_goes_to_the_timing_process_as_a_file(tmp_path):
+    """A blob over a megabyte is written to a file that the timed FuseflowOp maps, as a
+    compiled model's asset, instead of riding in the pickle (ResNet50's 100 MB cost each
+    candidate about a second). The timing proves the op ran that blob: its fallback has
+    no weights here, and a fallback that ran fails the timing."""
+    import pickle
+
+    from test_openvino_backend import segment_of
+
+    from fuseflow.backends.openvino import OpenVinoBackend
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import _BLOB_FILE_BYTES, TimingJob, time_jobs
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 1024], name="fuseflow_input_0")
+        w = tf.constant(np.random.default_rng(0).normal(size=(1024, 512)).astype(np.float32))
+        tf.tanh(tf.matmul(x, w), name="y")  # 2 MB of weights: a blob over the cut
+    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    options = CompilerOptions()
+    artifact = OpenVinoBackend().compile(segment, options, str(tmp_path))
+    assert len(artifact.executable) > _BLOB_FILE_BYTES
+    feed = [np.ones((1, 1024), np.float32)]
+    timings, failures = time_jobs(
+        [TimingJob("big", "openvino", segment, artifact, feed, in_flight=False)], options,
+        60, tmp_path)
+    assert "big" in timings and timings["big"].latency_ms > 0, failures
+    jobs, _, _ = pickle.loads((tmp_path / "timing_main_in.pkl").read_bytes())
+    assert jobs[0].artifact.executable == b""
+    assert open(jobs[0].executable_file, "rb").read() == artifact.executable

@@ -303,19 +303,11 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
     """After compiling: the guard over plan's graph, recompiling demoted segments in
     the same work directory (or taking them from `prebuilt`, segment name -> its
     compile at the options it carries: precision.select's bf16 ones)."""
-    from fuseflow.assets import Payloads, move_to_assets
     from fuseflow.compile import CompileJob, compile_segments
-    from fuseflow.rewrite import rewrite_graph
+    from fuseflow.rewrite import rewrite_into_assets
 
     model, graph_def, options = plan.model, plan.graph_def, plan.options
     keep = set(model.fetch_nodes)
-
-    def rewritten(items: list[CompiledSegment], folder: Path) -> tuple[object, list]:
-        # As the saved model holds it: blobs and fallbacks in files, not copied into a
-        # graph that TF then copies again (ResNet50 int8: 100 MB of fallback weights).
-        payloads = Payloads()
-        graph = rewrite_graph(graph_def, items, options, keep, payloads)
-        return move_to_assets(graph, folder, copy=False, payloads=payloads)
 
     def recompile(segment: SegmentGraph, opts: CompilerOptions) -> CompiledSegment:
         ready = (prebuilt or {}).get(segment.name)
@@ -325,11 +317,14 @@ def check(plan, compiled: list[CompiledSegment], calib: CalibrationSet, workdir,
                                   workdir)[0]
         return dataclasses.replace(redone, options=opts)
 
+    # Each candidate as the saved model holds it: blobs and fallbacks in files, not copied
+    # into a graph that TF then copies again (ResNet50 int8: 100 MB of fallback weights).
     with tempfile.TemporaryDirectory(prefix="fuseflow-guard-") as folder:
         compiled, report = guard(
             graph_def, model.init_nodes, [s.tensor_name for s in model.outputs], compiled,
-            calib, backend, options, lambda c: rewritten(c, Path(folder)), recompile,
-            selection)
+            calib, backend, options,
+            lambda c: rewrite_into_assets(graph_def, c, options, keep, Path(folder)),
+            recompile, selection)
     from fuseflow.logs import shown_info
 
     with shown_info():

@@ -86,6 +86,16 @@ def _library_chunks(functions, weights: dict[str, list]) -> list:
     return chunks
 
 
+def use_file(node, key: str, crc: str | None = None) -> None:
+    """node, a FuseflowOp, maps its blob from the asset file registered under key
+    (add_assets_op) instead of carrying it. crc: the blob's CRC-32 as 8 hex digits, ""
+    for unchecked; None keeps the node's."""
+    node.attr["executable"].s = b""
+    node.attr["executable_file"].s = key.encode()
+    if crc is not None:
+        node.attr["executable_crc32"].s = crc.encode()
+
+
 def move_to_assets(graph_def, folder: Path, copy: bool = True,
                    payloads: Payloads | None = None):
     """(graph without fused ops' blobs and fallback functions, the files now holding them).
@@ -118,8 +128,7 @@ def move_to_assets(graph_def, folder: Path, copy: bool = True,
         path = folder / file_name(key, BLOB_SUFFIX)
         _write_once(path, blob)
         files.append(AssetFile(key, path))
-        node.attr["executable"].s = b""
-        node.attr["executable_file"].s = key.encode()
+        use_file(node, key)
 
         names = reachable_functions(out, [node])
         if not names or names[0] != node.attr["native_segment"].func.name:
@@ -225,5 +234,5 @@ def blob_size(node, model_dir=None) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-__all__ = ["AssetFile", "Payloads", "move_to_assets", "add_assets_op", "read_asset_libraries",
-           "blob_size"]
+__all__ = ["AssetFile", "Payloads", "use_file", "move_to_assets", "add_assets_op",
+           "read_asset_libraries", "blob_size"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fuseflow.assets import FUSED_OP, Payloads
+from fuseflow.assets import FUSED_OP, Payloads, move_to_assets
 from fuseflow.backends import get_backend
 from fuseflow.backends.base import SegmentGraph
 from fuseflow.compile import CompiledSegment
@@ -88,8 +88,31 @@ def _as_function(graph_def, segment: SegmentGraph, function_name: str):
     return fdef
 
 
+def rewrite_into_assets(graph_def, compiled: list[CompiledSegment], options: CompilerOptions,
+                        keep_nodes: set[str], folder) -> tuple[object, list]:
+    """(the rewritten graph as a saved model holds it, the asset files in folder now
+    holding its fused ops' blobs and fallbacks: assets.move_to_assets). Each blob and
+    fallback weight is written as it is, never copied into the graph and out again."""
+    payloads = Payloads()
+    out = rewrite_graph(graph_def, compiled, options, keep_nodes, payloads)
+    return move_to_assets(out, folder, copy=False, payloads=payloads)
+
+
+def fused_node_apart(backend, segment: SegmentGraph, function_name: str, artifact,
+                     options: CompilerOptions):
+    """(the segment's fused node without its blob, True) where that node is a
+    FuseflowOp, whose blob belongs in an asset file; else (the node as the backend makes
+    it, False): another backend's node holds what it needs itself."""
+    if artifact.executable:
+        fused = backend.fused_node(segment, function_name,
+                                   dataclasses.replace(artifact, executable=b""), options)
+        if fused.op == FUSED_OP:
+            return fused, True
+    return backend.fused_node(segment, function_name, artifact, options), False
+
+
 def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerOptions,
-                  keep_nodes: set[str], payloads: Payloads | None = None):
+                  keep_nodes: set[str], payloads: Payloads):
     """A new GraphDef with every successfully compiled segment fused, each by the backend
     that compiled it.
 
@@ -106,20 +129,13 @@ def rewrite_graph(graph_def, compiled: list[CompiledSegment], options: CompilerO
             continue
         seg = item.segment
         function_name = _unique(f"{seg.name}_native", taken)
-        blob = item.artifact.executable
-        held = payloads is not None and bool(blob)
-        artifact = dataclasses.replace(item.artifact, executable=b"") if held else item.artifact
-        fused = backends[item.backend].fused_node(seg, function_name, artifact,
-                                                  item.options or options)
-        if held and fused.op != FUSED_OP:  # another backend's node holds its own
-            held = False
-            fused = backends[item.backend].fused_node(seg, function_name, item.artifact,
-                                                      item.options or options)
+        fused, held = fused_node_apart(backends[item.backend], seg, function_name,
+                                       item.artifact, item.options or options)
         left_out = [] if held else None
         add_segment_function(out.library, seg, function_name, apart=left_out)
         fused.name = _unique(seg.name, taken)
         if held:
-            payloads.hold(fused, blob)
+            payloads.hold(fused, item.artifact.executable)
             payloads.weights[function_name] = left_out
         fused.input.extend(seg.input_sources)
         new_nodes.append(fused)

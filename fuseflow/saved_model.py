@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuseflow import accuracy, errors, xla_cache
-from fuseflow.assets import Payloads, move_to_assets
 from fuseflow.backends import BACKEND_NAMES, get_backend
 from fuseflow.batch import OtherBatchCheck, batch_tensors
 from fuseflow.cache import CompileCache, timing_key, values_digest
@@ -66,7 +65,7 @@ from fuseflow.precision import figures_against_tf
 from fuseflow.precision import select as select_precision
 from fuseflow.reasons import Reason
 from fuseflow.report import CompileReport, build_report, log_report, timing_line
-from fuseflow.rewrite import rewrite_graph
+from fuseflow.rewrite import rewrite_into_assets
 from fuseflow.shapes import (
     InputShapes,
     apply_input_shapes,
@@ -388,8 +387,6 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             f"The following subgraphs failed to compile: {failed} "
             f"({'; '.join(c.error for c in compiled if c.error)}). Drop --must-compile to "
             "let them run in TensorFlow instead")
-    payloads = Payloads()  # blobs and fallbacks' weights, written into their files as they are
-    final = rewrite_graph(graph_def, compiled, options, set(model.fetch_nodes), payloads)
     used = sorted({c.backend for c in compiled if c.artifact is not None})
     label = "+".join(used) if used else "+".join(plan.supports)
     tolerance = max(get_backend(b).tolerance(options) for b in plan.supports)
@@ -397,8 +394,8 @@ def _compile_plan(plan: _Plan, out: Path, workdir: Path | None) -> dict:
             prefix="fuseflow-xla-cache-") as staging:
         # The fused ops' blobs and fallback functions into asset files once: the check
         # runs the graph as the saved model will hold it, and the export writes it.
-        final, files = move_to_assets(final, assets_folder(path), copy=False,
-                                      payloads=payloads)
+        final, files = rewrite_into_assets(graph_def, compiled, options,
+                                           set(model.fetch_nodes), assets_folder(path))
         watch.lap("rewrite")
         why = None if other_batch is None else other_batch.result(final, files, tolerance,
                                                                   serving)

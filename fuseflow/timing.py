@@ -67,7 +67,8 @@ class TimingJob:
     precision: str | None = None  # for FUSEFLOW_INJECT_FAULT=slow@BACKEND/PRECISION
     in_flight: bool = True  # also time calls in flight (else in_flight_ms = latency_ms)
     group: str | None = None  # jobs of one group are timed call by call in turn
-    executable_file: str | None = None  # artifact.executable, moved here (_blobs_as_files)
+    # A FuseflowOp's artifact.executable, moved to this file (_blobs_as_files)
+    executable_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,23 +87,29 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
     """Timings by job key, and errors by job key; jobs past the budget are left out."""
     if not jobs:
         return {}, {}
-    result, why = _in_fresh_process("main", (_blobs_as_files(jobs, workdir), options,
-                                              budget_s), workdir, budget_s + 120)
+    result, why = _in_fresh_process("main", (_blobs_as_files(jobs, options, workdir),
+                                              options, budget_s), workdir, budget_s + 120)
     if result is None:
         return {}, {j.key: f"timing process {why}" for j in jobs}
     return result
 
 
-def _blobs_as_files(jobs: list[TimingJob], workdir: Path) -> list[TimingJob]:
-    """The jobs with each big blob written to a file of its own, once. The timing process
-    maps a FuseflowOp's file as a compiled model's asset: pickled, then copied into the
-    fused node, imported and handed to the kernel, ResNet50's 100 MB blob cost each
-    candidate about a second before its first call."""
+def _blobs_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
+                    ) -> list[TimingJob]:
+    """The jobs with each big FuseflowOp blob written to a file of its own, once, that the
+    timing process maps as a compiled model's asset: pickled, then copied into the fused
+    node, imported and handed to the kernel, ResNet50's 100 MB blob cost each candidate
+    about a second before its first call."""
+    from fuseflow.backends import get_backend
+    from fuseflow.rewrite import fused_node_apart
+
     paths: dict[int, str] = {}
     out = []
     for job in jobs:
         blob = job.artifact.executable if job.artifact is not None else b""
-        if len(blob) < _BLOB_FILE_BYTES:
+        if len(blob) < _BLOB_FILE_BYTES or not fused_node_apart(
+                get_backend(job.backend), job.segment, "timed", job.artifact,
+                job.options or options)[1]:
             out.append(job)
             continue
         if id(blob) not in paths:
@@ -206,7 +213,7 @@ def _graph(job: TimingJob, options: CompilerOptions):
                 tf.compat.v1.GraphDef.FromString(segment.graph_def_bytes), name="")
         return (graph, [f"{p.name}:0" for p in segment.inputs],
                 [p.name for p in segment.outputs], [])
-    from fuseflow.assets import FUSED_OP, AssetFile, add_assets_op
+    from fuseflow.assets import AssetFile, add_assets_op, use_file
     from fuseflow.backends import get_backend
     from fuseflow.graph_util import split_weights
     from fuseflow.rewrite import add_segment_function
@@ -219,17 +226,13 @@ def _graph(job: TimingJob, options: CompilerOptions):
         ph.attr["dtype"].type = port.dtype
         ph.attr["shape"].shape.CopyFrom(tf.TensorShape(port.shape).as_proto())
     function_name = f"{segment.name}_native"
-    backend, artifact, files = get_backend(job.backend), job.artifact, []
-    fused = backend.fused_node(segment, function_name, artifact, options)
-    if job.executable_file and fused.op == FUSED_OP:  # its blob mapped from the file
+    fused = get_backend(job.backend).fused_node(segment, function_name, job.artifact, options)
+    files = []
+    if job.executable_file:
+        # Its blob mapped from the file, unchecked: the node's CRC is the empty blob's.
         key = Path(job.executable_file).name
-        fused.attr["executable_file"].s = key.encode()
-        fused.attr["executable_crc32"].s = b""  # the empty executable's: unchecked
+        use_file(fused, key, crc="")
         files.append(AssetFile(key, Path(job.executable_file)))
-    elif job.executable_file:  # another backend's node holds its own
-        artifact = dataclasses.replace(
-            artifact, executable=Path(job.executable_file).read_bytes())
-        fused = backend.fused_node(segment, function_name, artifact, options)
     # A FuseflowOp's fallback must not run while it is timed (_fused_path_ran checks), so
     # it goes without its weights: ResNet50's 100 MB cost each candidate seconds to import.
     # An XLA call runs its function: that one keeps them.

@@ -74,6 +74,10 @@ class CompiledSegment:
     backend: str = ""
     cached: bool = False  # the artifact came from the compile cache
     options: CompilerOptions | None = None  # set when this segment was compiled with its own
+    # The workdir's files that hold artifact.executable and segment.graph_def_bytes (the
+    # timing process reads them; a segment taken from the cache has no such GraphDef file).
+    executable_file: Path | None = None
+    segment_file: Path | None = None
 
 
 def worker_count(options: CompilerOptions, jobs: int) -> int:
@@ -445,7 +449,8 @@ def _record(job: CompileJob, seg_dir: Path, outcome, seconds: float, done: int,
             log.info("compiled %s (%d ops) on %s in %.1f s [%d/%d]", segment.name,
                      segment.node_count, job.backend, seconds, done, total)
         return CompiledSegment(segment, artifact, None, seconds, job.backend, cached,
-                               job.options)
+                               job.options, seg_dir / EXECUTABLE_FILE,
+                               seg_dir / SEGMENT_FILE if written else None)
     first, detail = outcome[1]
     (seg_dir / "compile.log").write_text(f"{first}\n{detail}")
     log.warning("segment %s failed to compile on %s: %s [%d/%d]", segment.name, job.backend,

@@ -288,11 +288,15 @@ def _time_candidates(candidates: list[tuple[str, str, Segment]], graphs: dict,
         inputs = [values[t] if t in values else v
                   for t, v in zip(graph.input_sources, random_inputs(graph))]
         tf_key = _tf_key(seg)
+        done = compiled[key]
         if tf_key not in seen_tf:
             seen_tf.add(tf_key)
-            timing_jobs.append(TimingJob(tf_key, None, graph, None, inputs))
-        if compiled[key].artifact is not None:
-            timing_jobs.append(TimingJob(key, backend, graph, compiled[key].artifact, inputs))
+            timing_jobs.append(TimingJob(tf_key, None, graph, None, inputs,
+                                         segment_file=done.segment_file))
+        if done.artifact is not None:
+            timing_jobs.append(TimingJob(key, backend, graph, done.artifact, inputs,
+                                         blob_file=done.executable_file,
+                                         segment_file=done.segment_file))
     return time_jobs(timing_jobs, options, options.profile_budget_s, workdir)
 
 

@@ -118,11 +118,12 @@ def select(compiled: list[CompiledSegment], options: CompilerOptions, workdir: P
             continue
         for level, c, opts in (("int8", item, options), (ALTERNATIVE, other, bf16_options)):
             jobs.append(TimingJob(f"{name}.{level}", c.backend, c.segment, c.artifact,
-                                  batches[0], opts, level, in_flight=False, group=name))
+                                  batches[0], opts, level, in_flight=False, group=name,
+                                  blob_file=c.executable_file, segment_file=c.segment_file))
         # TF too: a one-segment model then needs no whole-model timing process (10 s of
         # a 32 s MobileNetV2 int8 compile), as with placement's timings.
         jobs.append(TimingJob(f"{name}.tf", None, item.segment, None, batches[0],
-                              in_flight=False, group=name))
+                              in_flight=False, group=name, segment_file=item.segment_file))
     compiled_at = time.monotonic()
     timings, failures = time_jobs(jobs, options, options.profile_budget_s, workdir)
     for name, key in keys.items():

@@ -29,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import pickle
@@ -67,8 +69,12 @@ class TimingJob:
     precision: str | None = None  # for FUSEFLOW_INJECT_FAULT=slow@BACKEND/PRECISION
     in_flight: bool = True  # also time calls in flight (else in_flight_ms = latency_ms)
     group: str | None = None  # jobs of one group are timed call by call in turn
-    # A FuseflowOp's artifact.executable, moved to this file (_blobs_as_files)
+    # A FuseflowOp's artifact.executable, moved to this file (_bytes_as_files)
     executable_file: str | None = None
+    # Files that hold artifact.executable and segment.graph_def_bytes already: the
+    # compile's own (CompiledSegment's). The segment's bytes then go as that file's path.
+    blob_file: Path | None = None
+    segment_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -87,50 +93,82 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
     """Timings by job key, and errors by job key; jobs past the budget are left out."""
     if not jobs:
         return {}, {}
-    result, why = _in_fresh_process("main", (_blobs_as_files(jobs, options, workdir),
+    result, why = _in_fresh_process("main", (_bytes_as_files(jobs, options, workdir),
                                               options, budget_s), workdir, budget_s + 120)
     if result is None:
         return {}, {j.key: f"timing process {why}" for j in jobs}
     return result
 
 
-def _blobs_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
+def _bytes_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
                     ) -> list[TimingJob]:
-    """The jobs with each big FuseflowOp blob written to a file of its own, once, that the
-    timing process maps as a compiled model's asset: pickled, then copied into the fused
-    node, imported and handed to the kernel, ResNet50's 100 MB blob cost each candidate
-    about a second before its first call."""
+    """The jobs with their big bytes in files, not in the pickle.
+
+    Each big FuseflowOp blob goes as a file that the timing process maps as a compiled
+    model's asset: pickled, then copied into the fused node, imported and handed to the
+    kernel, ResNet50's 100 MB blob cost each candidate about a second before its first
+    call. The file is the compile's own where the job names it (writing ResNet50's blob
+    again cost 0.35 s), else one written here, once per blob.
+    A big segment whose GraphDef is in the compile's own file goes as that file's path:
+    pickling ResNet50's 100 MB and reading it back cost 0.6 s."""
     from fuseflow.backends import get_backend
     from fuseflow.rewrite import fused_node_apart
 
     paths: dict[int, str] = {}
+    slim: dict[int, SegmentGraph] = {}
     out = []
     for job in jobs:
         blob = job.artifact.executable if job.artifact is not None else b""
-        if len(blob) < _BLOB_FILE_BYTES or not fused_node_apart(
+        if len(blob) >= _BLOB_FILE_BYTES and fused_node_apart(
                 get_backend(job.backend), job.segment, "timed", job.artifact,
                 job.options or options)[1]:
-            out.append(job)
-            continue
-        if id(blob) not in paths:
-            path = workdir / f"timing_blob_{len(paths)}.bin"
-            path.write_bytes(blob)
-            paths[id(blob)] = str(path)
-        out.append(dataclasses.replace(
-            job, artifact=dataclasses.replace(job.artifact, executable=b""),
-            executable_file=paths[id(blob)]))
+            if id(blob) not in paths:
+                if job.blob_file is not None and _holds(job.blob_file, blob):
+                    paths[id(blob)] = str(job.blob_file)
+                else:
+                    path = workdir / f"timing_blob_{len(paths)}.bin"
+                    path.write_bytes(blob)
+                    paths[id(blob)] = str(path)
+            job = dataclasses.replace(
+                job, artifact=dataclasses.replace(job.artifact, executable=b""),
+                executable_file=paths[id(blob)])
+        segment = job.segment
+        if (len(segment.graph_def_bytes) >= _BLOB_FILE_BYTES and job.segment_file is not None
+                and _holds(job.segment_file, segment.graph_def_bytes)):
+            if id(segment) not in slim:
+                slim[id(segment)] = dataclasses.replace(segment, graph_def_bytes=b"")
+            job = dataclasses.replace(job, segment=slim[id(segment)])
+        out.append(job)
     return out
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file holds these bytes: its size, and its last bytes (cheap: the whole
+    file is not read again)."""
+    try:
+        if path.stat().st_size != len(data):
+            return False
+        with path.open("rb") as f:
+            f.seek(max(0, len(data) - 4096))
+            return f.read() == data[-4096:]
+    except OSError:
+        return False
+
+
 # A fresh interpreter that imports fuseflow, then runs the one job named on its stdin
-# (a JSON list: function, then its arguments); an empty stdin ends it.
+# (a JSON list: function, then its arguments); an empty stdin ends it. Once the job has
+# written its result it leaves at once: tearing down TF's sessions and graphs (ResNet50's
+# 100 MB of weights) took over a second that compile() waited for.
 _STANDBY = """
-import json, sys
+import json, os, sys
 import fuseflow.timing
 line = sys.stdin.readline()
 if line:
     function, *args = json.loads(line)
     getattr(fuseflow.timing, function)(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 """
 # The compile()'s slot for a started interpreter (warm_interpreters), else None.
 _SLOT: contextvars.ContextVar[list[subprocess.Popen] | None] = contextvars.ContextVar(
@@ -200,12 +238,20 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
     return pickle.loads(dst.read_bytes()), None
 
 
+@functools.lru_cache(maxsize=2)
+def _read(path: Path) -> bytes:
+    """A file's bytes, read once for all the jobs that name it."""
+    return path.read_bytes()
+
+
 def _graph(job: TimingJob, options: CompilerOptions):
     """A TF graph that runs the job, with its feed and fetch names, and the ops to run
     once before it (registering a blob's file)."""
     from fuseflow.tf_compat import tf
 
     segment = job.segment
+    if job.segment_file is not None and not segment.graph_def_bytes:  # _bytes_as_files
+        segment = dataclasses.replace(segment, graph_def_bytes=_read(job.segment_file))
     graph = tf.Graph()
     if job.backend is None:
         with graph.as_default():
@@ -230,9 +276,11 @@ def _graph(job: TimingJob, options: CompilerOptions):
     files = []
     if job.executable_file:
         # Its blob mapped from the file, unchecked: the node's CRC is the empty blob's.
-        key = Path(job.executable_file).name
+        # Keyed by the whole path: the compile's files share a name (executable.bin).
+        path = Path(job.executable_file)
+        key = f"timed-{hashlib.sha256(bytes(path)).hexdigest()[:16]}-{path.name}"
         use_file(fused, key, crc="")
-        files.append(AssetFile(key, Path(job.executable_file)))
+        files.append(AssetFile(key, path))
     # A FuseflowOp's fallback must not run while it is timed (_fused_path_ran checks), so
     # it goes without its weights: ResNet50's 100 MB cost each candidate seconds to import.
     # An XLA call runs its function: that one keeps them.

@@ -347,3 +347,51 @@ def test_a_big_blob_goes_to_the_timing_process_as_a_file(tmp_path):
     jobs, _, _ = pickle.loads((tmp_path / "timing_main_in.pkl").read_bytes())
     assert jobs[0].artifact.executable == b""
     assert open(jobs[0].executable_file, "rb").read() == artifact.executable
+
+
+def test_the_compile_s_own_files_go_to_the_timing_process_by_path(tmp_path):
+    """Where the compile left a candidate's blob and its segment's GraphDef in files (its
+    executable.bin and graph.pb), the timing process reads those: neither rides in the
+    pickle, and no blob is written again. TF's side runs the GraphDef read from its file;
+    each candidate ran its own blob (a fallback has no weights there: it fails the
+    timing), though the two files share a name."""
+    import pickle
+
+    from test_openvino_backend import segment_of
+
+    from fuseflow.backends.openvino import OpenVinoBackend
+    from fuseflow.compile import EXECUTABLE_FILE, SEGMENT_FILE
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import TimingJob, time_jobs
+
+    options = CompilerOptions()
+    feed = [np.ones((1, 1024), np.float32)]
+    jobs = []
+    for name, width in (("a", 512), ("b", 384)):
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, [1, 1024], name="fuseflow_input_0")
+            w = tf.constant(np.random.default_rng(width).normal(size=(1024, width)).astype(
+                np.float32))
+            tf.tanh(tf.matmul(x, w), name="y")  # over a megabyte of weights
+        segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+        artifact = OpenVinoBackend().compile(segment, options, str(tmp_path))
+        seg_dir = tmp_path / "placement" / name
+        seg_dir.mkdir(parents=True)
+        (seg_dir / EXECUTABLE_FILE).write_bytes(artifact.executable)
+        (seg_dir / SEGMENT_FILE).write_bytes(segment.graph_def_bytes)
+        files = {"blob_file": seg_dir / EXECUTABLE_FILE, "segment_file": seg_dir / SEGMENT_FILE}
+        if name == "a":
+            jobs.append(TimingJob("a.tf", None, segment, None, feed, in_flight=False,
+                                  segment_file=files["segment_file"]))
+        jobs.append(TimingJob(name, "openvino", segment, artifact, feed, in_flight=False,
+                              **files))
+    timings, failures = time_jobs(jobs, options, 60, tmp_path)
+    assert set(timings) == {"a.tf", "a", "b"}, failures
+    sent, _, _ = pickle.loads((tmp_path / "timing_main_in.pkl").read_bytes())
+    assert all(job.segment.graph_def_bytes == b"" for job in sent)
+    assert [job.executable_file for job in sent] == [
+        None, str(tmp_path / "placement/a" / EXECUTABLE_FILE),
+        str(tmp_path / "placement/b" / EXECUTABLE_FILE)]
+    assert all(job.artifact is None or job.artifact.executable == b"" for job in sent)
+    assert not list(tmp_path.glob("timing_blob_*"))

@@ -395,3 +395,68 @@ def test_the_compile_s_own_files_go_to_the_timing_process_by_path(tmp_path):
         str(tmp_path / "placement/b" / EXECUTABLE_FILE)]
     assert all(job.artifact is None or job.artifact.executable == b"" for job in sent)
     assert not list(tmp_path.glob("timing_blob_*"))
+
+
+def test_tf_s_side_is_set_up_while_the_candidates_compile(tmp_path, caplog):
+    """prepare() hands TF's side of the timing to the prestarted timing process before
+    the candidates compile (ResNet50's import and first call took 2.4 s after them); the
+    timing then uses that session. Without a prestarted process it does nothing."""
+    import logging
+
+    from test_openvino_backend import segment_of
+
+    from fuseflow.backends.openvino import OpenVinoBackend
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import TimingJob, prepare, prestart, time_jobs, warm_interpreters
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 1024], name="fuseflow_input_0")
+        w = tf.constant(np.random.default_rng(0).normal(size=(1024, 512)).astype(np.float32))
+        tf.tanh(tf.matmul(x, w), name="y")
+    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    options = CompilerOptions()
+    feed = [np.ones((1, 1024), np.float32)]
+    tf_job = TimingJob("seg.tf", None, segment, None, feed, in_flight=False)
+    assert prepare([tf_job], options, tmp_path) == [tf_job]  # no process to give it to
+    with warm_interpreters():
+        prestart()
+        sent = prepare([tf_job], options, tmp_path)
+        assert sent[0].segment.graph_def_bytes == b""  # the segment went as a file
+        artifact = OpenVinoBackend().compile(segment, options, str(tmp_path))
+        with caplog.at_level(logging.DEBUG, logger="fuseflow"):
+            timings, failures = time_jobs(
+                sent + [TimingJob("seg", "openvino", segment, artifact, feed, in_flight=False)],
+                options, 60, tmp_path)
+    assert set(timings) == {"seg.tf", "seg"}, failures
+    assert "TF's side of seg.tf was set up while the candidates compiled" in caplog.text
+
+
+def test_a_timing_process_that_died_while_preparing_fails_only_the_timing(tmp_path):
+    """A prestarted process that died (the OOM killer, say) before prepare() hands it
+    TF's side, or after: the timing reports it died, and the compile goes on."""
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import _SLOT, TimingJob, prepare, prestart, time_jobs, warm_interpreters
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 8], name="fuseflow_input_0")
+        tf.tanh(x, name="y")
+    from test_openvino_backend import segment_of
+
+    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    options = CompilerOptions()
+    job = TimingJob("seg.tf", None, segment, None, [np.ones((1, 8), np.float32)])
+    for kill_first in (True, False):
+        with warm_interpreters():
+            prestart()
+            process = _SLOT.get()[0]
+            if kill_first:
+                process.kill()
+                process.wait()
+            sent = prepare([job], options, tmp_path)
+            process.kill()
+            process.wait()
+            timings, failures = time_jobs(sent, options, 60, tmp_path)
+        assert timings == {}
+        assert failures["seg.tf"].startswith("timing process died"), failures

@@ -73,9 +73,10 @@ class TimingJob:
     precision: str | None = None  # for FUSEFLOW_INJECT_FAULT=slow@BACKEND/PRECISION
     in_flight: bool = True  # also time calls in flight (else in_flight_ms = latency_ms)
     group: str | None = None  # jobs of one group are timed call by call in turn
-    # Files that hold artifact.executable and segment.graph_def_bytes (the compile's own,
-    # CompiledSegment's, or written for the timing). Where those bytes are empty, the
-    # timing process reads them from there: _bytes_as_files empties the big ones.
+    # A FuseflowOp's artifact.executable, moved to this file (_bytes_as_files)
+    executable_file: str | None = None
+    # Files that hold artifact.executable and segment.graph_def_bytes already: the
+    # compile's own (CompiledSegment's). The segment's bytes then go as that file's path.
     blob_file: Path | None = None
     segment_file: Path | None = None
 
@@ -121,7 +122,7 @@ def _bytes_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Pa
     from fuseflow.backends import get_backend
     from fuseflow.rewrite import fused_node_apart
 
-    paths: dict[int, Path] = {}
+    paths: dict[int, str] = {}
     slim: dict[int, SegmentGraph] = {}
     out = []
     for job in jobs:
@@ -131,32 +132,22 @@ def _bytes_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Pa
                 job.options or options)[1]:
             if id(blob) not in paths:
                 if job.blob_file is not None and _holds(job.blob_file, blob):
-                    paths[id(blob)] = job.blob_file
+                    paths[id(blob)] = str(job.blob_file)
                 else:
-                    paths[id(blob)] = workdir / f"timing_blob_{len(paths)}.bin"
-                    paths[id(blob)].write_bytes(blob)
+                    path = workdir / f"timing_blob_{len(paths)}.bin"
+                    path.write_bytes(blob)
+                    paths[id(blob)] = str(path)
             job = dataclasses.replace(
                 job, artifact=dataclasses.replace(job.artifact, executable=b""),
-                blob_file=paths[id(blob)])
-        out.append(_segment_apart(job, slim))
+                executable_file=paths[id(blob)])
+        segment = job.segment
+        if (len(segment.graph_def_bytes) >= _BLOB_FILE_BYTES and job.segment_file is not None
+                and _holds(job.segment_file, segment.graph_def_bytes)):
+            if id(segment) not in slim:
+                slim[id(segment)] = dataclasses.replace(segment, graph_def_bytes=b"")
+            job = dataclasses.replace(job, segment=slim[id(segment)])
+        out.append(job)
     return out
-
-
-def _segment_apart(job: TimingJob, slim: dict[int, SegmentGraph],
-                   write_to: Path | None = None) -> TimingJob:
-    """The job with its big segment's GraphDef left to its segment_file (written to
-    `write_to` first where it has none); slim keeps one emptied segment per segment."""
-    segment = job.segment
-    if len(segment.graph_def_bytes) < _BLOB_FILE_BYTES:
-        return job
-    if job.segment_file is None and write_to is not None:
-        write_to.write_bytes(segment.graph_def_bytes)
-        job = dataclasses.replace(job, segment_file=write_to)
-    if job.segment_file is None or not _holds(job.segment_file, segment.graph_def_bytes):
-        return job
-    if id(segment) not in slim:
-        slim[id(segment)] = dataclasses.replace(segment, graph_def_bytes=b"")
-    return dataclasses.replace(job, segment=slim[id(segment)])
 
 
 def _holds(path: Path, data: bytes) -> bool:
@@ -242,9 +233,15 @@ def prepare(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
     jobs = [j for j in jobs if j.backend is None]
     if not slot or not jobs:
         return jobs
-    slim: dict[int, SegmentGraph] = {}
-    sent = [_segment_apart(job, slim, workdir / f"timing_segment_{k}.pb")
-            for k, job in enumerate(jobs)]
+    sent = []
+    for k, job in enumerate(jobs):
+        segment = job.segment
+        if len(segment.graph_def_bytes) >= _BLOB_FILE_BYTES and job.segment_file is None:
+            path = workdir / f"timing_segment_{k}.pb"
+            path.write_bytes(segment.graph_def_bytes)
+            job = dataclasses.replace(job, segment=dataclasses.replace(
+                segment, graph_def_bytes=b""), segment_file=path)
+        sent.append(job)
     src = workdir / "timing_prepare_in.pkl"
     src.write_bytes(pickle.dumps((sent, options)))
     try:
@@ -319,13 +316,13 @@ def _graph(job: TimingJob, options: CompilerOptions):
     function_name = f"{segment.name}_native"
     fused = get_backend(job.backend).fused_node(segment, function_name, job.artifact, options)
     files = []
-    if job.blob_file is not None and not job.artifact.executable:  # _bytes_as_files
+    if job.executable_file:
         # Its blob mapped from the file, unchecked: the node's CRC is the empty blob's.
         # Keyed by the whole path: the compile's files share a name (executable.bin).
-        digest = hashlib.sha256(bytes(job.blob_file)).hexdigest()[:16]
-        key = f"timed-{digest}-{job.blob_file.name}"
+        path = Path(job.executable_file)
+        key = f"timed-{hashlib.sha256(bytes(path)).hexdigest()[:16]}-{path.name}"
         use_file(fused, key, crc="")
-        files.append(AssetFile(key, job.blob_file))
+        files.append(AssetFile(key, path))
     # A FuseflowOp's fallback must not run while it is timed (_fused_path_ran checks), so
     # it goes without its weights: ResNet50's 100 MB cost each candidate seconds to import.
     # An XLA call runs its function: that one keeps them.

@@ -346,7 +346,7 @@ def test_a_big_blob_goes_to_the_timing_process_as_a_file(tmp_path):
     assert "big" in timings and timings["big"].latency_ms > 0, failures
     jobs, _, _ = pickle.loads((tmp_path / "timing_main_in.pkl").read_bytes())
     assert jobs[0].artifact.executable == b""
-    assert jobs[0].blob_file.read_bytes() == artifact.executable
+    assert open(jobs[0].executable_file, "rb").read() == artifact.executable
 
 
 def test_the_compile_s_own_files_go_to_the_timing_process_by_path(tmp_path):
@@ -390,9 +390,9 @@ def test_the_compile_s_own_files_go_to_the_timing_process_by_path(tmp_path):
     assert set(timings) == {"a.tf", "a", "b"}, failures
     sent, _, _ = pickle.loads((tmp_path / "timing_main_in.pkl").read_bytes())
     assert all(job.segment.graph_def_bytes == b"" for job in sent)
-    assert [job.blob_file for job in sent] == [
-        None, tmp_path / "placement/a" / EXECUTABLE_FILE,
-        tmp_path / "placement/b" / EXECUTABLE_FILE]
+    assert [job.executable_file for job in sent] == [
+        None, str(tmp_path / "placement/a" / EXECUTABLE_FILE),
+        str(tmp_path / "placement/b" / EXECUTABLE_FILE)]
     assert all(job.artifact is None or job.artifact.executable == b"" for job in sent)
     assert not list(tmp_path.glob("timing_blob_*"))
 

@@ -48,7 +48,7 @@ from fuseflow.options import CompilerOptions
 from fuseflow.partition import Partition, Segment, internal_groups
 from fuseflow.reasons import Reason
 from fuseflow.tf_compat import tf
-from fuseflow.timing import Timing, TimingJob, prepare, prestart, time_jobs
+from fuseflow.timing import Timing, TimingJob, prestart, time_jobs
 
 log = logging.getLogger("fuseflow")
 
@@ -184,12 +184,10 @@ def place(graph_def, supports: dict[str, dict], prefer: dict[str, str],
     stored = _stored_timings(cache.lookup_timings(timings_key, "placement"))
     compiled: dict[str, CompiledSegment] = {}
     if stored is None:
-        prestart()  # (compile() started it already; a caller that did not, starts it now)
-        inputs = _timing_inputs(candidates, graphs, feed_values)
-        tf_jobs = prepare(_tf_jobs(candidates, graphs, inputs), options, workdir)
+        prestart()  # the timing process imports TF while the candidates compile
         compiled = {k: c for (k, _, _), c in zip(candidates, compile_segments(
             jobs, options, workdir, artifact_keys))}
-        timings, failures = _time_candidates(candidates, graphs, compiled, inputs, tf_jobs,
+        timings, failures = _time_candidates(candidates, graphs, compiled, feed_values,
                                              options, workdir)
         if not any(_transient(c.error) for c in compiled.values() if c.error) and not any(
                 _transient(why) for why in failures.values()):
@@ -279,41 +277,24 @@ def _transient(why: str) -> bool:
     return any(word in why for word in ("timed out", "died", "budget"))
 
 
-def _timing_inputs(candidates: list[tuple[str, str, Segment]], graphs: dict,
-                   feed_values) -> dict[str, list[np.ndarray]]:
-    """Each candidate's inputs: the model's values at its inputs (random where none)."""
-    values = feed_values(sorted({t for g in graphs.values() for t in g.input_sources}))
-    return {key: [values[t] if t in values else v
-                  for t, v in zip(graphs[key].input_sources, random_inputs(graphs[key]))]
-            for key, _, _ in candidates}
-
-
-def _tf_jobs(candidates: list[tuple[str, str, Segment]], graphs: dict,
-             inputs: dict[str, list[np.ndarray]]) -> list[TimingJob]:
-    """TF running each region's (or piece's) own ops: one job per distinct set of ops."""
-    jobs: dict[str, TimingJob] = {}
-    for key, _, seg in candidates:
-        tf_key = _tf_key(seg)
-        if tf_key not in jobs:
-            jobs[tf_key] = TimingJob(tf_key, None, graphs[key], None, inputs[key])
-    return list(jobs.values())
-
-
 def _time_candidates(candidates: list[tuple[str, str, Segment]], graphs: dict,
-                     compiled: dict[str, CompiledSegment], inputs: dict[str, list[np.ndarray]],
-                     tf_jobs: list[TimingJob], options: CompilerOptions,
+                     compiled: dict[str, CompiledSegment], feed_values, options: CompilerOptions,
                      workdir: Path) -> tuple[dict[str, Timing], dict[str, str]]:
-    """Every compiled candidate and the TF ops it replaces (tf_jobs, as prepare() gave
-    them back), timed on the model's values."""
-    tf_job = {job.key: job for job in tf_jobs}
-    timing_jobs = []
+    """Every compiled candidate and the TF ops it replaces, timed on the model's values."""
+    values = feed_values(sorted({t for g in graphs.values() for t in g.input_sources}))
+    timing_jobs, seen_tf = [], set()
     for key, backend, seg in candidates:
+        graph = graphs[key]
+        inputs = [values[t] if t in values else v
+                  for t, v in zip(graph.input_sources, random_inputs(graph))]
         tf_key = _tf_key(seg)
-        if tf_key in tf_job:
-            timing_jobs.append(tf_job.pop(tf_key))
         done = compiled[key]
+        if tf_key not in seen_tf:
+            seen_tf.add(tf_key)
+            timing_jobs.append(TimingJob(tf_key, None, graph, None, inputs,
+                                         segment_file=done.segment_file))
         if done.artifact is not None:
-            timing_jobs.append(TimingJob(key, backend, graphs[key], done.artifact, inputs[key],
+            timing_jobs.append(TimingJob(key, backend, graph, done.artifact, inputs,
                                          blob_file=done.executable_file,
                                          segment_file=done.segment_file))
     return time_jobs(timing_jobs, options, options.profile_budget_s, workdir)

@@ -249,12 +249,6 @@ def compile(model_dir, new_model_dir, batch_size=1, model_shape_feed_dict=None,
         # in the compiler process) is imported once a segment is placed on it.
         prestart_worker([b for b in backends if options.profile or b != "xla"] or backends)
         with warm_interpreters(), _older_objects_frozen():
-            if options.profile:
-                # The timing process imports TF while the model loads, so that by the
-                # time the candidates compile it sets TF's side up beside them
-                # (timing.prepare): ResNet50 at the defaults, 10.1-10.8 -> 9.3-9.8 s. A
-                # recompile whose timings are cached pays for it: 2.5-2.6 -> 2.9-3.0 s.
-                prestart()
             plan = _plan(model_dir, batch_size, model_shape_feed_dict, model_feed_dict, tags,
                          signature_def_key, minimum_segment_size, no_fuse_ops,
                          force_fuse_ops, subgraph_builder_function, options)

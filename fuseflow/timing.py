@@ -15,8 +15,7 @@ load of the moment.
 Timing runs in a fresh process, one candidate after another: a crashing backend
 costs only its timing, and no compile worker shares the cores meanwhile.
 compile() starts that process ahead (prestart, inside warm_interpreters): it
-imports TensorFlow and fuseflow while the segments compile, sets TF's side of the
-jobs up meanwhile where it is given them first (prepare), then waits for its
+imports TensorFlow and fuseflow while the segments compile, then waits for its
 one job.
 
 FUSEFLOW_INJECT_FAULT=slow[@BACKEND[/PRECISION]] adds 5 ms to every timed call of a
@@ -33,7 +32,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
 import pickle
 import signal
@@ -49,8 +47,6 @@ import numpy as np
 
 from fuseflow.backends.base import Artifact, SegmentGraph
 from fuseflow.options import CompilerOptions
-
-log = logging.getLogger("fuseflow")
 
 IN_FLIGHT = 2  # calls in flight for the throughput figure (cores of a small replica)
 _WARMUP = 2
@@ -101,11 +97,7 @@ def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
                                               options, budget_s), workdir, budget_s + 120)
     if result is None:
         return {}, {j.key: f"timing process {why}" for j in jobs}
-    timings, failures, prepared = result
-    if prepared:
-        log.debug("timing: TF's side of %s was set up while the candidates compiled",
-                  ", ".join(prepared))
-    return timings, failures
+    return result
 
 
 def _bytes_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
@@ -164,20 +156,19 @@ def _holds(path: Path, data: bytes) -> bool:
 
 
 # A fresh interpreter that imports fuseflow, then runs the one job named on its stdin
-# (a JSON list: function, then its arguments), after any "prepare_main" lines before it
-# (see prepare()); an empty stdin ends it. Once the job has
+# (a JSON list: function, then its arguments); an empty stdin ends it. Once the job has
 # written its result it leaves at once: tearing down TF's sessions and graphs (ResNet50's
 # 100 MB of weights) took over a second that compile() waited for.
 _STANDBY = """
 import json, os, sys
 import fuseflow.timing
-while line := sys.stdin.readline():
+line = sys.stdin.readline()
+if line:
     function, *args = json.loads(line)
     getattr(fuseflow.timing, function)(*args)
-    if function != "prepare_main":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 """
 # The compile()'s slot for a started interpreter (warm_interpreters), else None.
 _SLOT: contextvars.ContextVar[list[subprocess.Popen] | None] = contextvars.ContextVar(
@@ -222,36 +213,6 @@ def prestart() -> None:
         slot.append(_interpreter())
 
 
-def prepare(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
-            ) -> list[TimingJob]:
-    """Has the prestarted timing process set TF's side of these jobs up now (import the
-    segment, the first call, where Grappler folds its weights, and the warm-up), while
-    the candidates compile: after them, ResNet50's took 2.4 s. Only their timed calls
-    wait for time_jobs. Returns the jobs to give time_jobs: a big segment then goes as
-    the file written here. Without a prestarted process, nothing is done."""
-    slot = _SLOT.get()
-    jobs = [j for j in jobs if j.backend is None]
-    if not slot or not jobs:
-        return jobs
-    sent = []
-    for k, job in enumerate(jobs):
-        segment = job.segment
-        if len(segment.graph_def_bytes) >= _BLOB_FILE_BYTES and job.segment_file is None:
-            path = workdir / f"timing_segment_{k}.pb"
-            path.write_bytes(segment.graph_def_bytes)
-            job = dataclasses.replace(job, segment=dataclasses.replace(
-                segment, graph_def_bytes=b""), segment_file=path)
-        sent.append(job)
-    src = workdir / "timing_prepare_in.pkl"
-    src.write_bytes(pickle.dumps((sent, options)))
-    try:
-        slot[0].stdin.write(json.dumps(["prepare_main", str(src)]) + "\n")
-        slot[0].stdin.flush()
-    except OSError:  # it died: time_jobs says so
-        pass
-    return sent
-
-
 def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
                       env: dict[str, str] | None = None):
     """function(payload) of this module run in a new interpreter (prestarted, unless it
@@ -268,9 +229,6 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
     except subprocess.TimeoutExpired:
         _stop(proc)
         return None, "timed out"
-    except BrokenPipeError:  # it died before it read its job (say, while preparing)
-        _stop(proc)
-        return None, f"died: exit code {proc.returncode}"
     except BaseException:  # interrupted: the process must not outlive compile()
         _stop(proc)
         raise
@@ -354,53 +312,6 @@ def _fused_path_ran(before: dict) -> None:
             raise RuntimeError(f"the compiled segment did not run ({name}: {why})")
 
 
-# The timing process's sessions that prepare() set up, by job key: (session, run); and
-# the keys of those its jobs used.
-_PREPARED: dict[str, tuple] = {}
-_USED: list[str] = []
-
-
-def _session(job: TimingJob, options: CompilerOptions, config=None) -> tuple:
-    """(session, run) for the job, warmed up: the one prepare() set up (TF's side, in a
-    session of the default config), else a new one with `config`."""
-    from fuseflow.compile_worker import injected_fault
-    from fuseflow.tf_compat import tf
-
-    if job.key in _PREPARED:
-        _USED.append(job.key)
-        sess, run = _PREPARED.pop(job.key)
-        run(*job.inputs)  # once more: a compile ran on these cores since its warm-up
-        return sess, run
-    graph, feeds, fetches, init = _graph(job, job.options or options)
-    sess = tf.compat.v1.Session(graph=graph, config=config)
-    try:
-        if init:
-            sess.run(init)
-        run = sess.make_callable(fetches, feeds)
-        if job.backend and injected_fault(job.segment.name, job.backend,
-                                          job.precision) == "slow":
-            run = _delayed(run)
-        for _ in range(_WARMUP):
-            run(*job.inputs)
-    except BaseException:
-        sess.close()
-        raise
-    return sess, run
-
-
-def prepare_main(src: str) -> None:
-    """The timing process's side of prepare(): each job's session, kept for main(). A job
-    that fails here is set up again there, which reports why."""
-    import fuseflow  # noqa: F401  (registers FuseflowOp)
-    from fuseflow.logs import tf_quiet
-
-    jobs, options = pickle.loads(Path(src).read_bytes())
-    with tf_quiet():
-        for job in jobs:
-            with contextlib.suppress(Exception):
-                _PREPARED[job.key] = _session(job, options)
-
-
 def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
     from fuseflow.runtime import runtime_stats
 
@@ -411,8 +322,19 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
 
 
 def _latency_and_in_flight(job: TimingJob, options: CompilerOptions) -> Timing:
-    sess, run = _session(job, options)
-    with sess:
+    from fuseflow.compile_worker import injected_fault
+    from fuseflow.tf_compat import tf
+
+    graph, feeds, fetches, init = _graph(job, job.options or options)
+    with tf.compat.v1.Session(graph=graph) as sess:
+        if init:
+            sess.run(init)
+        run = sess.make_callable(fetches, feeds)
+        if job.backend and injected_fault(job.segment.name, job.backend,
+                                          job.precision) == "slow":
+            run = _delayed(run)
+        for _ in range(_WARMUP):
+            run(*job.inputs)
         samples: list[float] = []
         start = time.perf_counter()
         while len(samples) < _MAX_RUNS and (
@@ -442,19 +364,28 @@ def _latency_and_in_flight(job: TimingJob, options: CompilerOptions) -> Timing:
 def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Timing]:
     """The group's jobs timed call by call in turn (A, B, A, B, ...): median latency of
     each; in_flight_ms repeats it."""
+    from fuseflow.compile_worker import injected_fault
     from fuseflow.runtime import runtime_stats
-    from fuseflow.tf_compat import plain_session_config
+    from fuseflow.tf_compat import plain_session_config, tf
 
     before = runtime_stats()
     calls, sessions = {}, []
     try:
         for job in jobs:
+            graph, feeds, fetches, init = _graph(job, job.options or options)
             # Grappler only rewrites around the fused node (and folds its fallback's
             # constants): it would cost a first call seconds and change nothing timed.
             # TF's own ops get it, as they run in the original model.
-            sess, run = _session(job, options,
-                                 None if job.backend is None else plain_session_config())
-            sessions.append(sess)
+            sessions.append(tf.compat.v1.Session(
+                graph=graph, config=None if job.backend is None else plain_session_config()))
+            if init:
+                sessions[-1].run(init)
+            run = sessions[-1].make_callable(fetches, feeds)
+            if job.backend and injected_fault(job.segment.name, job.backend,
+                                              job.precision) == "slow":
+                run = _delayed(run)
+            for _ in range(_WARMUP):
+                run(*job.inputs)
             calls[job.key] = (run, job.inputs)
         samples: dict[str, list[float]] = {key: [] for key in calls}
         start = time.perf_counter()
@@ -509,7 +440,7 @@ def main(src: str, dst: str) -> None:
                     timings.update(_time_group(batch, options))
             except Exception as e:  # a candidate that can't run is not a candidate
                 failures.update(dict.fromkeys((j.key for j in batch), errors.reason(e)))
-    Path(dst).write_bytes(pickle.dumps((timings, failures, _USED)))
+    Path(dst).write_bytes(pickle.dumps((timings, failures)))
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,14 @@ compile() starts that process ahead (prestart, inside warm_interpreters): it
 imports TensorFlow and fuseflow while the segments compile, then waits for its
 one job.
 
+A timing process that outlives its time is asked for its Python stacks, which
+the log shows, then stopped; what it had timed by then still counts (it saves its
+results after each candidate), and the candidate it was on is named.
+
 FUSEFLOW_INJECT_FAULT=slow[@BACKEND[/PRECISION]] adds 5 ms to every timed call of a
 compiled candidate (of that precision only, e.g. slow@openvino/int8): a segment slower
 than TF, or an int8 segment slower than its bf16 one, on any machine, for the tests of
-those paths.
+those paths; hang@... makes its calls never return, and crash@... abort the process.
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import pickle
+import re
 import signal
 import statistics
 import subprocess
@@ -48,12 +54,17 @@ import numpy as np
 from fuseflow.backends.base import Artifact, SegmentGraph
 from fuseflow.options import CompilerOptions
 
+log = logging.getLogger("fuseflow")
+
 IN_FLIGHT = 2  # calls in flight for the throughput figure (cores of a small replica)
 _WARMUP = 2
 _MIN_RUNS, _MAX_RUNS = 5, 200
 _MIN_INTERLEAVED = 11  # calls of each job of a group, at least
 _SECONDS_PER_SIDE = 0.3  # per candidate: latency calls, then as long again in flight
 _INJECTED_DELAY_S = 0.005
+# Seconds a timing process may take beyond its budget: its imports and the candidates'
+# set-up (a first call, where Grappler folds ResNet50's weights), on a loaded machine.
+_START_S = 120
 # A blob this big goes to the timing process as a file it maps, not in the pickle.
 _BLOB_FILE_BYTES = 1 << 20
 
@@ -90,14 +101,30 @@ class Timing:
 
 def time_jobs(jobs: list[TimingJob], options: CompilerOptions, budget_s: float,
               workdir: Path) -> tuple[dict[str, Timing], dict[str, str]]:
-    """Timings by job key, and errors by job key; jobs past the budget are left out."""
+    """Timings by job key, and errors by job key; jobs past the budget are left out.
+    A candidate that kills the timing process costs its own timing: the jobs after it
+    go to a new one. One that hangs it costs its own and those not yet timed."""
     if not jobs:
         return {}, {}
-    result, why = _in_fresh_process("main", (_bytes_as_files(jobs, options, workdir),
-                                              options, budget_s), workdir, budget_s + 120)
-    if result is None:
-        return {}, {j.key: f"timing process {why}" for j in jobs}
-    return result
+    jobs = _bytes_as_files(jobs, options, workdir)
+    timings: dict[str, Timing] = {}
+    failures: dict[str, str] = {}
+    deadline = time.monotonic() + budget_s
+    while jobs:
+        left = max(0.0, deadline - time.monotonic())
+        result, why = _in_fresh_process("main", (jobs, options, left), workdir,
+                                         left + _START_S)
+        done, failed, running = result or ({}, {}, [])
+        timings.update(done)
+        failures.update(failed)
+        if why is None:
+            break
+        failures.update(dict.fromkeys(running, f"timing process {why} while timing it"))
+        jobs = [j for j in jobs if j.key not in timings and j.key not in failures]
+        if not running or why == "timed out":  # no culprit to leave out, or no time left
+            failures.update({j.key: f"timing process {why}" for j in jobs})
+            break
+    return timings, failures
 
 
 def _bytes_as_files(jobs: list[TimingJob], options: CompilerOptions, workdir: Path
@@ -160,11 +187,13 @@ def _holds(path: Path, data: bytes) -> bool:
 # written its result it leaves at once: tearing down TF's sessions and graphs (ResNet50's
 # 100 MB of weights) took over a second that compile() waited for.
 _STANDBY = """
-import json, os, sys
+import faulthandler, json, os, signal, sys
 import fuseflow.timing
 line = sys.stdin.readline()
 if line:
     function, *args = json.loads(line)
+    stacks = open(args[-1] + ".stacks", "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     getattr(fuseflow.timing, function)(*args)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -216,26 +245,58 @@ def prestart() -> None:
 def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
                       env: dict[str, str] | None = None):
     """function(payload) of this module run in a new interpreter (prestarted, unless it
-    needs its own `env`), through pickle files: (its result, None), or (None, why there is
-    none)."""
+    needs its own `env`), through pickle files: (its result, None), or (what it had saved
+    of its result, if anything, else None; why it did not finish)."""
     src, dst = workdir / f"timing_{function}_in.pkl", workdir / f"timing_{function}_out.pkl"
     src.write_bytes(pickle.dumps(payload))
     dst.unlink(missing_ok=True)
     slot = _SLOT.get()
     proc = slot.pop() if slot and env is None else _interpreter(env)
+    stacks = Path(f"{dst}.stacks")
+    stacks.unlink(missing_ok=True)
     try:
         _, stderr = proc.communicate(json.dumps([function, str(src), str(dst)]) + "\n",
                                      timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        _log_stacks(proc, stacks, f"the timing process ({_PURPOSE.get(function, function)}) "
+                                  f"ran past its {timeout_s:.0f} s")
         _stop(proc)
-        return None, "timed out"
+        return (pickle.loads(dst.read_bytes()) if dst.exists() else None), "timed out"
     except BaseException:  # interrupted: the process must not outlive compile()
         _stop(proc)
         raise
-    if not dst.exists():
+    result = pickle.loads(dst.read_bytes()) if dst.exists() else None
+    if proc.returncode != 0 or result is None:
         tail = (stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return None, f"died: {tail[0]}"
-    return pickle.loads(dst.read_bytes()), None
+        return result, f"died: {tail[0]}"
+    return result, None
+
+
+_PURPOSE = {"main": "timing the candidates", "models_main": "timing the whole model"}
+
+
+def _log_stacks(proc: subprocess.Popen, stacks: Path, what: str) -> None:
+    """Logs where a hung timing process is, from the stacks it writes on SIGUSR1: its
+    main thread's innermost frames as a warning, every thread's at debug."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGUSR1)
+    text = ""
+    for _ in range(25):  # it writes them as it takes the signal, unbuffered
+        time.sleep(0.2)
+        with contextlib.suppress(OSError):
+            text = stacks.read_text()
+        if text:
+            time.sleep(0.2)
+            text = stacks.read_text()
+            break
+    # faulthandler lists the newest thread first: the main thread, which ran the job,
+    # is the last.
+    main = text.strip().split("\n\n")[-1].splitlines()[1:7]
+    frames = [re.sub(r'File "(.*)", line (\d+) in (.*)',
+                     lambda m: f"{m[3]} ({Path(m[1]).name}:{m[2]})", f.strip()) for f in main]
+    log.warning("%s and was stopped; it was at (innermost first): %s", what,
+                " <- ".join(frames) if frames else "unknown (it wrote no stacks)")
+    log.debug("the timing process's stacks:\n%s", text)
 
 
 @functools.lru_cache(maxsize=2)
@@ -322,17 +383,13 @@ def _time_one(job: TimingJob, options: CompilerOptions) -> Timing:
 
 
 def _latency_and_in_flight(job: TimingJob, options: CompilerOptions) -> Timing:
-    from fuseflow.compile_worker import injected_fault
     from fuseflow.tf_compat import tf
 
     graph, feeds, fetches, init = _graph(job, job.options or options)
     with tf.compat.v1.Session(graph=graph) as sess:
         if init:
             sess.run(init)
-        run = sess.make_callable(fetches, feeds)
-        if job.backend and injected_fault(job.segment.name, job.backend,
-                                          job.precision) == "slow":
-            run = _delayed(run)
+        run = _with_fault(job, sess.make_callable(fetches, feeds))
         for _ in range(_WARMUP):
             run(*job.inputs)
         samples: list[float] = []
@@ -364,7 +421,6 @@ def _latency_and_in_flight(job: TimingJob, options: CompilerOptions) -> Timing:
 def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Timing]:
     """The group's jobs timed call by call in turn (A, B, A, B, ...): median latency of
     each; in_flight_ms repeats it."""
-    from fuseflow.compile_worker import injected_fault
     from fuseflow.runtime import runtime_stats
     from fuseflow.tf_compat import plain_session_config, tf
 
@@ -380,10 +436,7 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
                 graph=graph, config=None if job.backend is None else plain_session_config()))
             if init:
                 sessions[-1].run(init)
-            run = sessions[-1].make_callable(fetches, feeds)
-            if job.backend and injected_fault(job.segment.name, job.backend,
-                                              job.precision) == "slow":
-                run = _delayed(run)
+            run = _with_fault(job, sessions[-1].make_callable(fetches, feeds))
             for _ in range(_WARMUP):
                 run(*job.inputs)
             calls[job.key] = (run, job.inputs)
@@ -407,12 +460,36 @@ def _time_group(jobs: list[TimingJob], options: CompilerOptions) -> dict[str, Ti
     return out
 
 
-def _delayed(run):
-    def slow(*args):
-        time.sleep(_INJECTED_DELAY_S)
-        return run(*args)
+def _with_fault(job: TimingJob, run):
+    """run, made slower, never returning or aborting where FUSEFLOW_INJECT_FAULT asks."""
+    from fuseflow.compile_worker import injected_fault
 
-    return slow
+    fault = job.backend and injected_fault(job.segment.name, job.backend, job.precision)
+    if fault == "slow":
+        def slow(*args):
+            time.sleep(_INJECTED_DELAY_S)
+            return run(*args)
+
+        return slow
+    if fault == "hang":
+        def hung_call(*args):
+            threading.Event().wait()
+
+        return hung_call
+    if fault == "crash":
+        def crashing_call(*args):
+            os.abort()
+
+        return crashing_call
+    return run
+
+
+def _save(dst: str, timings: dict, failures: dict, running: list[str]) -> None:
+    """The results so far, and the jobs being timed now, replacing the last save: what a
+    timing process that hangs leaves behind."""
+    part = Path(f"{dst}.part")
+    part.write_bytes(pickle.dumps((timings, failures, running)))
+    os.replace(part, dst)
 
 
 def main(src: str, dst: str) -> None:
@@ -433,6 +510,7 @@ def main(src: str, dst: str) -> None:
                 failures.update(dict.fromkeys(
                     (j.key for j in batch), "not timed: the profiling budget was spent"))
                 continue
+            _save(dst, timings, failures, [j.key for j in batch])
             try:
                 if batch[0].group is None:
                     timings[batch[0].key] = _time_one(batch[0], options)
@@ -440,7 +518,7 @@ def main(src: str, dst: str) -> None:
                     timings.update(_time_group(batch, options))
             except Exception as e:  # a candidate that can't run is not a candidate
                 failures.update(dict.fromkeys((j.key for j in batch), errors.reason(e)))
-    Path(dst).write_bytes(pickle.dumps((timings, failures)))
+    _save(dst, timings, failures, [])
 
 
 @dataclass(frozen=True)
@@ -459,7 +537,8 @@ def time_models(job: ModelTimingJob, workdir: Path, env: dict[str, str] | None =
     """The original and the compiled model, each loaded as a server would and called in
     turn: {original_ms, compiled_ms, speedup}, or None when they could not be timed.
     Without an original: {} once the compiled model ran (xla_cache.py fills its cache so)."""
-    return _in_fresh_process("models_main", job, workdir, 600, env)[0]
+    result, why = _in_fresh_process("models_main", job, workdir, 600, env)
+    return None if why else result
 
 
 def _call_with_tf2_loader(job: ModelTimingJob) -> None:

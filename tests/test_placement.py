@@ -395,3 +395,50 @@ def test_the_compile_s_own_files_go_to_the_timing_process_by_path(tmp_path):
         str(tmp_path / "placement/b" / EXECUTABLE_FILE)]
     assert all(job.artifact is None or job.artifact.executable == b"" for job in sent)
     assert not list(tmp_path.glob("timing_blob_*"))
+
+
+def test_a_candidate_that_kills_or_hangs_the_timing_costs_its_own_timing(
+        tmp_path, monkeypatch, caplog):
+    """Candidate a aborts the timing process at its first call: TF's side, timed before
+    it, counts, and b and c go to a new process. There c hangs until the process's time
+    is up: the log says where it hung (the stacks it writes when asked), and b, timed
+    before it, still counts."""
+    import dataclasses
+
+    from test_openvino_backend import segment_of
+
+    from fuseflow import timing
+    from fuseflow.backends.openvino import OpenVinoBackend
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import TimingJob, time_jobs
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 64], name="fuseflow_input_0")
+        tf.tanh(x * 2.0, name="y")
+    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    options = CompilerOptions()
+    artifact = OpenVinoBackend().compile(segment, options, str(tmp_path))
+    feed = [np.ones((1, 64), np.float32)]
+    jobs = [TimingJob("a.tf", None, segment, None, feed, in_flight=False)]
+    for name in "abc":
+        named = dataclasses.replace(segment, name=f"seg_{name}")
+        jobs.append(TimingJob(name, "openvino", named, artifact, feed, in_flight=False))
+    monkeypatch.setattr(timing, "_START_S", 20)
+    monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "crash:seg_a@openvino")
+    first = timing._interpreter  # the env each process starts with: c hangs the second
+
+    def next_fault(env=None):
+        proc = first(env)
+        monkeypatch.setenv("FUSEFLOW_INJECT_FAULT", "hang:seg_c@openvino")
+        return proc
+
+    monkeypatch.setattr(timing, "_interpreter", next_fault)
+    with caplog.at_level("WARNING", logger="fuseflow"):
+        timings, failures = time_jobs(jobs, options, 20, tmp_path)
+    assert set(timings) == {"a.tf", "b"}, failures
+    assert failures["a"].startswith("timing process died") and \
+        failures["a"].endswith("while timing it"), failures
+    assert failures["c"] == "timing process timed out while timing it", failures
+    hung = [r.message for r in caplog.records if "ran past its" in r.message]
+    assert len(hung) == 1 and "hung_call (timing.py:" in hung[0], hung

@@ -6,6 +6,9 @@ batch); then for each batch size compile each fuseflow variant at that batch
 at a time. Timing interleaves the variants in blocks of a few calls, each block
 after one unrecorded call, so that background load drifting during the run
 hits every variant alike; the median over a variant's calls is its latency.
+The blocks come in a new random order each pass (seeded): the block right after
+the TF original's ran up to 13% slower (its thread pools still busy), and with
+a fixed order that cost fell on one variant every time.
 Each variant calls until --runs samples or until --seconds of its calls have
 been spent (at least 5 samples): slow rows (XLA's depthwise convolutions, batch
 8) get fewer samples. Errors are the max abs difference from the original's
@@ -36,6 +39,7 @@ import logging
 import math
 import os
 import platform
+import random
 import sys
 import tempfile
 import threading
@@ -169,12 +173,15 @@ def measure(calls: dict[str, Callable], runs: int, seconds: float,
         warm = [_timed(call) for _ in range(warmup)]
         target[key] = min(runs, max(MIN_RUNS, int(seconds / max(min(warm), 1e-6))))
     samples = {key: [] for key in calls}
+    order, shuffle = list(calls), random.Random(0).shuffle
     while any(len(samples[k]) < target[k] for k in calls):
-        for key, call in calls.items():
+        for key in order:
+            call = calls[key]
             todo = min(BLOCK, target[key] - len(samples[key]))
             if todo > 0:
                 call()  # unrecorded: lets the previous variant's threads and caches settle
                 samples[key] += [_timed(call) for _ in range(todo)]
+        shuffle(order)  # each variant comes after each other about as often
     return samples
 
 
@@ -210,10 +217,12 @@ def measure_throughput(calls: dict[str, Callable], seconds: float, rounds: int =
     One window each put 1 and 4 in flight minutes apart, and the machine's drift between
     them (a few %) read as a loss with calls in flight."""
     windows: dict[str, dict[int, list[float]]] = {k: {n: [] for n in IN_FLIGHT} for k in calls}
+    order, shuffle = list(calls), random.Random(0).shuffle
     for _ in range(rounds):
-        for key, call in calls.items():
+        for key in order:
             for n in IN_FLIGHT:
-                windows[key][n].append(throughput(call, n, seconds))
+                windows[key][n].append(throughput(calls[key], n, seconds))
+        shuffle(order)
     return {k: {n: float(np.median(w)) for n, w in by_n.items()} for k, by_n in windows.items()}
 
 

@@ -192,7 +192,7 @@ import fuseflow.timing
 line = sys.stdin.readline()
 if line:
     function, *args = json.loads(line)
-    stacks = open(args[-1] + ".stacks", "w")
+    stacks = open(args[-1] + ".stacks", "w")  # args[-1]: the result file (dst)
     faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     getattr(fuseflow.timing, function)(*args)
     sys.stdout.flush()
@@ -252,8 +252,9 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
     dst.unlink(missing_ok=True)
     slot = _SLOT.get()
     proc = slot.pop() if slot and env is None else _interpreter(env)
-    stacks = Path(f"{dst}.stacks")
+    stacks = Path(f"{dst}.stacks")  # where _STANDBY has faulthandler write them
     stacks.unlink(missing_ok=True)
+    why = None
     try:
         _, stderr = proc.communicate(json.dumps([function, str(src), str(dst)]) + "\n",
                                      timeout=timeout_s)
@@ -261,15 +262,15 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
         _log_stacks(proc, stacks, f"the timing process ({_PURPOSE.get(function, function)}) "
                                   f"ran past its {timeout_s:.0f} s")
         _stop(proc)
-        return (pickle.loads(dst.read_bytes()) if dst.exists() else None), "timed out"
+        why = "timed out"
     except BaseException:  # interrupted: the process must not outlive compile()
         _stop(proc)
         raise
     result = pickle.loads(dst.read_bytes()) if dst.exists() else None
-    if proc.returncode != 0 or result is None:
+    if why is None and (proc.returncode != 0 or result is None):
         tail = (stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        return result, f"died: {tail[0]}"
-    return result, None
+        why = f"died: {tail[0]}"
+    return result, why
 
 
 _PURPOSE = {"main": "timing the candidates", "models_main": "timing the whole model"}

@@ -554,3 +554,28 @@ def test_bad_serve_command_lines_exit_1_before_starting_ray(args, words, capsys)
 
     assert cli.main(["serve", *args]) == 1
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_a_port_something_listens_on_is_refused_before_starting_ray(flag, tmp_path):
+    """Ray Serve's proxies bind with SO_REUSEPORT, as gRPC servers do: without the check,
+    fuseflow serve would share a port with such a listener, and some requests would reach
+    it instead. The listener here binds the way a gRPC server does."""
+    import socket
+    import subprocess
+
+    from bench.serve_process import free_port
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(("127.0.0.1", free_port()))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        other = {"--port": "--grpc-port", "--grpc-port": "--port"}[flag]
+        proc = subprocess.run(
+            fuseflow_command() + ["serve", "--model", f"m={tmp_path}", "--host", "127.0.0.1",
+                                  flag, str(taken), other, str(free_port())],
+            capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]  # after a warning: m has no version yet
+    assert f"{flag} {taken}: 127.0.0.1:{taken} cannot be bound" in last, proc.stderr

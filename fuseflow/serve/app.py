@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -487,6 +488,26 @@ def build_app(config: ServeConfig):
     return gateway.bind(handles, config.max_body_bytes)
 
 
+def check_ports_free(config: ServeConfig) -> None:
+    """Refuse ports that something already listens on. Ray Serve's proxies bind with
+    SO_REUSEPORT, so without this check they share the port with the listener (another
+    server, or a gRPC server, which binds that way too): the kernel then hands some
+    connections to each, and clients get the other server's answers."""
+    from fuseflow import errors
+
+    for flag, port in (("--port", config.port), ("--grpc-port", config.grpc_port)):
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+            try:
+                s.bind((config.host, port))
+            except OSError as e:
+                raise errors.OptionError(
+                    f"{flag} {port}: {config.host}:{port} cannot be bound ({e.strerror}): "
+                    "another process listens there; stop it or choose another port") from None
+
+
 def start(config: ServeConfig) -> None:
     """Start (or join, with config.address) Ray and deploy the application; returns once
     every model's first version answers."""
@@ -497,6 +518,7 @@ def start(config: ServeConfig) -> None:
         ray.init(address=config.address, namespace="fuseflow", runtime_env=config.runtime_env
                  or None, log_to_driver=False)
     else:
+        check_ports_free(config)
         for key, value in LOCAL_SERVE_ENV.items():  # inherited by Ray's processes
             os.environ.setdefault(key, value)
         # --max-body-mb for gRPC too: Ray's gRPC proxy refuses a larger message with

@@ -62,7 +62,9 @@ class ServeProcess:
                                                     "--host", "127.0.0.1"]
         # a free gRPC port too, unless the command names one: side-by-side servers must
         # not all claim TF Serving's 8500
-        self.grpc_port = free_port() if "--grpc-port" not in self.command else None
+        self.grpc_port = None
+        while "--grpc-port" not in self.command and self.grpc_port in (None, self.port):
+            self.grpc_port = free_port()
         if self.grpc_port:
             self.command += ["--grpc-port", str(self.grpc_port)]
         self.cwd, self.env, self.startup_timeout = cwd, env, startup_timeout

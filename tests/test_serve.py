@@ -548,6 +548,7 @@ def test_killed_replica_never_gives_a_wrong_answer(models):
     (["--model", "m=.", "--batching", "m=big"], "expected NAME=SIZE,WAIT_MS"),
     (["--model", "m=.", "--batching", "other=4,1"], "must name one of them"),
     (["--model", "m=.", "--grpc-port", "70000"], "--grpc-port must be a port number"),
+    (["--model", "m=.", "--port", "8500", "--grpc-port", "8500"], "need a port each"),
 ])
 def test_bad_serve_command_lines_exit_1_before_starting_ray(args, words, capsys):
     from fuseflow import cli

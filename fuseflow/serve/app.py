@@ -495,6 +495,9 @@ def check_ports_free(config: ServeConfig) -> None:
     connections to each, and clients get the other server's answers."""
     from fuseflow import errors
 
+    if config.port == config.grpc_port:
+        raise errors.OptionError(f"--port and --grpc-port are both {config.port}: REST and "
+                                 "gRPC need a port each (TF Serving's are 8501 and 8500)")
     for flag, port in (("--port", config.port), ("--grpc-port", config.grpc_port)):
         if not port:
             continue

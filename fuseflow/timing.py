@@ -296,8 +296,24 @@ def _log_stacks(proc: subprocess.Popen, stacks: Path, what: str) -> None:
     frames = [re.sub(r'File "(.*)", line (\d+) in (.*)',
                      lambda m: f"{m[3]} ({Path(m[1]).name}:{m[2]})", f.strip()) for f in main]
     log.warning("%s and was stopped; it was at (innermost first): %s", what,
-                " <- ".join(frames) if frames else "unknown (it wrote no stacks)")
+                " <- ".join(frames) if frames else
+                f"unknown (it wrote no stacks; {_process_state(proc)})")
     log.debug("the timing process's stacks:\n%s", text)
+
+
+def _process_state(proc: subprocess.Popen) -> str:
+    """What the kernel says of a process that did not answer for its stacks: exited (its
+    pipes held open by something it started), or its state and the call it waits in (D:
+    uninterruptible, e.g. on the disk)."""
+    code = proc.poll()
+    if code is not None:
+        return f"it had exited with {code}, but something kept its output pipes open"
+    try:
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        wchan = Path(f"/proc/{proc.pid}/wchan").read_text().strip() or "-"
+    except (OSError, IndexError):
+        return "its state is unknown"
+    return f"its state was {state}, waiting in {wchan}"
 
 
 @functools.lru_cache(maxsize=2)

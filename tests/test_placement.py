@@ -442,3 +442,36 @@ def test_a_candidate_that_kills_or_hangs_the_timing_costs_its_own_timing(
     assert failures["c"] == "timing process timed out while timing it", failures
     hung = [r.message for r in caplog.records if "ran past its" in r.message]
     assert len(hung) == 1 and "hung_call (timing.py:" in hung[0], hung
+
+
+
+def test_a_timing_process_that_writes_no_stacks_is_described():
+    """When a stopped timing process wrote no stacks, the warning says why it could not:
+    it had exited (something it started kept its pipes open), or its state (T: stopped;
+    D: waiting on the disk) and the kernel call it waits in."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from fuseflow.timing import _process_state
+
+    stopped = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    exited = subprocess.Popen(["bash", "-c", "sleep 60 & exit 3"], stdout=subprocess.PIPE,
+                              start_new_session=True)  # its sleep holds the pipe
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while "state was T" not in _process_state(stopped) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _process_state(stopped).startswith("its state was T, waiting in ")
+        while exited.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _process_state(exited) == ("it had exited with 3, but something kept its "
+                                          "output pipes open")
+    finally:
+        for proc in (stopped, exited):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if proc.stdout:
+                proc.stdout.close()

@@ -44,6 +44,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -205,20 +206,35 @@ _SLOT: contextvars.ContextVar[list[subprocess.Popen] | None] = contextvars.Conte
 
 
 def _interpreter(env: dict[str, str] | None = None) -> subprocess.Popen:
-    # Its own process group: stopping it stops whatever it started too (a child forked
-    # during its imports would otherwise hold its pipes open).
-    return subprocess.Popen([sys.executable, "-c", _STANDBY], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    # Its output goes to a file, not a pipe: the parent waits for the process to end, not
+    # for its pipes to close, which anything it started can hold open after it ended (make
+    # test runs saw timing processes that had done their work, or aborted, time out).
+    # Its own process group: stopping it stops whatever it started too.
+    output = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-c", _STANDBY], stdin=subprocess.PIPE,
+                            stdout=output, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=env)
+    proc.output = output
+    return proc
 
 
 def _stop(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+    for file in (proc.stdin, proc.output):
         with contextlib.suppress(OSError):
-            pipe.close()
+            file.close()
+
+
+def _output_tail(proc: subprocess.Popen) -> str:
+    """The last line the process wrote (its error, when it died of one)."""
+    with contextlib.suppress(OSError, ValueError):
+        proc.output.seek(0)
+        lines = proc.output.read().strip().splitlines()
+        if lines:
+            return lines[-1]
+    return ""
 
 
 @contextlib.contextmanager
@@ -256,20 +272,20 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
     stacks.unlink(missing_ok=True)
     why = None
     try:
-        _, stderr = proc.communicate(json.dumps([function, str(src), str(dst)]) + "\n",
-                                     timeout=timeout_s)
+        with contextlib.suppress(BrokenPipeError):  # it died before it read its job
+            proc.stdin.write(json.dumps([function, str(src), str(dst)]) + "\n")
+            proc.stdin.close()
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _log_stacks(proc, stacks, f"the timing process ({_PURPOSE.get(function, function)}) "
                                   f"ran past its {timeout_s:.0f} s")
-        _stop(proc)
         why = "timed out"
-    except BaseException:  # interrupted: the process must not outlive compile()
+    finally:  # also when interrupted: the process must not outlive compile()
+        tail = _output_tail(proc)
         _stop(proc)
-        raise
     result = pickle.loads(dst.read_bytes()) if dst.exists() else None
     if why is None and (proc.returncode != 0 or result is None):
-        tail = (stderr or "").strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
-        why = f"died: {tail[0]}"
+        why = f"died: {tail or f'exit code {proc.returncode}'}"
     return result, why
 
 
@@ -302,12 +318,11 @@ def _log_stacks(proc: subprocess.Popen, stacks: Path, what: str) -> None:
 
 
 def _process_state(proc: subprocess.Popen) -> str:
-    """What the kernel says of a process that did not answer for its stacks: exited (its
-    pipes held open by something it started), or its state and the call it waits in (D:
-    uninterruptible, e.g. on the disk)."""
+    """What the kernel says of a process that did not answer for its stacks: its state and
+    the call it waits in (D: uninterruptible, e.g. on the disk), or that it had just ended."""
     code = proc.poll()
     if code is not None:
-        return f"it had exited with {code}, but something kept its output pipes open"
+        return f"it had just exited with {code}"
     try:
         state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         wchan = Path(f"/proc/{proc.pid}/wchan").read_text().strip() or "-"

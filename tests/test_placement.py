@@ -446,9 +446,9 @@ def test_a_candidate_that_kills_or_hangs_the_timing_costs_its_own_timing(
 
 
 def test_a_timing_process_that_writes_no_stacks_is_described():
-    """When a stopped timing process wrote no stacks, the warning says why it could not:
-    it had exited (something it started kept its pipes open), or its state (T: stopped;
-    D: waiting on the disk) and the kernel call it waits in."""
+    """When a timing process that ran past its time wrote no stacks, the warning says why
+    it could not: its state (T: stopped; D: waiting on the disk) and the kernel call it
+    waits in, or that it had just exited."""
     import os
     import signal
     import subprocess
@@ -457,8 +457,7 @@ def test_a_timing_process_that_writes_no_stacks_is_described():
     from fuseflow.timing import _process_state
 
     stopped = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    exited = subprocess.Popen(["bash", "-c", "sleep 60 & exit 3"], stdout=subprocess.PIPE,
-                              start_new_session=True)  # its sleep holds the pipe
+    exited = subprocess.Popen(["bash", "-c", "exit 3"], start_new_session=True)
     try:
         os.kill(stopped.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 10
@@ -467,11 +466,35 @@ def test_a_timing_process_that_writes_no_stacks_is_described():
         assert _process_state(stopped).startswith("its state was T, waiting in ")
         while exited.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _process_state(exited) == ("it had exited with 3, but something kept its "
-                                          "output pipes open")
+        assert _process_state(exited) == "it had just exited with 3"
     finally:
-        for proc in (stopped, exited):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+        os.killpg(stopped.pid, signal.SIGKILL)
+        stopped.wait()
+
+
+def test_a_timing_process_is_waited_for_not_what_it_started(tmp_path, monkeypatch):
+    """A timing process that started something still running when it ended (here a sleep
+    that keeps its stdout and stderr) is done when it ends: the parent waits for the process,
+    not for its output to close, which timed out processes that had done their work."""
+    import time
+
+    from test_openvino_backend import segment_of
+
+    from fuseflow import timing
+    from fuseflow.options import CompilerOptions
+    from fuseflow.timing import TimingJob, time_jobs
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 64], name="fuseflow_input_0")
+        tf.tanh(x * 2.0, name="y")
+    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    feed = [np.ones((1, 64), np.float32)]
+    monkeypatch.setattr(timing, "_START_S", 40)
+    monkeypatch.setattr(timing, "_STANDBY", "import subprocess\n"
+                        "subprocess.Popen(['sleep', '300'])\n" + timing._STANDBY)
+    start = time.monotonic()
+    timings, failures = time_jobs([TimingJob("a.tf", None, segment, None, feed,
+                                             in_flight=False)], CompilerOptions(), 20, tmp_path)
+    assert set(timings) == {"a.tf"} and not failures, failures
+    assert time.monotonic() - start < 45  # waiting for the output to close: 60 s

@@ -218,23 +218,20 @@ def _interpreter(env: dict[str, str] | None = None) -> subprocess.Popen:
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen) -> str:
+    """Stops the process and what it started; returns the last line it wrote (its error,
+    when it died of one)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    tail = ""
+    with contextlib.suppress(OSError, ValueError):
+        proc.output.seek(0)
+        tail = (proc.output.read().strip().splitlines() or [""])[-1]
     for file in (proc.stdin, proc.output):
         with contextlib.suppress(OSError):
             file.close()
-
-
-def _output_tail(proc: subprocess.Popen) -> str:
-    """The last line the process wrote (its error, when it died of one)."""
-    with contextlib.suppress(OSError, ValueError):
-        proc.output.seek(0)
-        lines = proc.output.read().strip().splitlines()
-        if lines:
-            return lines[-1]
-    return ""
+    return tail
 
 
 @contextlib.contextmanager
@@ -281,8 +278,7 @@ def _in_fresh_process(function: str, payload, workdir: Path, timeout_s: float,
                                   f"ran past its {timeout_s:.0f} s")
         why = "timed out"
     finally:  # also when interrupted: the process must not outlive compile()
-        tail = _output_tail(proc)
-        _stop(proc)
+        tail = _stop(proc)
     result = pickle.loads(dst.read_bytes()) if dst.exists() else None
     if why is None and (proc.returncode != 0 or result is None):
         why = f"died: {tail or f'exit code {proc.returncode}'}"

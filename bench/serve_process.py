@@ -15,10 +15,11 @@ import urllib.request
 from pathlib import Path
 
 
-def free_port() -> int:
-    """A port nothing listens on, below the ephemeral range (bind(0) draws from that range,
-    and so does every server Ray starts: one of them could take a port drawn from it
-    before fuseflow serve binds it) and above Ray's worker ports (10002-19999)."""
+def free_port(exclude: tuple[int, ...] = ()) -> int:
+    """A port nothing listens on, not in `exclude`, below the ephemeral range (bind(0)
+    draws from that range, and so does every server Ray starts: one of them could take a
+    port drawn from it before fuseflow serve binds it) and above Ray's worker ports
+    (10002-19999)."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -26,6 +27,8 @@ def free_port() -> int:
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(20000, max(low, 20001))
+        if port in exclude:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -62,9 +65,7 @@ class ServeProcess:
                                                     "--host", "127.0.0.1"]
         # a free gRPC port too, unless the command names one: side-by-side servers must
         # not all claim TF Serving's 8500
-        self.grpc_port = None
-        while "--grpc-port" not in self.command and self.grpc_port in (None, self.port):
-            self.grpc_port = free_port()
+        self.grpc_port = free_port((self.port,)) if "--grpc-port" not in self.command else None
         if self.grpc_port:
             self.command += ["--grpc-port", str(self.grpc_port)]
         self.cwd, self.env, self.startup_timeout = cwd, env, startup_timeout

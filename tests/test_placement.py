@@ -397,6 +397,17 @@ def test_the_compile_s_own_files_go_to_the_timing_process_by_path(tmp_path):
     assert not list(tmp_path.glob("timing_blob_*"))
 
 
+def _tanh_segment():
+    """A one-op segment: cheap to time, for the tests of the timing process itself."""
+    from test_openvino_backend import segment_of
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [1, 64], name="fuseflow_input_0")
+        tf.tanh(x * 2.0, name="y")
+    return segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+
+
 def test_a_candidate_that_kills_or_hangs_the_timing_costs_its_own_timing(
         tmp_path, monkeypatch, caplog):
     """Candidate a aborts the timing process at its first call: TF's side, timed before
@@ -405,18 +416,12 @@ def test_a_candidate_that_kills_or_hangs_the_timing_costs_its_own_timing(
     before it, still counts."""
     import dataclasses
 
-    from test_openvino_backend import segment_of
-
     from fuseflow import timing
     from fuseflow.backends.openvino import OpenVinoBackend
     from fuseflow.options import CompilerOptions
     from fuseflow.timing import TimingJob, time_jobs
 
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [1, 64], name="fuseflow_input_0")
-        tf.tanh(x * 2.0, name="y")
-    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    segment = _tanh_segment()
     options = CompilerOptions()
     artifact = OpenVinoBackend().compile(segment, options, str(tmp_path))
     feed = [np.ones((1, 64), np.float32)]
@@ -442,7 +447,6 @@ def test_a_candidate_that_kills_or_hangs_the_timing_costs_its_own_timing(
     assert failures["c"] == "timing process timed out while timing it", failures
     hung = [r.message for r in caplog.records if "ran past its" in r.message]
     assert len(hung) == 1 and "hung_call (timing.py:" in hung[0], hung
-
 
 
 def test_a_timing_process_that_writes_no_stacks_is_described():
@@ -478,17 +482,11 @@ def test_a_timing_process_is_waited_for_not_what_it_started(tmp_path, monkeypatc
     not for its output to close, which timed out processes that had done their work."""
     import time
 
-    from test_openvino_backend import segment_of
-
     from fuseflow import timing
     from fuseflow.options import CompilerOptions
     from fuseflow.timing import TimingJob, time_jobs
 
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [1, 64], name="fuseflow_input_0")
-        tf.tanh(x * 2.0, name="y")
-    segment = segment_of(graph, ["fuseflow_input_0:0"], ["y:0"])
+    segment = _tanh_segment()
     feed = [np.ones((1, 64), np.float32)]
     monkeypatch.setattr(timing, "_START_S", 40)
     monkeypatch.setattr(timing, "_STANDBY", "import subprocess\n"
